@@ -1,0 +1,38 @@
+//! The one place where skiff's BPF map layouts are defined.
+//!
+//! Everything here is `no_std` and `#[repr(C)]`, compiled into the kernel-side programs
+//! (`ebpf/skiff-ebpf`) and into userspace (with the `user` feature, which adds `aya::Pod`).
+//! Field names are what `bpftool map dump` prints, because the programs carry BTF for them.
+//!
+//! Numeric identifiers in this crate (drop reasons, hooks) are a stable interface: they are
+//! stored in pinned maps that outlive an agent upgrade and appear in metrics and the CLI. A value
+//! is never reused for a different meaning; retired values stay reserved.
+
+#![no_std]
+
+pub mod drop;
+pub mod hook;
+pub mod metrics;
+
+pub use drop::DropReason;
+pub use hook::Hook;
+pub use metrics::{MetricsKey, MetricsValue};
+
+/// Names of the maps the programs share. Each is pinned at
+/// `/sys/fs/bpf/skiff/<node>/<name>` so every program of a node, the agent and `bpftool` see
+/// the same map. (Kernel object names are limited to 15 bytes.)
+pub mod map_names {
+    /// Per-CPU packet/byte counters by hook and verdict; see [`crate::metrics`].
+    pub const METRICS: &str = "skiff_metrics";
+
+    /// Every map a node pins, for inspection and cleanup.
+    pub const ALL: &[&str] = &[METRICS];
+}
+
+/// Asserts at compile time that a map type has the size the kernel side expects.
+macro_rules! assert_size {
+    ($t:ty, $n:expr) => {
+        const _: () = assert!(core::mem::size_of::<$t>() == $n);
+    };
+}
+pub(crate) use assert_size;

@@ -1,0 +1,10 @@
+//! Shared pieces of skiff's eBPF programs: one module per concern (the cilium `lib/` habit).
+//! Each attach point is a binary under `src/bin/` that composes these modules.
+//!
+//! Nothing here may panic: the verifier rejects any program with a reachable panic path, so
+//! every packet access is bounds-checked against `data_end` first.
+
+#![no_std]
+
+pub mod metrics;
+pub mod packet;
