@@ -1,0 +1,186 @@
+//! Loading one of skiff's programs: its maps are created or reused from the node's pin
+//! directory, checked against the layouts this binary expects, then the program goes through
+//! the verifier.
+
+use std::path::PathBuf;
+
+use aya::{
+    Ebpf, EbpfLoader,
+    maps::{MapData, MapType},
+    programs::{Program, TcAttachType, TestRun, TestRunOptions, XdpMode, tc::qdisc_add_clsact},
+};
+use skiff_ebpf_common::{MetricsKey, MetricsValue, map_names};
+
+use crate::{DatapathError, PinDir, ProgramKind};
+
+/// The kernel-side shape of a pinned map, as this binary expects it.
+struct MapSpec {
+    name: &'static str,
+    map_type: MapType,
+    key_size: usize,
+    value_size: usize,
+}
+
+const MAP_SPECS: &[MapSpec] = &[MapSpec {
+    name: map_names::METRICS,
+    map_type: MapType::PerCpuHash,
+    key_size: size_of::<MetricsKey>(),
+    value_size: size_of::<MetricsValue>(),
+}];
+
+/// A program loaded into the kernel (verified), with its maps pinned.
+#[derive(Debug)]
+pub struct LoadedProgram {
+    kind: ProgramKind,
+    ebpf: Ebpf,
+}
+
+/// What one BPF_PROG_RUN execution returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RunOutcome {
+    /// The program's return value (e.g. `TC_ACT_SHOT`, `XDP_PASS`).
+    pub verdict: u32,
+    /// The packet as the program left it.
+    pub packet: Vec<u8>,
+}
+
+impl LoadedProgram {
+    /// Loads `kind`, creating its maps under `pins` or reusing the ones already pinned there.
+    pub fn load(kind: ProgramKind, pins: &PinDir) -> Result<LoadedProgram, DatapathError> {
+        let bytes = kind.object()?;
+        check_pinned_layouts(pins)?;
+        let mut loader = EbpfLoader::new();
+        for spec in MAP_SPECS {
+            loader.map_pin_path(spec.name, pins.map_path(spec.name));
+        }
+        let mut ebpf = loader.load(bytes).map_err(|source| DatapathError::Object {
+            object: kind.object_name(),
+            source: Box::new(source),
+        })?;
+        let prog_err = |source| DatapathError::Program {
+            program: kind.program_name(),
+            source: Box::new(source),
+        };
+        match program_mut(&mut ebpf, kind)? {
+            Program::SchedClassifier(p) => p.load().map_err(prog_err)?,
+            Program::Xdp(p) => p.load().map_err(prog_err)?,
+            _ => unreachable!("ProgramKind only names TC and XDP programs"),
+        }
+        tracing::debug!(program = kind.program_name(), pins = %pins.path().display(), "loaded");
+        Ok(LoadedProgram { kind, ebpf })
+    }
+
+    /// Which program this is.
+    pub fn kind(&self) -> ProgramKind {
+        self.kind
+    }
+
+    /// Runs the program once on `packet` with BPF_PROG_RUN and returns its verdict and the
+    /// packet as it left the program. Map side effects are real (the pinned maps are used).
+    pub fn test_run(&self, packet: &[u8]) -> Result<RunOutcome, DatapathError> {
+        // Room for programs that grow the packet (encapsulation, NAT46 later on).
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            ..TestRunOptions::default()
+        };
+        let prog_err = |source| DatapathError::Program {
+            program: self.kind.program_name(),
+            source: Box::new(source),
+        };
+        let program = self
+            .ebpf
+            .program(self.kind.program_name())
+            .expect("checked at load");
+        let result = match program {
+            Program::SchedClassifier(p) => p.test_run(opts).map_err(prog_err)?,
+            Program::Xdp(p) => p.test_run(opts).map_err(prog_err)?,
+            _ => unreachable!("ProgramKind only names TC and XDP programs"),
+        };
+        out.truncate(result.data_size_out as usize);
+        Ok(RunOutcome {
+            verdict: result.return_value,
+            packet: out,
+        })
+    }
+
+    /// Attaches the program to `iface` in the calling thread's network namespace: TC programs
+    /// on the ingress side (adding the clsact qdisc if needed), XDP in the mode the driver
+    /// supports. The attachment lasts as long as this value.
+    pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        let kind = self.kind;
+        let prog_err = |source| DatapathError::Program {
+            program: kind.program_name(),
+            source: Box::new(source),
+        };
+        match program_mut(&mut self.ebpf, kind)? {
+            Program::SchedClassifier(p) => {
+                add_clsact(iface)?;
+                p.attach(iface, TcAttachType::Ingress).map_err(prog_err)?;
+            }
+            Program::Xdp(p) => {
+                p.attach(iface, XdpMode::Default).map_err(prog_err)?;
+            }
+            _ => unreachable!("ProgramKind only names TC and XDP programs"),
+        }
+        tracing::info!(program = kind.program_name(), iface, "attached");
+        Ok(())
+    }
+}
+
+fn program_mut(ebpf: &mut Ebpf, kind: ProgramKind) -> Result<&mut Program, DatapathError> {
+    ebpf.program_mut(kind.program_name())
+        .ok_or(DatapathError::ObjectMissing {
+            object: kind.object_name(),
+        })
+}
+
+/// Adds the clsact qdisc; TCX attachment (kernel ≥ 6.6) does not need it, but the netlink
+/// fallback does, and an existing one is fine.
+fn add_clsact(iface: &str) -> Result<(), DatapathError> {
+    match qdisc_add_clsact(iface) {
+        Ok(()) => Ok(()),
+        Err(aya::programs::tc::TcError::AlreadyAttached) => Ok(()),
+        Err(source) => Err(DatapathError::Qdisc {
+            iface: iface.to_string(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+/// Refuses to reuse a pinned map whose type or sizes differ from what this binary expects.
+fn check_pinned_layouts(pins: &PinDir) -> Result<(), DatapathError> {
+    for spec in MAP_SPECS {
+        let path: PathBuf = pins.map_path(spec.name);
+        if !path.exists() {
+            continue;
+        }
+        let map = MapData::from_pin(&path).map_err(|source| DatapathError::Map {
+            op: "open pinned",
+            map: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let info = map.info().map_err(|source| DatapathError::Map {
+            op: "read info of",
+            map: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let map_type = info.map_type().map_err(|source| DatapathError::Map {
+            op: "read type of",
+            map: path.display().to_string(),
+            source: Box::new(source),
+        })?;
+        let (k, v) = (info.key_size() as usize, info.value_size() as usize);
+        if map_type != spec.map_type || k != spec.key_size || v != spec.value_size {
+            return Err(DatapathError::IncompatiblePin {
+                path,
+                detail: format!(
+                    "found {map_type:?} key {k} value {v}, expected {:?} key {} value {}",
+                    spec.map_type, spec.key_size, spec.value_size
+                ),
+            });
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,159 @@
+//! A typed layer over `rtnetlink` for the link, address and route calls skiff makes.
+
+use std::{net::IpAddr, os::fd::AsRawFd};
+
+use futures::TryStreamExt;
+use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+
+use crate::{NetError, NetNs};
+
+/// An rtnetlink connection bound to one network namespace.
+#[derive(Debug)]
+pub struct Netlink {
+    handle: Handle,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+fn nl(op: &'static str, target: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> NetError {
+    let target = target.into();
+    move |source| NetError::Netlink { op, target, source }
+}
+
+impl Netlink {
+    /// Connects in the calling thread's namespace. Needs a Tokio runtime.
+    pub fn connect() -> Result<Netlink, NetError> {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| NetError::os("open netlink socket", "", e))?;
+        Ok(Netlink {
+            handle,
+            conn: tokio::spawn(conn),
+        })
+    }
+
+    /// Connects inside `ns`: the socket is opened there, so every request applies there.
+    /// Needs a Tokio runtime.
+    pub fn connect_in(ns: &NetNs) -> Result<Netlink, NetError> {
+        let rt = tokio::runtime::Handle::current();
+        let (conn, handle, _) = ns.run(move || {
+            let _guard = rt.enter();
+            rtnetlink::new_connection()
+        })??;
+        Ok(Netlink {
+            handle,
+            conn: tokio::spawn(conn),
+        })
+    }
+
+    /// The link called `name`, if there is one.
+    pub async fn link(&self, name: &str) -> Result<Option<LinkMessage>, NetError> {
+        let mut links = self.handle.link().get().match_name(name).execute();
+        match links.try_next().await {
+            Ok(link) => Ok(link),
+            // The kernel answers ENODEV for a name that does not exist.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -(nix::errno::Errno::ENODEV as i32) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(nl("get link", name)(e)),
+        }
+    }
+
+    /// The interface index of `name`.
+    pub async fn index(&self, name: &str) -> Result<u32, NetError> {
+        self.link(name)
+            .await?
+            .map(|l| l.header.index)
+            .ok_or_else(|| NetError::NoSuchLink(name.to_string()))
+    }
+
+    /// The MAC address of `name`.
+    pub async fn mac(&self, name: &str) -> Result<[u8; 6], NetError> {
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| NetError::NoSuchLink(name.to_string()))?;
+        link.attributes
+            .iter()
+            .find_map(|a| match a {
+                LinkAttribute::Address(mac) if mac.len() == 6 => {
+                    Some([mac[0], mac[1], mac[2], mac[3], mac[4], mac[5]])
+                }
+                _ => None,
+            })
+            .ok_or_else(|| NetError::NoSuchLink(format!("{name} (no MAC address)")))
+    }
+
+    /// Creates the veth pair `name` <-> `peer`, both in this namespace, both down.
+    pub async fn create_veth(&self, name: &str, peer: &str) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .add(LinkVeth::new(name, peer).build())
+            .execute()
+            .await
+            .map_err(nl("create veth", format!("{name}/{peer}")))
+    }
+
+    /// Moves link `name` into `ns`.
+    pub async fn move_to(&self, name: &str, ns: &NetNs) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .set(
+                LinkUnspec::new_with_index(index)
+                    .setns_by_fd(ns.as_raw_fd())
+                    .build(),
+            )
+            .execute()
+            .await
+            .map_err(nl("move link to namespace", name))
+    }
+
+    /// Sets link `name` up.
+    pub async fn set_up(&self, name: &str) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).up().build())
+            .execute()
+            .await
+            .map_err(nl("set link up", name))
+    }
+
+    /// Adds `addr/prefix` to link `name`.
+    pub async fn add_address(&self, name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.handle
+            .address()
+            .add(index, addr, prefix)
+            .execute()
+            .await
+            .map_err(nl("add address", format!("{addr}/{prefix} on {name}")))
+    }
+
+    /// Deletes link `name` (for a veth, its peer goes too). Missing links are not an error.
+    pub async fn delete_link(&self, name: &str) -> Result<(), NetError> {
+        let Some(link) = self.link(name).await? else {
+            return Ok(());
+        };
+        self.handle
+            .link()
+            .del(link.header.index)
+            .execute()
+            .await
+            .map_err(nl("delete link", name))
+    }
+}
+
+impl From<std::io::Error> for NetError {
+    fn from(e: std::io::Error) -> Self {
+        NetError::os("netlink", "", e)
+    }
+}
