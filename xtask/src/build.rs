@@ -1,0 +1,155 @@
+//! `build-ebpf`, `test` and `up`.
+
+use std::{fs, path::Path, process::Command};
+
+use anyhow::{Context, Result, bail};
+
+use crate::{
+    setup,
+    util::{cargo_with, is_root, output, root, run, step},
+};
+
+/// The program binaries of `ebpf/skiff-ebpf`, one per attach point.
+const EBPF_BINS: &[&str] = &["from-pod", "xdp-uplink"];
+
+/// ELF machine number of eBPF objects.
+const EM_BPF: u16 = 247;
+
+/// Compiles the eBPF programs and copies them to `target/ebpf/<name>.o`.
+pub fn ebpf(release: bool) -> Result<()> {
+    step("build eBPF programs (nightly, bpfel-unknown-none, -Z build-std=core)");
+    check_ebpf_prerequisites()?;
+    let root = root();
+    let crate_dir = root.join("ebpf/skiff-ebpf");
+    let target_dir = root.join("target/ebpf-build");
+    let mut cmd = cargo_with(Some("nightly"));
+    // The crate's .cargo/config.toml sets the target, build-std and bpf-linker; it applies
+    // because cargo runs in the crate's folder.
+    cmd.current_dir(&crate_dir)
+        .args(["build", "--bins", "--target-dir"])
+        .arg(&target_dir);
+    if release {
+        cmd.arg("--release");
+    }
+    run(&mut cmd)?;
+    let profile = if release { "release" } else { "debug" };
+    let built = target_dir.join("bpfel-unknown-none").join(profile);
+    let out = root.join("target/ebpf");
+    fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    for bin in EBPF_BINS {
+        let src = built.join(bin);
+        let dst = out.join(format!("{bin}.o"));
+        let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+        check_bpf_elf(&src, &bytes)?;
+        fs::write(&dst, &bytes).with_context(|| format!("writing {}", dst.display()))?;
+        eprintln!("    {} ({} bytes)", dst.display(), bytes.len());
+    }
+    Ok(())
+}
+
+fn check_ebpf_prerequisites() -> Result<()> {
+    let mut missing = Vec::new();
+    let nightly_src = output(Command::new("rustup").args([
+        "component",
+        "list",
+        "--toolchain",
+        "nightly",
+        "--installed",
+    ]));
+    match nightly_src {
+        None => missing.push("the nightly Rust toolchain"),
+        Some(s) if !s.lines().any(|l| l.starts_with("rust-src")) => {
+            missing.push("rust-src for the nightly toolchain")
+        }
+        Some(_) => {}
+    }
+    if !setup::bpf_linker_ok() {
+        missing.push("bpf-linker 0.10.4");
+    }
+    if !missing.is_empty() {
+        bail!(
+            "cannot build eBPF programs: missing {}. `cargo xtask setup` installs them",
+            missing.join(", ")
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless `bytes` is a little-endian 64-bit ELF for the BPF machine.
+fn check_bpf_elf(path: &Path, bytes: &[u8]) -> Result<()> {
+    let ok = bytes.len() > 20
+        && bytes[..4] == *b"\x7fELF"
+        && bytes[4] == 2 // 64-bit
+        && bytes[5] == 1 // little endian
+        && u16::from_le_bytes([bytes[18], bytes[19]]) == EM_BPF;
+    if !ok {
+        bail!("{} is not a little-endian eBPF ELF object", path.display());
+    }
+    Ok(())
+}
+
+/// Setup, build-ebpf, fmt and clippy, then every test suite with nextest.
+pub fn test(nextest_args: &[String]) -> Result<()> {
+    setup::all()?;
+    ebpf(false)?;
+    let root = root();
+    step("format check");
+    run(cargo_with(None)
+        .current_dir(&root)
+        .args(["fmt", "--all", "--check"]))?;
+    run(cargo_with(None)
+        .current_dir(root.join("ebpf/skiff-ebpf"))
+        .args(["fmt", "--check"]))?;
+    step("clippy");
+    run(cargo_with(None).current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    step("build binaries used by the end-to-end suites");
+    run(cargo_with(None)
+        .current_dir(&root)
+        .args(["build", "--workspace", "--bins"]))?;
+    step("test suites");
+    let mut cmd = cargo_with(None);
+    cmd.current_dir(&root)
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
+        .args(nextest_args);
+    if is_root() {
+        // Privileged suites must run, not skip, wherever they can.
+        cmd.env("SKIFF_REQUIRE_PRIVILEGED", "1");
+    } else {
+        eprintln!("    not root: privileged suites (BPF, netns) will be skipped with a reason");
+    }
+    // Nothing is printed after this so the output ends with nextest's summary line.
+    let status = cmd.status().context("starting cargo nextest")?;
+    std::process::exit(status.code().unwrap_or(1));
+}
+
+/// Install, build, and say how to run what exists.
+pub fn up() -> Result<()> {
+    setup::all()?;
+    ebpf(true)?;
+    step("build skiff-control and skiff-node (release)");
+    let root = root();
+    run(cargo_with(None)
+        .current_dir(&root)
+        .args(["build", "--release", "--bins"]))?;
+    let bin = root.join("target/release");
+    println!(
+        "\nskiff is built:\n  {node}\n  {control}\n\n\
+         Not yet available: a local cluster for kubectl. `skiff-control` has no store or API \
+         server yet, so `cargo xtask up` cannot start one; it will once they land.\n\n\
+         What runs today is the node's eBPF data path:\n  \
+         sudo {node} --node-name demo --uplink <iface>      # load, pin, attach XDP\n  \
+         sudo {node} --node-name demo bpf metrics           # counters by hook and drop reason\n  \
+         sudo bpftool map dump pinned /sys/fs/bpf/skiff/demo/skiff_metrics\n  \
+         sudo {node} --node-name demo bpf unpin             # after stopping the agent\n",
+        node = bin.join("skiff-node").display(),
+        control = bin.join("skiff-control").display(),
+    );
+    Ok(())
+}

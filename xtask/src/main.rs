@@ -1,0 +1,53 @@
+//! `cargo xtask`: skiff's developer commands.
+//!
+//! - `setup`: install what a machine needs (Debian packages, the nightly's rust-src,
+//!   bpf-linker, cargo-nextest), idempotently, step by step.
+//! - `build-ebpf [--release]`: compile `ebpf/skiff-ebpf` with the nightly toolchain for
+//!   `bpfel-unknown-none` into `target/ebpf/*.o`, which `skiff-datapath` embeds.
+//! - `test`: setup, build-ebpf, format and lint checks, then every test suite (privileged ones
+//!   for real when run as root). Its output ends with the test runner's summary line.
+//! - `up`: setup and build everything, then say how to run what exists.
+
+mod build;
+mod setup;
+mod util;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "cargo xtask", about = "skiff's developer commands")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Install everything this machine needs to build, run and test skiff (idempotent).
+    Setup,
+    /// Compile the eBPF programs into target/ebpf/.
+    BuildEbpf {
+        /// Use the release profile (both profiles are optimised; release is what `up` uses).
+        #[arg(long)]
+        release: bool,
+    },
+    /// Setup, build-ebpf, fmt and clippy checks, then all test suites (extra args go to nextest).
+    Test {
+        /// Arguments passed through to `cargo nextest run`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        nextest_args: Vec<String>,
+    },
+    /// Install what is missing, build everything, and print how to run it.
+    Up,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Setup => setup::all(),
+        Command::BuildEbpf { release } => build::ebpf(release),
+        Command::Test { nextest_args } => build::test(&nextest_args),
+        Command::Up => build::up(),
+    }
+}
