@@ -8,11 +8,8 @@ use skiff_ebpf_common::{
 
 /// Pinned as `/sys/fs/bpf/skiff/<node>/skiff_metrics` and shared by every program of a node.
 #[btf_map(name = "skiff_metrics")]
-pub static METRICS: PerCpuHashMap<
-    MetricsKey,
-    MetricsValue,
-    { METRICS_MAX_ENTRIES as usize },
-> = PerCpuHashMap::new();
+pub static METRICS: PerCpuHashMap<MetricsKey, MetricsValue, { METRICS_MAX_ENTRIES as usize }> =
+    PerCpuHashMap::new();
 
 /// Counts one packet of `bytes` bytes seen at `hook` with verdict `reason`
 /// ([`REASON_FORWARDED`] or a drop reason code).

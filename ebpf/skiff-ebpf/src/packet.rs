@@ -83,8 +83,13 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         return Ok(Packet::Other);
     }
 
-    let ip: *const Ipv4Hdr = ptr_at(data, data_end, EthHdr::LEN)
-        .ok_or_else(|| short(EthHdr::LEN + Ipv4Hdr::LEN, pkt_len, DropReason::MalformedIpv4))?;
+    let ip: *const Ipv4Hdr = ptr_at(data, data_end, EthHdr::LEN).ok_or_else(|| {
+        short(
+            EthHdr::LEN + Ipv4Hdr::LEN,
+            pkt_len,
+            DropReason::MalformedIpv4,
+        )
+    })?;
     // SAFETY: `ip` was bounds-checked against `data_end` by `ptr_at`.
     let ip = unsafe { &*ip };
     let malformed_ip = ParseError::Drop(DropReason::MalformedIpv4);
@@ -115,7 +120,11 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         // A later fragment carries no L4 header.
         return Ok(Packet::Ipv4(info));
     }
-    let l4_room = if big_gso { u32::MAX } else { tot_len - ihl as u32 };
+    let l4_room = if big_gso {
+        u32::MAX
+    } else {
+        tot_len - ihl as u32
+    };
 
     match info.proto {
         IPPROTO_TCP => {
