@@ -21,6 +21,8 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("iperf3", "bulk throughput in the data-path benchmark"),
     ("etcd-server", "etcd peer in the store benchmark"),
+    ("docker-registry", "loopback registry for image pull tests"),
+    ("skopeo", "pushes test images to the loopback registry"),
 ];
 
 /// The bpf-linker release that works with the machine's nightly LLVM (newer ones need a system

@@ -8,3 +8,11 @@
 
 pub mod metrics;
 pub mod packet;
+
+/// Shared by every program binary. Unreachable in a verified program: the verifier rejects any
+/// path that could get here.
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
