@@ -15,12 +15,14 @@
 //! [`Mvcc`] is the durable single-replica state machine on redb. The Raft layer replicates the
 //! [`Command`]s it applies.
 
+mod db;
 pub mod error;
 pub mod mvcc;
+pub mod raft;
 pub mod types;
 pub mod watch;
 
 pub use error::StoreError;
-pub use mvcc::{Mvcc, Writer};
+pub use mvcc::{Export, Mvcc, Writer};
 pub use types::*;
 pub use watch::{WatchEvent, WatchStream};

@@ -14,7 +14,6 @@
 //! durability the caller chooses, then its events are published to watchers in commit order.
 
 use std::{
-    fs,
     path::{Path, PathBuf},
     sync::{
         Arc, Mutex,
@@ -23,8 +22,8 @@ use std::{
 };
 
 use redb::{
-    Database, DatabaseError, Durability, ReadTransaction, ReadableDatabase, ReadableTable,
-    StorageError, Table, TableDefinition, TableError, WriteTransaction,
+    Database, Durability, ReadTransaction, ReadableDatabase, ReadableTable, Table, TableDefinition,
+    TableError, WriteTransaction,
 };
 use tokio::sync::broadcast;
 
@@ -77,11 +76,17 @@ impl Mvcc {
     /// Opens the store at `path`, creating it if the file does not exist. An existing file that
     /// is not a skiff store, or is damaged, is an error naming the path; it is never replaced.
     pub fn open(path: &Path) -> Result<Mvcc, StoreError> {
-        let db = if path.exists() {
-            open_existing(path)?
-        } else {
-            create_new(path)?
-        };
+        let db = crate::db::open_or_create(path, META, META_FORMAT, FORMAT, |wtx| {
+            let mut meta = wtx.open_table(META).op("create meta")?;
+            for k in [META_REVISION, META_COMPACTED] {
+                meta.insert(k, 0u64.to_le_bytes().as_slice())
+                    .op("write meta")?;
+            }
+            wtx.open_table(CURRENT).op("create current")?;
+            wtx.open_table(HISTORY).op("create history")?;
+            wtx.open_table(EVENTS).op("create events")?;
+            Ok(())
+        })?;
         let revision = {
             let rtx = db.begin_read().op("begin read")?;
             read_meta_u64(&rtx, META_REVISION)?
@@ -311,102 +316,13 @@ fn previous(
     }
 }
 
-fn open_existing(path: &Path) -> Result<Database, StoreError> {
-    let corrupt = |detail: String| StoreError::Corrupt {
-        path: path.to_path_buf(),
-        detail,
-    };
-    let db = match Database::open(path) {
-        Ok(db) => db,
-        Err(DatabaseError::Storage(StorageError::Io(e)))
-            if e.kind() != std::io::ErrorKind::InvalidData =>
-        {
-            return Err(StoreError::Io {
-                op: "open",
-                path: path.to_path_buf(),
-                source: e,
-            });
-        }
-        Err(DatabaseError::DatabaseAlreadyOpen) => {
-            return Err(StoreError::Invalid(format!(
-                "{} is already open (another skiff-control running with the same data dir?)",
-                path.display()
-            )));
-        }
-        Err(e) => return Err(corrupt(e.to_string())),
-    };
-    let rtx = db.begin_read().op("begin read")?;
-    let found = match rtx.open_table(META) {
-        Ok(meta) => match meta.get(META_FORMAT).op("read format")? {
-            Some(v) => Some(decode_u64(v.value()).ok_or_else(|| corrupt("format marker".into()))?),
-            None => None,
-        },
-        Err(TableError::TableDoesNotExist(_)) => None,
-        Err(e) => return Err(corrupt(e.to_string())),
-    };
-    if found != Some(FORMAT) {
-        return Err(StoreError::Foreign {
-            path: path.to_path_buf(),
-            found,
-            expected: FORMAT,
-        });
-    }
-    drop(rtx);
-    Ok(db)
-}
-
-/// Creates the database under a temporary name, writes the format marker durably, then renames
-/// it into place, so a crash never leaves a half-initialised store at `path`.
-fn create_new(path: &Path) -> Result<Database, StoreError> {
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| StoreError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
-    let dir = path
-        .parent()
-        .filter(|d| !d.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
-    let tmp = path.with_extension("creating");
-    let _ = fs::remove_file(&tmp);
-    {
-        let db = Database::create(&tmp).op("create")?;
-        let wtx = db.begin_write().op("begin write")?;
-        {
-            let mut meta = wtx.open_table(META).op("create meta")?;
-            for (k, v) in [
-                (META_FORMAT, FORMAT),
-                (META_REVISION, 0),
-                (META_COMPACTED, 0),
-            ] {
-                meta.insert(k, v.to_le_bytes().as_slice())
-                    .op("write meta")?;
-            }
-            wtx.open_table(CURRENT).op("create current")?;
-            wtx.open_table(HISTORY).op("create history")?;
-            wtx.open_table(EVENTS).op("create events")?;
-        }
-        wtx.commit().op("commit")?;
-    }
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
-    // Make the rename itself durable.
-    fs::File::open(dir)
-        .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))?;
-    Database::open(path).op("open")
-}
-
 fn read_meta_u64(rtx: &ReadTransaction, name: &str) -> Result<u64, StoreError> {
     let meta = rtx.open_table(META).op("open meta")?;
     let v = meta.get(name).op("read meta")?;
     Ok(v.and_then(|v| decode_u64(v.value())).unwrap_or(0))
 }
 
-fn decode_u64(b: &[u8]) -> Option<u64> {
+pub(crate) fn decode_u64(b: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(b.try_into().ok()?))
 }
 
@@ -865,6 +781,140 @@ impl<'txn> Writer<'txn> {
             .retain_in(..=(revision, u32::MAX), |_, _| false)
             .op("compact events")?;
         self.compacted = revision;
+        Ok(())
+    }
+}
+
+/// A consistent copy of the whole store, for Raft snapshots.
+#[derive(Debug)]
+pub struct Export {
+    /// The encoded copy (what [`Mvcc::import`] takes).
+    pub bytes: Vec<u8>,
+    /// The meta entries inside it (including the Raft layer's), decoded for the caller.
+    pub meta: std::collections::BTreeMap<String, Vec<u8>>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Image {
+    meta: Vec<(String, Vec<u8>)>,
+    current: Vec<(Vec<u8>, Vec<u8>)>,
+    history: Vec<(Vec<u8>, u64, Vec<u8>)>,
+    events: Vec<(u64, u32, Vec<u8>)>,
+}
+
+impl Mvcc {
+    /// Copies every table as of one read transaction.
+    pub fn export(&self) -> Result<Export, StoreError> {
+        let rtx = self.inner.db.begin_read().op("begin read")?;
+        let mut image = Image {
+            meta: Vec::new(),
+            current: Vec::new(),
+            history: Vec::new(),
+            events: Vec::new(),
+        };
+        for e in rtx
+            .open_table(META)
+            .op("open meta")?
+            .iter()
+            .op("scan meta")?
+        {
+            let (k, v) = e.op("scan meta")?;
+            image.meta.push((k.value().to_string(), v.value().to_vec()));
+        }
+        for e in rtx
+            .open_table(CURRENT)
+            .op("open current")?
+            .iter()
+            .op("scan")?
+        {
+            let (k, v) = e.op("scan current")?;
+            image.current.push((k.value().to_vec(), v.value().to_vec()));
+        }
+        for e in rtx
+            .open_table(HISTORY)
+            .op("open history")?
+            .iter()
+            .op("scan")?
+        {
+            let (k, v) = e.op("scan history")?;
+            let (key, rev) = k.value();
+            image.history.push((key.to_vec(), rev, v.value().to_vec()));
+        }
+        for e in rtx
+            .open_table(EVENTS)
+            .op("open events")?
+            .iter()
+            .op("scan")?
+        {
+            let (k, v) = e.op("scan events")?;
+            let (rev, sub) = k.value();
+            image.events.push((rev, sub, v.value().to_vec()));
+        }
+        let bytes = postcard::to_allocvec(&image)
+            .map_err(|e| StoreError::Invalid(format!("encoding snapshot: {e}")))?;
+        Ok(Export {
+            bytes,
+            meta: image.meta.into_iter().collect(),
+        })
+    }
+
+    /// Replaces the whole store with an [`Export`]'s bytes, then writes `extra` meta entries,
+    /// all in one durable transaction. Watchers behind the new history get
+    /// [`StoreError::Compacted`] and re-list.
+    pub fn import(&self, bytes: &[u8], extra: &[(&str, Vec<u8>)]) -> Result<(), StoreError> {
+        let image: Image = postcard::from_bytes(bytes)
+            .map_err(|e| StoreError::Invalid(format!("decoding snapshot: {e}")))?;
+        let format = image
+            .meta
+            .iter()
+            .find(|(k, _)| k == META_FORMAT)
+            .and_then(|(_, v)| decode_u64(v));
+        if format != Some(FORMAT) {
+            return Err(StoreError::Invalid(format!(
+                "snapshot has format {format:?}, this build reads {FORMAT}"
+            )));
+        }
+        let _serial = self
+            .inner
+            .write_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let wtx = self.inner.db.begin_write().op("begin write")?;
+        let mut revision = 0;
+        {
+            let mut meta = wtx.open_table(META).op("open meta")?;
+            meta.retain(|_, _| false).op("clear meta")?;
+            for (k, v) in &image.meta {
+                meta.insert(k.as_str(), v.as_slice()).op("write meta")?;
+                if k == META_REVISION {
+                    revision = decode_u64(v).unwrap_or(0);
+                }
+            }
+            for (k, v) in extra {
+                meta.insert(*k, v.as_slice()).op("write meta")?;
+            }
+            let mut current = wtx.open_table(CURRENT).op("open current")?;
+            current.retain(|_, _| false).op("clear current")?;
+            for (k, v) in &image.current {
+                current
+                    .insert(k.as_slice(), v.as_slice())
+                    .op("write current")?;
+            }
+            let mut history = wtx.open_table(HISTORY).op("open history")?;
+            history.retain(|_, _| false).op("clear history")?;
+            for (k, r, v) in &image.history {
+                history
+                    .insert((k.as_slice(), *r), v.as_slice())
+                    .op("write history")?;
+            }
+            let mut events = wtx.open_table(EVENTS).op("open events")?;
+            events.retain(|_, _| false).op("clear events")?;
+            for (r, s, v) in &image.events {
+                events.insert((*r, *s), v.as_slice()).op("write events")?;
+            }
+        }
+        wtx.commit().op("commit")?;
+        self.inner.revision.store(revision, Ordering::Release);
         Ok(())
     }
 }
