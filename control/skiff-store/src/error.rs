@@ -66,6 +66,11 @@ pub enum StoreError {
         #[source]
         source: Box<redb::Error>,
     },
+    /// No leader or quorum could be reached in time, or a forwarded write had an ambiguous
+    /// outcome. The API answers 5xx with a retry hint; the client must re-read before retrying
+    /// a non-idempotent write.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
     /// Filesystem work around the database file failed.
     #[error("store {op} {path}: {source}")]
     Io {

@@ -18,11 +18,13 @@
 mod db;
 pub mod error;
 pub mod mvcc;
+pub mod node;
 pub mod raft;
 pub mod types;
 pub mod watch;
 
 pub use error::StoreError;
 pub use mvcc::{Export, Mvcc, Writer};
+pub use node::{NodeConfig, StoreNode};
 pub use types::*;
 pub use watch::{WatchEvent, WatchStream};

@@ -398,6 +398,16 @@ fn validate_key(key: &[u8], what: &str) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// Checks a transaction the way applying it would, so a proposer can refuse it with a precise
+/// error before it enters the replicated log.
+pub(crate) fn validate_txn(txn: &Txn) -> Result<(), StoreError> {
+    for c in &txn.compare {
+        validate_key(&c.key, "compare")?;
+    }
+    validate_ops(&txn.success)?;
+    validate_ops(&txn.failure)
+}
+
 fn validate_ops(ops: &[Op]) -> Result<(), StoreError> {
     let mut written: Vec<&[u8]> = Vec::new();
     let mut prefixes: Vec<&[u8]> = Vec::new();
@@ -597,11 +607,7 @@ impl<'txn> Writer<'txn> {
 
     /// Applies a transaction. Invalid transactions are rejected before anything is written.
     pub fn txn(&mut self, txn: &Txn) -> Result<TxnResponse, StoreError> {
-        for c in &txn.compare {
-            validate_key(&c.key, "compare")?;
-        }
-        validate_ops(&txn.success)?;
-        validate_ops(&txn.failure)?;
+        validate_txn(txn)?;
         let mut succeeded = true;
         for c in &txn.compare {
             let m = self.get_current(&c.key)?.map_or(0, |kv| kv.mod_revision);

@@ -9,6 +9,7 @@
 //!   the log is never purged past what the state file holds durably.
 
 pub mod log_store;
+pub mod network;
 pub mod state_machine;
 
 use std::io::Cursor;

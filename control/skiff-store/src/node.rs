@@ -1,0 +1,504 @@
+//! A running store member: Raft over the peer listener, the state machine, and the client
+//! operations the API server uses (writes, linearizable reads, watches).
+//!
+//! Writes go through Raft. A member that is not the leader forwards the write to the leader
+//! over the peer listener. It retries only when the write provably was not proposed (the peer
+//! refused it as not-leader, or the connection was never made); after an ambiguous failure
+//! (timeout after sending) it reports [`StoreError::Unavailable`] instead of risking a second
+//! application, as etcd does.
+//!
+//! Linearizable reads use Raft's read index: the leader confirms its leadership with a quorum
+//! and names the log index the read must see; the member waits until it has applied that far,
+//! then reads locally. Watches are served from the local state.
+
+use std::{
+    collections::{BTreeMap, VecDeque},
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use axum::{
+    Router,
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::StatusCode,
+    response::{IntoResponse, Response},
+    routing::post,
+};
+use openraft::{
+    BasicNode, LogId, Raft,
+    error::{CheckIsLeaderError, ClientWriteError, InitializeError, RPCError, RaftError},
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Command, CommandResponse, Mvcc, RangeRequest, RangeResponse, Revision, StoreError, Txn,
+    TxnResponse, WatchStream,
+    raft::{
+        Applied, LogStore, NodeId, StateMachine, TypeConfig,
+        network::{Network, post as peer_post},
+    },
+};
+
+/// How long a client operation waits for a leader before giving up.
+const LEADER_WAIT: Duration = Duration::from_secs(10);
+/// Largest peer request (a batch of log entries or a snapshot chunk).
+const PEER_BODY_LIMIT: usize = 64 << 20;
+
+/// How to run a member.
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    /// This member's id (unique in the cluster, never reused).
+    pub id: NodeId,
+    /// Where `state.redb` and `raft-log.redb` live.
+    pub data_dir: PathBuf,
+    /// Address the peer listener binds (port 0 picks one).
+    pub peer_listen: SocketAddr,
+    /// Address other members use to reach this one; `None` uses the bound address.
+    pub advertise: Option<String>,
+    /// Initial voters, id → peer address, used only when the cluster is created. Empty means a
+    /// single-member cluster of this node. A member started to join an existing cluster is
+    /// started with `join = true` and added by the leader instead.
+    pub members: BTreeMap<NodeId, String>,
+    /// Start without initializing: wait to be added to an existing cluster.
+    pub join: bool,
+    /// History kept before compaction (etcd's apiserver compacts every 5 minutes).
+    pub history: Duration,
+    /// How often the leader considers compacting.
+    pub compact_every: Duration,
+}
+
+impl NodeConfig {
+    /// A single-member store in `data_dir` with defaults, its peer listener on a free loopback
+    /// port.
+    pub fn single(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        NodeConfig {
+            id: 1,
+            data_dir: data_dir.into(),
+            peer_listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+            advertise: None,
+            members: BTreeMap::new(),
+            join: false,
+            history: Duration::from_secs(300),
+            compact_every: Duration::from_secs(30),
+        }
+    }
+}
+
+/// Why a peer refused a forwarded request.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Refusal {
+    /// It is not the leader (the request was not proposed).
+    NotLeader,
+    /// It tried and failed.
+    Failed(String),
+}
+
+/// A running member. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct StoreNode {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    id: NodeId,
+    raft: Raft<TypeConfig>,
+    mvcc: Mvcc,
+    http: reqwest::Client,
+    peer_addr: SocketAddr,
+    tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl StoreNode {
+    /// Opens the files, starts Raft and the peer listener, and creates the cluster if this is
+    /// its first start (all initial voters may do so: they propose the same membership).
+    pub async fn start(cfg: NodeConfig) -> Result<StoreNode, StoreError> {
+        let mvcc = Mvcc::open(&cfg.data_dir.join("state.redb"))?;
+        let log = LogStore::open(&cfg.data_dir.join("raft-log.redb"))?;
+        let sm = StateMachine::new(mvcc.clone());
+        let listener = tokio::net::TcpListener::bind(cfg.peer_listen)
+            .await
+            .map_err(|e| StoreError::Io {
+                op: "bind peer listener",
+                path: PathBuf::from(cfg.peer_listen.to_string()),
+                source: e,
+            })?;
+        let peer_addr = listener.local_addr().map_err(|e| StoreError::Io {
+            op: "peer listener address",
+            path: PathBuf::from(cfg.peer_listen.to_string()),
+            source: e,
+        })?;
+        let advertise = cfg
+            .advertise
+            .clone()
+            .unwrap_or_else(|| peer_addr.to_string());
+        let raft_config = openraft::Config {
+            cluster_name: "skiff".into(),
+            heartbeat_interval: 100,
+            election_timeout_min: 400,
+            election_timeout_max: 800,
+            install_snapshot_timeout: 2000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
+            max_in_snapshot_log_to_keep: 1000,
+            max_payload_entries: 1000,
+            ..openraft::Config::default()
+        }
+        .validate()
+        .map_err(|e| StoreError::Invalid(format!("raft config: {e}")))?;
+        let http = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true)
+            .build()
+            .map_err(|e| StoreError::Invalid(format!("http client: {e}")))?;
+        let raft = Raft::new(
+            cfg.id,
+            Arc::new(raft_config),
+            Network::new(http.clone()),
+            log,
+            sm,
+        )
+        .await
+        .map_err(|e| StoreError::Unavailable(format!("starting raft: {e}")))?;
+
+        let server = axum::serve(listener, peer_router(raft.clone()));
+        let mut tasks = vec![tokio::spawn(async move {
+            if let Err(e) = server.await {
+                tracing::error!(error = %e, "peer listener stopped");
+            }
+        })];
+
+        if !cfg.join {
+            let members: BTreeMap<NodeId, BasicNode> = if cfg.members.is_empty() {
+                BTreeMap::from([(cfg.id, BasicNode::new(advertise.clone()))])
+            } else {
+                cfg.members
+                    .iter()
+                    .map(|(id, addr)| (*id, BasicNode::new(addr.clone())))
+                    .collect()
+            };
+            match raft.initialize(members).await {
+                Ok(()) => tracing::info!(id = cfg.id, "created the cluster"),
+                Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {
+                    tracing::debug!(id = cfg.id, "cluster already exists");
+                }
+                Err(e) => return Err(StoreError::Unavailable(format!("initializing: {e}"))),
+            }
+        }
+
+        let node = StoreNode {
+            inner: Arc::new(Inner {
+                id: cfg.id,
+                raft,
+                mvcc,
+                http,
+                peer_addr,
+                tasks: Mutex::new(Vec::new()),
+            }),
+        };
+        tasks.push(tokio::spawn(compactor(
+            node.clone(),
+            cfg.history,
+            cfg.compact_every,
+        )));
+        *node.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()) = tasks;
+        tracing::info!(id = cfg.id, peer = %advertise, data = %cfg.data_dir.display(), "store member started");
+        Ok(node)
+    }
+
+    /// This member's id.
+    pub fn id(&self) -> NodeId {
+        self.inner.id
+    }
+
+    /// The address the peer listener is bound to.
+    pub fn peer_addr(&self) -> SocketAddr {
+        self.inner.peer_addr
+    }
+
+    /// The Raft handle (membership changes, metrics).
+    pub fn raft(&self) -> &Raft<TypeConfig> {
+        &self.inner.raft
+    }
+
+    /// The local state (serializable reads, watches).
+    pub fn mvcc(&self) -> &Mvcc {
+        &self.inner.mvcc
+    }
+
+    /// The current leader, as this member knows it.
+    pub async fn leader(&self) -> Option<NodeId> {
+        self.inner.raft.current_leader().await
+    }
+
+    /// Replicates a command and returns its result once applied here or on the leader.
+    pub async fn write(&self, cmd: Command) -> Result<CommandResponse, StoreError> {
+        if let Command::Txn(t) = &cmd {
+            crate::mvcc::validate_txn(t)?;
+        }
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.inner.raft.client_write(cmd.clone()).await {
+                Ok(resp) => return applied(resp.data),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(leader) = f.leader_node {
+                        let sent: Result<Result<Applied, Refusal>, _> = peer_post(
+                            &self.inner.http,
+                            &leader.addr,
+                            "store/write",
+                            &cmd,
+                            Some(LEADER_WAIT),
+                        )
+                        .await;
+                        match sent {
+                            Ok(Ok(a)) => return applied(a),
+                            Ok(Err(Refusal::NotLeader)) => {} // leadership moved: retry
+                            Ok(Err(Refusal::Failed(m))) => return Err(StoreError::Unavailable(m)),
+                            Err(RPCError::Unreachable(_)) => {} // never reached: retry
+                            Err(e) => {
+                                return Err(StoreError::Unavailable(format!(
+                                    "forwarding to leader {}: {e}; the write may or may not \
+                                     have been applied",
+                                    leader.addr
+                                )));
+                            }
+                        }
+                    }
+                }
+                Err(RaftError::APIError(e)) => return Err(StoreError::Unavailable(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "no leader reachable within {LEADER_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// A transaction through [`StoreNode::write`].
+    pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
+        match self.write(Command::Txn(txn)).await? {
+            CommandResponse::Txn(r) => Ok(r),
+            other => Err(StoreError::Invalid(format!(
+                "unexpected response {other:?}"
+            ))),
+        }
+    }
+
+    /// Compacts the whole cluster at `revision`.
+    pub async fn compact(&self, revision: Revision) -> Result<(), StoreError> {
+        self.write(Command::Compact { revision }).await.map(|_| ())
+    }
+
+    /// A linearizable read: it sees every write acknowledged before it started, on any member.
+    pub async fn range(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
+        self.read_barrier().await?;
+        self.range_local(req).await
+    }
+
+    /// A read of this member's local state (may lag the leader slightly).
+    pub async fn range_local(&self, req: RangeRequest) -> Result<RangeResponse, StoreError> {
+        let mvcc = self.inner.mvcc.clone();
+        tokio::task::spawn_blocking(move || mvcc.range(&req))
+            .await
+            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+    }
+
+    /// Watches the local state (see [`Mvcc::watch`]).
+    pub fn watch(
+        &self,
+        range: RangeRequest,
+        start: Revision,
+        progress: Option<Duration>,
+    ) -> WatchStream {
+        self.inner.mvcc.watch(range, start, progress)
+    }
+
+    /// Waits until this member has applied everything committed before the call.
+    pub async fn read_barrier(&self) -> Result<(), StoreError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match self.inner.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f))) => {
+                    if let Some(leader) = f.leader_node {
+                        let asked: Result<Result<Option<LogId<NodeId>>, Refusal>, _> = peer_post(
+                            &self.inner.http,
+                            &leader.addr,
+                            "store/read-index",
+                            &(),
+                            Some(LEADER_WAIT),
+                        )
+                        .await;
+                        if let Ok(Ok(read_log_id)) = asked {
+                            if let Some(id) = read_log_id {
+                                self.inner
+                                    .raft
+                                    .wait(Some(LEADER_WAIT))
+                                    .applied_index_at_least(Some(id.index), "read index")
+                                    .await
+                                    .map_err(|e| StoreError::Unavailable(e.to_string()))?;
+                            }
+                            return Ok(());
+                        }
+                    }
+                }
+                Err(RaftError::APIError(e)) => {
+                    tracing::debug!(error = %e, "read barrier: retrying");
+                }
+                Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "no quorum confirmed a read within {LEADER_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    /// Stops Raft, the peer listener and the compactor. Files stay consistent (every
+    /// acknowledged write is in the durable log).
+    pub async fn shutdown(&self) {
+        let tasks =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
+        for t in tasks {
+            t.abort();
+        }
+        if let Err(e) = self.inner.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+    }
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoreNode")
+            .field("id", &self.id)
+            .field("peer_addr", &self.peer_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+fn applied(a: Applied) -> Result<CommandResponse, StoreError> {
+    match a {
+        Applied::Done(r) => Ok(r),
+        Applied::Rejected(m) => Err(StoreError::Invalid(m)),
+        Applied::Internal => Err(StoreError::Invalid("not a client command".into())),
+    }
+}
+
+/// The leader compacts to the newest revision that is at least `history` old, so reads and
+/// watches always have that much history.
+async fn compactor(node: StoreNode, history: Duration, every: Duration) {
+    let mut samples: VecDeque<(Instant, Revision)> = VecDeque::new();
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let now = Instant::now();
+        samples.push_back((now, node.inner.mvcc.revision()));
+        let Some(cutoff) = now.checked_sub(history) else {
+            continue;
+        };
+        let mut target = None;
+        while let Some(&(t, rev)) = samples.front() {
+            if t > cutoff {
+                break;
+            }
+            target = Some(rev);
+            samples.pop_front();
+        }
+        let Some(target) = target else { continue };
+        if node.leader().await != Some(node.id()) {
+            continue;
+        }
+        let compacted = node.inner.mvcc.compacted().unwrap_or(0);
+        if target > compacted {
+            match node.compact(target).await {
+                Ok(()) => tracing::info!(revision = target, "compacted"),
+                Err(e) => tracing::warn!(error = %e, "compaction failed; will retry"),
+            }
+        }
+    }
+}
+
+fn peer_router(raft: Raft<TypeConfig>) -> Router {
+    Router::new()
+        .route("/raft/append", post(append))
+        .route("/raft/vote", post(vote))
+        .route("/raft/snapshot", post(snapshot))
+        .route("/store/write", post(forwarded_write))
+        .route("/store/read-index", post(read_index))
+        .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
+        .with_state(raft)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, (StatusCode, String)> {
+    postcard::from_bytes(body).map_err(|e| {
+        (
+            StatusCode::BAD_REQUEST,
+            format!("malformed peer request: {e}"),
+        )
+    })
+}
+
+fn encode<T: Serialize>(v: &T) -> Response {
+    match postcard::to_allocvec(v) {
+        Ok(b) => ([("content-type", "application/octet-stream")], b).into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "encoding peer response");
+            StatusCode::INTERNAL_SERVER_ERROR.into_response()
+        }
+    }
+}
+
+async fn append(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+    match decode(&body) {
+        Ok(req) => encode(&raft.append_entries(req).await),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn vote(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+    match decode(&body) {
+        Ok(req) => encode(&raft.vote(req).await),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn snapshot(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+    match decode(&body) {
+        Ok(req) => encode(&raft.install_snapshot(req).await),
+        Err(r) => r.into_response(),
+    }
+}
+
+async fn forwarded_write(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+    let cmd: Command = match decode(&body) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    let result: Result<Applied, Refusal> = match raft.client_write(cmd).await {
+        Ok(r) => Ok(r.data),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Refusal::NotLeader),
+        Err(e) => Err(Refusal::Failed(e.to_string())),
+    };
+    encode(&result)
+}
+
+async fn read_index(State(raft): State<Raft<TypeConfig>>) -> Response {
+    let result: Result<Option<LogId<NodeId>>, Refusal> = match raft.get_read_log_id().await {
+        Ok((read_log_id, _)) => Ok(read_log_id),
+        Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(Refusal::NotLeader),
+        Err(e) => Err(Refusal::Failed(e.to_string())),
+    };
+    encode(&result)
+}

@@ -1,0 +1,146 @@
+//! Peer transport: Raft RPCs as HTTP POSTs with postcard bodies, on the peer listener (separate
+//! from the client API). Connection failures and timeouts map to `Unreachable`, so openraft
+//! backs off instead of hammering a dead peer.
+
+use openraft::{
+    BasicNode, RaftNetwork, RaftNetworkFactory,
+    error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable},
+    network::RPCOption,
+    raft::{
+        AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest,
+        InstallSnapshotResponse, VoteRequest, VoteResponse,
+    },
+};
+use serde::{Serialize, de::DeserializeOwned};
+
+use super::{NodeId, TypeConfig};
+
+/// Creates a client per peer; clones share one HTTP connection pool.
+#[derive(Clone, Debug)]
+pub struct Network {
+    http: reqwest::Client,
+}
+
+impl Network {
+    /// A network using `http` for every peer.
+    pub fn new(http: reqwest::Client) -> Network {
+        Network { http }
+    }
+}
+
+/// The connection to one peer.
+#[derive(Debug)]
+pub struct PeerClient {
+    target: NodeId,
+    addr: String,
+    http: reqwest::Client,
+}
+
+impl RaftNetworkFactory<TypeConfig> for Network {
+    type Network = PeerClient;
+
+    async fn new_client(&mut self, target: NodeId, node: &BasicNode) -> PeerClient {
+        PeerClient {
+            target,
+            addr: node.addr.clone(),
+            http: self.http.clone(),
+        }
+    }
+}
+
+/// Sends `req` to `http://<addr>/<path>` and decodes a postcard `Result<Resp, Err>`.
+pub(crate) async fn post<Req, Resp, E>(
+    http: &reqwest::Client,
+    addr: &str,
+    path: &str,
+    req: &Req,
+    timeout: Option<std::time::Duration>,
+) -> Result<Result<Resp, E>, RPCError<NodeId, BasicNode, RaftError<NodeId>>>
+where
+    Req: Serialize,
+    Resp: DeserializeOwned,
+    E: DeserializeOwned,
+{
+    let body = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    let mut builder = http
+        .post(format!("http://{addr}/{path}"))
+        .header("content-type", "application/octet-stream")
+        .body(body);
+    if let Some(t) = timeout {
+        builder = builder.timeout(t);
+    }
+    let resp = builder.send().await.map_err(|e| {
+        if e.is_connect() || e.is_timeout() {
+            RPCError::Unreachable(Unreachable::new(&e))
+        } else {
+            RPCError::Network(NetworkError::new(&e))
+        }
+    })?;
+    if !resp.status().is_success() {
+        let status = resp.status();
+        let text = resp.text().await.unwrap_or_default();
+        return Err(RPCError::Network(NetworkError::new(
+            &std::io::Error::other(format!("peer {addr} answered {status}: {text}")),
+        )));
+    }
+    let bytes = resp
+        .bytes()
+        .await
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+    postcard::from_bytes(&bytes).map_err(|e| RPCError::Network(NetworkError::new(&e)))
+}
+
+impl PeerClient {
+    async fn call<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, BasicNode, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: DeserializeOwned + std::error::Error,
+    {
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            post(&self.http, &self.addr, path, req, Some(option.hard_ttl()))
+                .await
+                .map_err(|e| match e {
+                    RPCError::Unreachable(u) => RPCError::Unreachable(u),
+                    RPCError::Network(n) => RPCError::Network(n),
+                    other => RPCError::Network(NetworkError::new(&std::io::Error::other(
+                        other.to_string(),
+                    ))),
+                })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new(self.target, e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerClient {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("raft/append", &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, BasicNode, RaftError<NodeId, InstallSnapshotError>>,
+    > {
+        self.call("raft/snapshot", &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, BasicNode, RaftError<NodeId>>> {
+        self.call("raft/vote", &rpc, &option).await
+    }
+}
