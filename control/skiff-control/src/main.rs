@@ -1,13 +1,54 @@
-//! `skiff-control`: the control plane (API server, store, scheduler, controllers).
+//! `skiff-control`: the control plane.
 //!
-//! The store and API server are not built yet; this binary says so instead of pretending.
+//! Today it runs the replicated store (etcd's role): with no flags, an embedded single-member
+//! store in `--data-dir`; with `--peers`, one member of a 3- or 5-member cluster. The API
+//! server, scheduler and controllers are not built yet.
 
-use anyhow::{Result, bail};
+use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
+
+use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use skiff_store::{NodeConfig, StoreNode};
 
 #[derive(Debug, Parser)]
 #[command(name = "skiff-control", version, about, long_about = None)]
 struct Cli {
+    /// Where the store keeps its files (state.redb, raft-log.redb).
+    #[arg(long, env = "SKIFF_DATA_DIR", default_value = "/var/lib/skiff/control")]
+    data_dir: PathBuf,
+
+    /// This member's id in the store cluster (unique, never reused).
+    #[arg(long, default_value_t = 1)]
+    node_id: u64,
+
+    /// Address the store's peer listener binds (Raft traffic between members).
+    #[arg(long, default_value = "127.0.0.1:2380")]
+    peer_listen: SocketAddr,
+
+    /// Address the store's client listener binds (etcd's client port; loopback, no auth:
+    /// for tools, tests and benchmarks on this machine).
+    #[arg(long, default_value = "127.0.0.1:2379")]
+    client_listen: SocketAddr,
+
+    /// Address other members use to reach this one (default: the bound peer address).
+    #[arg(long)]
+    advertise_peer: Option<String>,
+
+    /// Initial members of a new cluster, `ID=HOST:PORT,…`, the same list on every member.
+    /// Empty: a single-member store.
+    #[arg(long, value_delimiter = ',')]
+    peers: Vec<String>,
+
+    /// Start as a new member of an existing cluster: do not create one; wait to be added
+    /// (see docs/store.md).
+    #[arg(long)]
+    join: bool,
+
+    /// Seconds of history the store keeps before compacting (reads and watches from older
+    /// revisions get 410 Gone).
+    #[arg(long, default_value_t = 300)]
+    history_seconds: u64,
+
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
@@ -19,10 +60,26 @@ enum LogFormat {
     Json,
 }
 
+fn parse_peers(peers: &[String]) -> Result<BTreeMap<u64, String>> {
+    let mut out = BTreeMap::new();
+    for p in peers.iter().filter(|p| !p.is_empty()) {
+        let (id, addr) = p
+            .split_once('=')
+            .with_context(|| format!("--peers entry {p:?} is not ID=HOST:PORT"))?;
+        let id: u64 = id
+            .parse()
+            .with_context(|| format!("--peers entry {p:?}: {id:?} is not a member id"))?;
+        if out.insert(id, addr.to_string()).is_some() {
+            bail!("--peers names member {id} twice");
+        }
+    }
+    Ok(out)
+}
+
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -30,12 +87,58 @@ fn main() -> Result<()> {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    tracing::info!(
-        version = env!("CARGO_PKG_VERSION"),
-        "skiff-control starting"
-    );
-    bail!(
-        "the control plane's store and API server are not built yet; \
-         skiff-control cannot serve a cluster in this version"
-    )
+    let members = parse_peers(&cli.peers)?;
+    if !members.is_empty() && !members.contains_key(&cli.node_id) && !cli.join {
+        bail!(
+            "--node-id {} is not in --peers; list it there, or pass --join to be added later",
+            cli.node_id
+        );
+    }
+    let cfg = NodeConfig {
+        id: cli.node_id,
+        data_dir: cli.data_dir.clone(),
+        peer_listen: cli.peer_listen,
+        advertise: cli.advertise_peer.clone(),
+        members,
+        join: cli.join,
+        history: Duration::from_secs(cli.history_seconds),
+        compact_every: Duration::from_secs(cli.history_seconds.clamp(1, 30)),
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        tracing::info!(
+            version = env!("CARGO_PKG_VERSION"),
+            "skiff-control starting"
+        );
+        let store = StoreNode::start(cfg)
+            .await
+            .with_context(|| format!("starting the store in {}", cli.data_dir.display()))?;
+        let client = tokio::net::TcpListener::bind(cli.client_listen)
+            .await
+            .with_context(|| format!("binding the store client listener {}", cli.client_listen))?;
+        let client_addr = client.local_addr()?;
+        let served = store.clone();
+        tokio::spawn(async move {
+            if let Err(e) = skiff_store::client::serve(client, served).await {
+                tracing::error!(error = %e, "store client listener stopped");
+            }
+        });
+        tracing::info!(
+            member = store.id(),
+            peer = %store.peer_addr(),
+            client = %client_addr,
+            "store ready; the API server is not built yet, so nothing else is served"
+        );
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("stopping");
+        store.shutdown().await;
+        anyhow::Ok(())
+    })
 }

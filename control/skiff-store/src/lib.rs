@@ -15,6 +15,7 @@
 //! [`Mvcc`] is the durable single-replica state machine on redb. The Raft layer replicates the
 //! [`Command`]s it applies.
 
+pub mod client;
 mod db;
 pub mod error;
 pub mod mvcc;

@@ -31,7 +31,7 @@ const REPLAY_BATCH: usize = 512;
 const OUTPUT_BUFFER: usize = 64;
 
 /// What a watch yields.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum WatchEvent {
     /// Events, in revision order.
     Events(Vec<Event>),
