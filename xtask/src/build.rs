@@ -153,3 +153,41 @@ pub fn up() -> Result<()> {
     );
     Ok(())
 }
+
+/// Benchmarks `cargo xtask bench` knows.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum BenchName {
+    /// skiff's store against etcd 3.4, single member and three members on loopback.
+    Store,
+}
+
+/// Builds release binaries and runs the benchmark; its last line is the summary ratio.
+pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
+    setup::all()?;
+    let root = root();
+    step("build release binaries");
+    run(cargo_with(None).current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "skiff-control",
+        "-p",
+        "skiff-bench",
+    ]))?;
+    let bin = root.join("target/release");
+    match name {
+        BenchName::Store => {
+            // On the workspace's disk, not a tmpfs: fsync cost is part of what is measured.
+            let data = root.join("target/bench-data");
+            step("store benchmark: skiff vs etcd (writes are durable on both)");
+            let result = run(Command::new(bin.join("skiff-bench"))
+                .args(["store", "--seconds", &seconds.to_string()])
+                .arg("--skiff-control")
+                .arg(bin.join("skiff-control"))
+                .arg("--data-dir")
+                .arg(&data));
+            let _ = fs::remove_dir_all(&data);
+            result
+        }
+    }
+}

@@ -7,6 +7,7 @@
 //! - `test`: setup, build-ebpf, format and lint checks, then every test suite (privileged ones
 //!   for real when run as root). Its output ends with the test runner's summary line.
 //! - `up`: setup and build everything, then say how to run what exists.
+//! - `bench <name>`: a benchmark against its real peer, in one run (`store`: against etcd).
 
 mod build;
 mod setup;
@@ -40,6 +41,15 @@ enum Command {
     },
     /// Install what is missing, build everything, and print how to run it.
     Up,
+    /// Run a benchmark against its real peer (release builds).
+    Bench {
+        /// Which benchmark.
+        #[arg(value_enum)]
+        name: build::BenchName,
+        /// Seconds per workload.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,5 +59,6 @@ fn main() -> Result<()> {
         Command::BuildEbpf { release } => build::ebpf(release),
         Command::Test { nextest_args } => build::test(&nextest_args),
         Command::Up => build::up(),
+        Command::Bench { name, seconds } => build::bench(name, seconds),
     }
 }

@@ -21,6 +21,14 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("iperf3", "bulk throughput in the data-path benchmark"),
     ("etcd-server", "etcd peer in the store benchmark"),
+    (
+        "protobuf-compiler",
+        "builds the etcd client of the store benchmark",
+    ),
+    (
+        "libprotobuf-dev",
+        "protobuf well-known types for the etcd client",
+    ),
     ("docker-registry", "loopback registry for image pull tests"),
     ("skopeo", "pushes test images to the loopback registry"),
 ];

@@ -1,0 +1,35 @@
+//! `skiff-bench`: benchmarks run by `cargo xtask bench <name>`.
+//!
+//! `store`: durable writes of 256-byte values (1 and 64 concurrent clients) and linearizable
+//! reads (64 clients), against skiff's store (single member and three members on loopback) and
+//! etcd from Debian (single member and three members on loopback), all driven by this same load
+//! generator: skiff through its client listener, etcd through gRPC (`etcd-client`). Prints a
+//! markdown table and ends with `store/etcd write ratio (64 clients, 3 nodes): R`.
+
+mod store;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "skiff-bench", about = "skiff's benchmarks")]
+struct Cli {
+    #[command(subcommand)]
+    bench: Bench,
+}
+
+#[derive(Debug, Subcommand)]
+enum Bench {
+    /// The store against etcd.
+    Store(store::Args),
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    match cli.bench {
+        Bench::Store(args) => rt.block_on(store::run(args)),
+    }
+}
