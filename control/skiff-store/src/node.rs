@@ -1,7 +1,12 @@
 //! A running store member: Raft over the peer listener, the state machine, and the client
 //! operations the API server uses (writes, linearizable reads, watches).
 //!
-//! Writes go through Raft. A member that is not the leader forwards the write to the leader
+//! Writes go through Raft, batched: openraft 0.9 appends one entry per proposal and waits for
+//! its fsync inside the Raft core, so the leader's batcher takes every proposal that queued
+//! while the previous entry was in flight and proposes them as one [`Command::Batch`] entry:
+//! one append and one fsync per member for many client writes (group commit).
+//!
+//! A member that is not the leader forwards the write to the leader
 //! over the peer listener. It retries only when the write provably was not proposed (the peer
 //! refused it as not-leader, or the connection was never made); after an ambiguous failure
 //! (timeout after sending) it reports [`StoreError::Unavailable`] instead of risking a second
@@ -46,6 +51,12 @@ use crate::{
 const LEADER_WAIT: Duration = Duration::from_secs(10);
 /// Largest peer request (a batch of log entries or a snapshot chunk).
 const PEER_BODY_LIMIT: usize = 64 << 20;
+/// Most commands in one replicated entry.
+const MAX_BATCH: usize = 1024;
+/// Most bytes (approximately) in one replicated entry; a single larger command goes alone.
+const MAX_BATCH_BYTES: usize = 4 << 20;
+/// Proposals waiting for the batcher before callers wait to queue.
+const PROPOSAL_QUEUE: usize = 4096;
 
 /// How to run a member.
 #[derive(Clone, Debug)]
@@ -96,6 +107,88 @@ enum Refusal {
     Failed(String),
 }
 
+/// Why the batcher could not get a proposal applied.
+enum ProposeError {
+    /// This member is not the leader; the proposal was not replicated.
+    NotLeader(Option<BasicNode>),
+    /// Raft failed (fatal, or an error other than leadership).
+    Failed(String),
+}
+
+struct Proposal {
+    cmd: Command,
+    done: tokio::sync::oneshot::Sender<Result<Applied, ProposeError>>,
+}
+
+type Proposals = tokio::sync::mpsc::Sender<Proposal>;
+
+/// Submits a proposal to the batcher and waits for its result.
+async fn propose(proposals: &Proposals, cmd: Command) -> Result<Applied, ProposeError> {
+    let (done, rx) = tokio::sync::oneshot::channel();
+    proposals
+        .send(Proposal { cmd, done })
+        .await
+        .map_err(|_| ProposeError::Failed("store is shutting down".into()))?;
+    rx.await
+        .unwrap_or_else(|_| Err(ProposeError::Failed("store is shutting down".into())))
+}
+
+/// Proposes queued commands, as many as fit in one entry, one entry at a time.
+async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
+    while let Some(first) = rx.recv().await {
+        let mut bytes = first.cmd.approx_size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(p) => {
+                    bytes += p.cmd.approx_size();
+                    batch.push(p);
+                }
+                Err(_) => break,
+            }
+        }
+        let (cmds, dones): (Vec<Command>, Vec<_>) =
+            batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
+        let single = cmds.len() == 1;
+        let cmd = if single {
+            cmds.into_iter().next().expect("one command")
+        } else {
+            Command::Batch(cmds)
+        };
+        match raft.client_write(cmd).await {
+            Ok(resp) => match (single, resp.data) {
+                (false, Applied::Batch(results)) if results.len() == dones.len() => {
+                    for (done, r) in dones.into_iter().zip(results) {
+                        let _ = done.send(Ok(r));
+                    }
+                }
+                (true, applied) => {
+                    for done in dones {
+                        let _ = done.send(Ok(applied.clone()));
+                    }
+                }
+                (_, other) => {
+                    for done in dones {
+                        let _ = done.send(Err(ProposeError::Failed(format!(
+                            "unexpected batch result {other:?}"
+                        ))));
+                    }
+                }
+            },
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                for done in dones {
+                    let _ = done.send(Err(ProposeError::NotLeader(f.leader_node.clone())));
+                }
+            }
+            Err(e) => {
+                for done in dones {
+                    let _ = done.send(Err(ProposeError::Failed(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
 /// A running member. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StoreNode {
@@ -108,6 +201,7 @@ struct Inner {
     mvcc: Mvcc,
     http: reqwest::Client,
     peer_addr: SocketAddr,
+    proposals: Proposals,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
@@ -162,12 +256,22 @@ impl StoreNode {
         .await
         .map_err(|e| StoreError::Unavailable(format!("starting raft: {e}")))?;
 
-        let server = axum::serve(listener, peer_router(raft.clone()));
-        let mut tasks = vec![tokio::spawn(async move {
-            if let Err(e) = server.await {
-                tracing::error!(error = %e, "peer listener stopped");
-            }
-        })];
+        let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
+        let server = axum::serve(
+            listener,
+            peer_router(PeerState {
+                raft: raft.clone(),
+                proposals: proposals.clone(),
+            }),
+        );
+        let mut tasks = vec![
+            tokio::spawn(async move {
+                if let Err(e) = server.await {
+                    tracing::error!(error = %e, "peer listener stopped");
+                }
+            }),
+            tokio::spawn(batcher(raft.clone(), queue)),
+        ];
 
         if !cfg.join {
             let members: BTreeMap<NodeId, BasicNode> = if cfg.members.is_empty() {
@@ -194,6 +298,7 @@ impl StoreNode {
                 mvcc,
                 http,
                 peer_addr,
+                proposals,
                 tasks: Mutex::new(Vec::new()),
             }),
         };
@@ -240,10 +345,10 @@ impl StoreNode {
         let deadline = Instant::now() + LEADER_WAIT;
         let mut backoff = Duration::from_millis(20);
         loop {
-            match self.inner.raft.client_write(cmd.clone()).await {
-                Ok(resp) => return applied(resp.data),
-                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
-                    if let Some(leader) = f.leader_node {
+            match propose(&self.inner.proposals, cmd.clone()).await {
+                Ok(a) => return applied(a),
+                Err(ProposeError::NotLeader(leader)) => {
+                    if let Some(leader) = leader {
                         let sent: Result<Result<Applied, Refusal>, _> = peer_post(
                             &self.inner.http,
                             &leader.addr,
@@ -267,8 +372,7 @@ impl StoreNode {
                         }
                     }
                 }
-                Err(RaftError::APIError(e)) => return Err(StoreError::Unavailable(e.to_string())),
-                Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
+                Err(ProposeError::Failed(m)) => return Err(StoreError::Unavailable(m)),
             }
             if Instant::now() > deadline {
                 return Err(StoreError::Unavailable(format!(
@@ -391,7 +495,9 @@ fn applied(a: Applied) -> Result<CommandResponse, StoreError> {
     match a {
         Applied::Done(r) => Ok(r),
         Applied::Rejected(m) => Err(StoreError::Invalid(m)),
-        Applied::Internal => Err(StoreError::Invalid("not a client command".into())),
+        Applied::Internal | Applied::Batch(_) => {
+            Err(StoreError::Invalid("not a client command result".into()))
+        }
     }
 }
 
@@ -430,7 +536,14 @@ async fn compactor(node: StoreNode, history: Duration, every: Duration) {
     }
 }
 
-fn peer_router(raft: Raft<TypeConfig>) -> Router {
+/// What the peer listener's handlers need.
+#[derive(Clone)]
+struct PeerState {
+    raft: Raft<TypeConfig>,
+    proposals: Proposals,
+}
+
+fn peer_router(state: PeerState) -> Router {
     Router::new()
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
@@ -438,7 +551,7 @@ fn peer_router(raft: Raft<TypeConfig>) -> Router {
         .route("/store/write", post(forwarded_write))
         .route("/store/read-index", post(read_index))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
-        .with_state(raft)
+        .with_state(state)
 }
 
 fn decode<T: serde::de::DeserializeOwned>(body: &Bytes) -> Result<T, (StatusCode, String)> {
@@ -460,41 +573,41 @@ fn encode<T: Serialize>(v: &T) -> Response {
     }
 }
 
-async fn append(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+async fn append(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) -> Response {
     match decode(&body) {
         Ok(req) => encode(&raft.append_entries(req).await),
         Err(r) => r.into_response(),
     }
 }
 
-async fn vote(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+async fn vote(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) -> Response {
     match decode(&body) {
         Ok(req) => encode(&raft.vote(req).await),
         Err(r) => r.into_response(),
     }
 }
 
-async fn snapshot(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+async fn snapshot(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) -> Response {
     match decode(&body) {
         Ok(req) => encode(&raft.install_snapshot(req).await),
         Err(r) => r.into_response(),
     }
 }
 
-async fn forwarded_write(State(raft): State<Raft<TypeConfig>>, body: Bytes) -> Response {
+async fn forwarded_write(State(state): State<PeerState>, body: Bytes) -> Response {
     let cmd: Command = match decode(&body) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
-    let result: Result<Applied, Refusal> = match raft.client_write(cmd).await {
-        Ok(r) => Ok(r.data),
-        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Refusal::NotLeader),
-        Err(e) => Err(Refusal::Failed(e.to_string())),
+    let result: Result<Applied, Refusal> = match propose(&state.proposals, cmd).await {
+        Ok(a) => Ok(a),
+        Err(ProposeError::NotLeader(_)) => Err(Refusal::NotLeader),
+        Err(ProposeError::Failed(m)) => Err(Refusal::Failed(m)),
     };
     encode(&result)
 }
 
-async fn read_index(State(raft): State<Raft<TypeConfig>>) -> Response {
+async fn read_index(State(PeerState { raft, .. }): State<PeerState>) -> Response {
     let result: Result<Option<LogId<NodeId>>, Refusal> = match raft.get_read_log_id().await {
         Ok((read_log_id, _)) => Ok(read_log_id),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(Refusal::NotLeader),

@@ -172,6 +172,31 @@ pub enum Command {
         /// New compacted revision.
         revision: Revision,
     },
+    /// Several commands proposed together by the leader (group commit): applied in order, each
+    /// with its own result and revision, in one state-machine transaction.
+    Batch(Vec<Command>),
+}
+
+impl Command {
+    /// Approximate encoded size, to bound batches.
+    pub fn approx_size(&self) -> usize {
+        fn op(o: &Op) -> usize {
+            match o {
+                Op::Put { key, value } => key.len() + value.len() + 8,
+                Op::Delete { key } | Op::Get { key } => key.len() + 8,
+                Op::DeletePrefix { prefix } => prefix.len() + 8,
+            }
+        }
+        match self {
+            Command::Txn(t) => {
+                t.compare.iter().map(|c| c.key.len() + 16).sum::<usize>()
+                    + t.success.iter().map(op).sum::<usize>()
+                    + t.failure.iter().map(op).sum::<usize>()
+            }
+            Command::Compact { .. } => 16,
+            Command::Batch(cmds) => cmds.iter().map(Command::approx_size).sum(),
+        }
+    }
 }
 
 /// Result of a [`Command`].

@@ -1,6 +1,16 @@
 //! The Raft log and vote on redb (`raft-log.redb`).
 
-use std::{fmt::Debug, ops::RangeBounds, path::Path, sync::Arc};
+use std::{
+    collections::BTreeMap,
+    fmt::Debug,
+    ops::RangeBounds,
+    path::Path,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+        mpsc,
+    },
+};
 
 use openraft::{
     AnyError, Entry, LogId, LogState, RaftLogReader, StorageIOError, Vote,
@@ -22,10 +32,101 @@ const VOTE: &str = "vote";
 const COMMITTED: &str = "committed";
 const PURGED: &str = "last_purged";
 
-/// The Raft log store. Cheap to clone (clones share the file).
-#[derive(Clone, Debug)]
+/// The Raft log store. Cheap to clone (clones share the file and the writer).
+///
+/// Appends are group-committed: [`RaftLogStorage::append`] makes the entries readable at once
+/// (an in-memory map of entries not yet on disk) and queues them for the log-writer thread,
+/// which writes everything queued so far in one transaction with one fsync, then tells openraft
+/// each batch is durable through its callback. So concurrent client writes share fsyncs without
+/// holding up the Raft core.
+#[derive(Clone)]
 pub struct LogStore {
     db: Arc<Database>,
+    shared: Arc<Shared>,
+    /// The writer thread ends when the last clone (holding the last sender) is dropped.
+    jobs: Arc<Mutex<mpsc::Sender<Job>>>,
+}
+
+impl Debug for LogStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogStore").finish_non_exhaustive()
+    }
+}
+
+struct Shared {
+    /// Entries appended but not yet durable: index → (append sequence, entry).
+    pending: Mutex<BTreeMap<u64, (u64, Entry<TypeConfig>)>>,
+    next_seq: AtomicU64,
+}
+
+/// Work for the log-writer thread, done in queue order.
+enum Job {
+    Append {
+        seq: u64,
+        entries: Vec<(u64, Vec<u8>)>,
+        callback: LogFlushed<TypeConfig>,
+    },
+    /// A write that must be ordered with appends (truncate, purge); `done` gets the result.
+    Ordered {
+        op: Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send>,
+        done: tokio::sync::oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// The log-writer thread: drains the queue, one transaction and one fsync per drain.
+fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        batch.extend(jobs.try_iter());
+        let written = (|| -> Result<(), StoreError> {
+            let wtx = db.begin_write().op("begin write")?;
+            for job in &mut batch {
+                match job {
+                    Job::Append { entries, .. } => {
+                        let mut log = wtx.open_table(LOG).op("open log")?;
+                        for (i, b) in entries.iter() {
+                            log.insert(*i, b.as_slice()).op("append log")?;
+                        }
+                    }
+                    Job::Ordered { op, .. } => {
+                        let op = std::mem::replace(op, Box::new(|_| Ok(())));
+                        op(&wtx)?;
+                    }
+                }
+            }
+            // Immediate durability: fsync before commit() returns.
+            wtx.commit().op("commit log")
+        })();
+        let failure = written.as_ref().err().map(|e| e.to_string());
+        for job in batch {
+            match job {
+                Job::Append {
+                    seq,
+                    entries,
+                    callback,
+                } => {
+                    if failure.is_none() {
+                        let mut pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
+                        for (i, _) in &entries {
+                            if pending.get(i).is_some_and(|(s, _)| *s == seq) {
+                                pending.remove(i);
+                            }
+                        }
+                    }
+                    callback.log_io_completed(match &failure {
+                        None => Ok(()),
+                        Some(m) => Err(std::io::Error::other(m.clone())),
+                    });
+                }
+                Job::Ordered { done, .. } => {
+                    let _ = done.send(match &failure {
+                        None => Ok(()),
+                        Some(m) => Err(m.clone()),
+                    });
+                }
+            }
+        }
+    }
 }
 
 fn io_err(make: fn(AnyError) -> StorageIOError<NodeId>, e: StoreError) -> RaftStorageError {
@@ -47,7 +148,52 @@ impl LogStore {
             wtx.open_table(LOG).op("create log")?;
             Ok(())
         })?;
-        Ok(LogStore { db: Arc::new(db) })
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel();
+        let shared = Arc::new(Shared {
+            pending: Mutex::new(BTreeMap::new()),
+            next_seq: AtomicU64::new(0),
+        });
+        let (wdb, wshared) = (db.clone(), shared.clone());
+        std::thread::Builder::new()
+            .name("raft-log-writer".into())
+            .spawn(move || writer(wdb, wshared, rx))
+            .map_err(|e| StoreError::Io {
+                op: "start log writer",
+                path: path.to_path_buf(),
+                source: e,
+            })?;
+        Ok(LogStore {
+            db,
+            shared,
+            jobs: Arc::new(Mutex::new(tx)),
+        })
+    }
+
+    /// Queues an ordered write behind every append queued so far and waits for it to be
+    /// durable.
+    async fn ordered(
+        &self,
+        op: impl FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send + 'static,
+    ) -> Result<(), StoreError> {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        self.send(Job::Ordered {
+            op: Box::new(op),
+            done,
+        })?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(m)) => Err(StoreError::Unavailable(format!("log write failed: {m}"))),
+            Err(_) => Err(StoreError::Unavailable("log writer stopped".into())),
+        }
+    }
+
+    fn send(&self, job: Job) -> Result<(), StoreError> {
+        self.jobs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(job)
+            .map_err(|_| StoreError::Unavailable("log writer stopped".into()))
     }
 
     /// Runs a blocking redb operation off the async runtime's worker threads.
@@ -102,18 +248,31 @@ impl RaftLogReader<TypeConfig> for LogStore {
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
         let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
-        self.blocking(move |db| {
-            let rtx = db.begin_read().op("begin read")?;
-            let log = rtx.open_table(LOG).op("open log")?;
-            let mut out = Vec::new();
-            for e in log.range::<u64>((start, end)).op("scan log")? {
-                let (_, v) = e.op("scan log")?;
-                out.push(dec(v.value())?);
-            }
-            Ok(out)
-        })
-        .await
-        .map_err(|e| io_err(StorageIOError::read_logs, e))
+        let on_disk: Vec<Entry<TypeConfig>> = self
+            .blocking(move |db| {
+                let rtx = db.begin_read().op("begin read")?;
+                let log = rtx.open_table(LOG).op("open log")?;
+                let mut out = Vec::new();
+                for e in log.range::<u64>((start, end)).op("scan log")? {
+                    let (_, v) = e.op("scan log")?;
+                    out.push(dec(v.value())?);
+                }
+                Ok(out)
+            })
+            .await
+            .map_err(|e| io_err(StorageIOError::read_logs, e))?;
+        // Entries not yet durable are readable too, and newer than what is on disk.
+        let mut merged: BTreeMap<u64, Entry<TypeConfig>> =
+            on_disk.into_iter().map(|e| (e.log_id.index, e)).collect();
+        let pending = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        for (i, (_, e)) in pending.range((start, end)) {
+            merged.insert(*i, e.clone());
+        }
+        Ok(merged.into_values().collect())
     }
 }
 
@@ -136,9 +295,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             })
             .await
             .map_err(|e| io_err(StorageIOError::read_logs, e))?;
+        let pending_last = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_key_value()
+            .map(|(_, (_, e))| e.log_id);
         Ok(LogState {
             last_purged_log_id: purged,
-            last_log_id: last.or(purged),
+            last_log_id: pending_last.max(last).or(purged),
         })
     }
 
@@ -160,15 +326,26 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(StorageIOError::read_vote, e))
     }
 
-    /// Saved without fsync: it only lets a restarted node apply sooner; losing it is safe.
+    /// Queued behind the appends without waiting: it only lets a restarted node apply sooner,
+    /// so it rides along with the next fsync and losing the latest value is safe. (Waiting here
+    /// would hold the Raft core behind every fsync.)
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), RaftStorageError> {
         let bytes = enc(&committed).map_err(|e| io_err(StorageIOError::write, e))?;
-        self.state_put(COMMITTED, bytes, Durability::None)
-            .await
-            .map_err(|e| io_err(StorageIOError::write, e))
+        let (done, _ignored) = tokio::sync::oneshot::channel();
+        self.send(Job::Ordered {
+            op: Box::new(move |wtx| {
+                wtx.open_table(STATE)
+                    .op("open state")?
+                    .insert(COMMITTED, bytes.as_slice())
+                    .op("write state")?;
+                Ok(())
+            }),
+            done,
+        })
+        .map_err(|e| io_err(StorageIOError::write, e))
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
@@ -179,8 +356,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .flatten())
     }
 
-    /// All entries of a call go into one transaction and one fsync (group commit); openraft is
-    /// told they are saved only after that fsync.
+    /// Makes the entries readable now and queues them for the log writer; openraft learns they
+    /// are durable through `callback`, after the fsync of the batch that carried them.
     async fn append<I>(
         &mut self,
         entries: I,
@@ -190,45 +367,40 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let encoded: Vec<(u64, Vec<u8>)> = entries
-            .into_iter()
-            .map(|e| enc(&e).map(|b| (e.log_id.index, b)))
-            .collect::<Result<_, _>>()
-            .map_err(|e| io_err(StorageIOError::write_logs, e))?;
-        let res = self
-            .blocking(move |db| {
-                let wtx = db.begin_write().op("begin write")?;
-                {
-                    let mut log = wtx.open_table(LOG).op("open log")?;
-                    for (i, b) in &encoded {
-                        log.insert(*i, b.as_slice()).op("append log")?;
-                    }
-                }
-                // Immediate durability: fsync before commit() returns.
-                wtx.commit().op("commit log")
-            })
-            .await;
-        match res {
-            Ok(()) => {
-                callback.log_io_completed(Ok(()));
-                Ok(())
-            }
-            Err(e) => {
-                callback.log_io_completed(Err(std::io::Error::other(e.to_string())));
-                Err(io_err(StorageIOError::write_logs, e))
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut encoded = Vec::new();
+        {
+            let mut pending = self
+                .shared
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            for e in entries {
+                let b = enc(&e).map_err(|e| io_err(StorageIOError::write_logs, e))?;
+                encoded.push((e.log_id.index, b));
+                pending.insert(e.log_id.index, (seq, e));
             }
         }
+        self.send(Job::Append {
+            seq,
+            entries: encoded,
+            callback,
+        })
+        .map_err(|e| io_err(StorageIOError::write_logs, e))
     }
 
     /// Removes entries at and after `log_id.index` (conflicting entries from an old leader).
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
-        self.blocking(move |db| {
-            let wtx = db.begin_write().op("begin write")?;
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i, _| *i < log_id.index);
+        self.ordered(move |wtx| {
             wtx.open_table(LOG)
                 .op("open log")?
                 .retain_in(log_id.index.., |_, _| false)
-                .op("truncate log")?;
-            wtx.commit().op("commit")
+                .op("truncate log")
         })
         .await
         .map_err(|e| io_err(StorageIOError::write_logs, e))
@@ -237,8 +409,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Removes entries up to and including `log_id` (they are in a snapshot).
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         let purged = enc(&log_id).map_err(|e| io_err(StorageIOError::write_logs, e))?;
-        self.blocking(move |db| {
-            let wtx = db.begin_write().op("begin write")?;
+        self.ordered(move |wtx| {
             wtx.open_table(STATE)
                 .op("open state")?
                 .insert(PURGED, purged.as_slice())
@@ -246,8 +417,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             wtx.open_table(LOG)
                 .op("open log")?
                 .retain_in(..=log_id.index, |_, _| false)
-                .op("purge log")?;
-            wtx.commit().op("commit")
+                .op("purge log")
         })
         .await
         .map_err(|e| io_err(StorageIOError::write_logs, e))

@@ -34,6 +34,8 @@ pub enum Applied {
     Rejected(String),
     /// A blank or membership entry (no client result).
     Internal,
+    /// Results of a [`Command::Batch`], one per command, in order.
+    Batch(Vec<Applied>),
 }
 
 openraft::declare_raft_types!(

@@ -92,6 +92,28 @@ impl StateMachine {
     }
 }
 
+/// Applies one command; client-caused refusals become [`Applied::Rejected`], storage failures
+/// are errors (they stop the member).
+fn apply_command(w: &mut crate::Writer<'_>, cmd: Command) -> Result<Applied, StoreError> {
+    Ok(match cmd {
+        Command::Txn(txn) => match w.txn(&txn) {
+            Ok(r) => Applied::Done(CommandResponse::Txn(r)),
+            Err(e) if rejected(&e) => Applied::Rejected(e.to_string()),
+            Err(e) => return Err(e),
+        },
+        Command::Compact { revision } => match w.compact(revision) {
+            Ok(()) => Applied::Done(CommandResponse::Compacted { revision }),
+            Err(e) if rejected(&e) => Applied::Rejected(e.to_string()),
+            Err(e) => return Err(e),
+        },
+        Command::Batch(cmds) => Applied::Batch(
+            cmds.into_iter()
+                .map(|c| apply_command(w, c))
+                .collect::<Result<_, _>>()?,
+        ),
+    })
+}
+
 impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
@@ -136,18 +158,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                             membership = StoredMembership::new(Some(entry.log_id), m);
                             Applied::Internal
                         }
-                        EntryPayload::Normal(Command::Txn(txn)) => match w.txn(&txn) {
-                            Ok(r) => Applied::Done(CommandResponse::Txn(r)),
-                            Err(e) if rejected(&e) => Applied::Rejected(e.to_string()),
-                            Err(e) => return Err(e),
-                        },
-                        EntryPayload::Normal(Command::Compact { revision }) => {
-                            match w.compact(revision) {
-                                Ok(()) => Applied::Done(CommandResponse::Compacted { revision }),
-                                Err(e) if rejected(&e) => Applied::Rejected(e.to_string()),
-                                Err(e) => return Err(e),
-                            }
-                        }
+                        EntryPayload::Normal(cmd) => apply_command(w, cmd)?,
                     });
                 }
                 w.put_meta(APPLIED, &enc(&last)?)?;
