@@ -59,6 +59,9 @@ struct Shared {
     next_seq: AtomicU64,
 }
 
+/// A write run inside the log writer's next transaction.
+type OrderedOp = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send>;
+
 /// Work for the log-writer thread, done in queue order.
 enum Job {
     Append {
@@ -68,7 +71,7 @@ enum Job {
     },
     /// A write that must be ordered with appends (truncate, purge); `done` gets the result.
     Ordered {
-        op: Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send>,
+        op: OrderedOp,
         done: tokio::sync::oneshot::Sender<Result<(), String>>,
     },
 }
