@@ -52,6 +52,75 @@ struct Cli {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum Cmd {
+    /// Inspect or change the store's members through a running member's client listener.
+    Member {
+        /// Client listener of any running member.
+        #[arg(long, default_value = "127.0.0.1:2379")]
+        endpoint: SocketAddr,
+        #[command(subcommand)]
+        action: MemberAction,
+    },
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum MemberAction {
+    /// List members.
+    List,
+    /// Add a started `--join` member as a learner; returns once it has caught up.
+    AddLearner {
+        /// Its member id (never reuse one).
+        #[arg(long)]
+        id: u64,
+        /// Its peer address.
+        #[arg(long)]
+        peer: String,
+    },
+    /// Make learners voters.
+    Promote {
+        /// Learner ids.
+        #[arg(long = "id", required = true)]
+        ids: Vec<u64>,
+    },
+    /// Remove members.
+    Remove {
+        /// Member ids.
+        #[arg(long = "id", required = true)]
+        ids: Vec<u64>,
+    },
+}
+
+async fn member_command(endpoint: SocketAddr, action: MemberAction) -> Result<()> {
+    use skiff_store::{MemberChange, client::StoreClient};
+    let client = StoreClient::new(endpoint);
+    let members = match action {
+        MemberAction::List => client.members().await?,
+        MemberAction::AddLearner { id, peer } => {
+            client
+                .change_members(&MemberChange::AddLearner { id, addr: peer })
+                .await?
+        }
+        MemberAction::Promote { ids } => {
+            client
+                .change_members(&MemberChange::Promote { ids })
+                .await?
+        }
+        MemberAction::Remove { ids } => {
+            client.change_members(&MemberChange::Remove { ids }).await?
+        }
+    };
+    println!("{:<6} {:<8} PEER", "ID", "ROLE");
+    for m in members {
+        let role = if m.voter { "voter" } else { "learner" };
+        println!("{:<6} {:<8} {}", m.id, role, m.addr);
+    }
+    Ok(())
 }
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -86,6 +155,12 @@ fn main() -> Result<()> {
     match cli.log_format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+    if let Some(Cmd::Member { endpoint, action }) = cli.command {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(member_command(endpoint, action));
     }
     let members = parse_peers(&cli.peers)?;
     if !members.is_empty() && !members.contains_key(&cli.node_id) && !cli.join {

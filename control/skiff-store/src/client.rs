@@ -147,6 +147,7 @@ pub fn router(node: StoreNode) -> Router {
         .route("/v1/compact", post(compact))
         .route("/v1/watch", post(watch))
         .route("/v1/status", get(status))
+        .route("/v1/members", get(members).post(change_members))
         .layer(DefaultBodyLimit::max(CLIENT_BODY_LIMIT))
         .with_state(node)
 }
@@ -207,6 +208,17 @@ async fn status(State(node): State<StoreNode>) -> Response {
         Err(e) => Err(e),
     };
     answer(status)
+}
+
+async fn members(State(node): State<StoreNode>) -> Response {
+    answer::<Vec<crate::Member>>(Ok(node.members()))
+}
+
+async fn change_members(State(node): State<StoreNode>, body: Bytes) -> Response {
+    match decode::<crate::MemberChange>(&body) {
+        Ok(c) => answer(node.change_members(c).await),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn watch(State(node): State<StoreNode>, body: Bytes) -> Response {
@@ -292,6 +304,33 @@ impl StoreClient {
             linearizable: true,
         };
         self.call("v1/range", &call, Duration::from_secs(15)).await
+    }
+
+    /// The membership as this member knows it.
+    pub async fn members(&self) -> Result<Vec<crate::Member>, StoreError> {
+        let resp = self
+            .http
+            .get(format!("{}/v1/members", self.base))
+            .timeout(Duration::from_secs(5))
+            .send()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("members: {e}")))?;
+        let bytes = resp
+            .bytes()
+            .await
+            .map_err(|e| StoreError::Unavailable(format!("members: {e}")))?;
+        let wire: Result<Vec<crate::Member>, WireError> =
+            postcard::from_bytes(&bytes).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        wire.map_err(StoreError::from)
+    }
+
+    /// Changes the membership (any member forwards to the leader).
+    pub async fn change_members(
+        &self,
+        change: &crate::MemberChange,
+    ) -> Result<Vec<crate::Member>, StoreError> {
+        self.call("v1/members", change, Duration::from_secs(120))
+            .await
     }
 
     /// The member's status.

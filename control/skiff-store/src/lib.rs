@@ -26,6 +26,6 @@ pub mod watch;
 
 pub use error::StoreError;
 pub use mvcc::{Export, Mvcc, Writer};
-pub use node::{NodeConfig, StoreNode};
+pub use node::{Member, MemberChange, NodeConfig, StoreNode};
 pub use types::*;
 pub use watch::{WatchEvent, WatchStream};

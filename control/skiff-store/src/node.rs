@@ -98,6 +98,89 @@ impl NodeConfig {
     }
 }
 
+/// A change to the set of members (see docs/store.md for the procedure).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum MemberChange {
+    /// Add member `id`, reachable at peer address `addr`, as a learner: it receives the log but
+    /// does not vote. Returns once it has caught up.
+    AddLearner {
+        /// New member id (never reuse one).
+        id: NodeId,
+        /// Its peer address.
+        addr: String,
+    },
+    /// Make learners voters.
+    Promote {
+        /// Learners to promote.
+        ids: Vec<NodeId>,
+    },
+    /// Remove members (voters or learners).
+    Remove {
+        /// Members to remove.
+        ids: Vec<NodeId>,
+    },
+}
+
+/// One member as the membership configuration lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Member {
+    /// Member id.
+    pub id: NodeId,
+    /// Peer address.
+    pub addr: String,
+    /// Votes (false: learner).
+    pub voter: bool,
+}
+
+/// The members of the latest membership configuration `raft` knows.
+fn members_of(raft: &Raft<TypeConfig>) -> Vec<Member> {
+    let m = raft.metrics().borrow().membership_config.clone();
+    let voters: std::collections::BTreeSet<NodeId> = m.membership().voter_ids().collect();
+    m.membership()
+        .nodes()
+        .map(|(id, node)| Member {
+            id: *id,
+            addr: node.addr.clone(),
+            voter: voters.contains(id),
+        })
+        .collect()
+}
+
+/// Runs a membership change on this member's Raft (which must be the leader).
+async fn change_on_leader(
+    raft: &Raft<TypeConfig>,
+    change: &MemberChange,
+) -> Result<(), RaftError<NodeId, ClientWriteError<NodeId, BasicNode>>> {
+    use openraft::ChangeMembers;
+    match change {
+        MemberChange::AddLearner { id, addr } => {
+            raft.add_learner(*id, BasicNode::new(addr.clone()), true)
+                .await?;
+        }
+        MemberChange::Promote { ids } => {
+            let ids = ids.iter().copied().collect();
+            raft.change_membership(ChangeMembers::AddVoterIds(ids), false)
+                .await?;
+        }
+        MemberChange::Remove { ids } => {
+            let membership = raft.metrics().borrow().membership_config.clone();
+            let voters: std::collections::BTreeSet<NodeId> =
+                membership.membership().voter_ids().collect();
+            let (v, l): (Vec<NodeId>, Vec<NodeId>) = ids.iter().partition(|i| voters.contains(i));
+            if !v.is_empty() {
+                // retain = false: removed voters are dropped from the configuration entirely.
+                raft.change_membership(ChangeMembers::RemoveVoters(v.into_iter().collect()), false)
+                    .await?;
+            }
+            if !l.is_empty() {
+                raft.change_membership(ChangeMembers::RemoveNodes(l.into_iter().collect()), false)
+                    .await?;
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Why a peer refused a forwarded request.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 enum Refusal {
@@ -384,6 +467,49 @@ impl StoreNode {
         }
     }
 
+    /// The members in the latest membership configuration this member knows.
+    pub fn members(&self) -> Vec<Member> {
+        members_of(&self.inner.raft)
+    }
+
+    /// Changes the membership (forwarded to the leader) and returns the new member list.
+    pub async fn change_members(&self, change: MemberChange) -> Result<Vec<Member>, StoreError> {
+        let deadline = Instant::now() + LEADER_WAIT;
+        let mut backoff = Duration::from_millis(20);
+        loop {
+            match change_on_leader(&self.inner.raft, &change).await {
+                Ok(()) => return Ok(self.members()),
+                Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f))) => {
+                    if let Some(leader) = f.leader_node {
+                        let sent: Result<Result<Vec<Member>, Refusal>, _> = peer_post(
+                            &self.inner.http,
+                            &leader.addr,
+                            "store/members",
+                            &change,
+                            Some(LEADER_WAIT * 6),
+                        )
+                        .await;
+                        match sent {
+                            Ok(Ok(members)) => return Ok(members),
+                            Ok(Err(Refusal::NotLeader)) | Err(RPCError::Unreachable(_)) => {}
+                            Ok(Err(Refusal::Failed(m))) => return Err(StoreError::Invalid(m)),
+                            Err(e) => return Err(StoreError::Unavailable(e.to_string())),
+                        }
+                    }
+                }
+                Err(RaftError::APIError(e)) => return Err(StoreError::Invalid(e.to_string())),
+                Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
+            }
+            if Instant::now() > deadline {
+                return Err(StoreError::Unavailable(format!(
+                    "no leader reachable within {LEADER_WAIT:?}"
+                )));
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_millis(500));
+        }
+    }
+
     /// A transaction through [`StoreNode::write`].
     pub async fn txn(&self, txn: Txn) -> Result<TxnResponse, StoreError> {
         match self.write(Command::Txn(txn)).await? {
@@ -550,6 +676,7 @@ fn peer_router(state: PeerState) -> Router {
         .route("/raft/snapshot", post(snapshot))
         .route("/store/write", post(forwarded_write))
         .route("/store/read-index", post(read_index))
+        .route("/store/members", post(forwarded_members))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
         .with_state(state)
 }
@@ -611,6 +738,19 @@ async fn read_index(State(PeerState { raft, .. }): State<PeerState>) -> Response
     let result: Result<Option<LogId<NodeId>>, Refusal> = match raft.get_read_log_id().await {
         Ok((read_log_id, _)) => Ok(read_log_id),
         Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(_))) => Err(Refusal::NotLeader),
+        Err(e) => Err(Refusal::Failed(e.to_string())),
+    };
+    encode(&result)
+}
+
+async fn forwarded_members(State(state): State<PeerState>, body: Bytes) -> Response {
+    let change: MemberChange = match decode(&body) {
+        Ok(c) => c,
+        Err(r) => return r.into_response(),
+    };
+    let result: Result<Vec<Member>, Refusal> = match change_on_leader(&state.raft, &change).await {
+        Ok(()) => Ok(members_of(&state.raft)),
+        Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_))) => Err(Refusal::NotLeader),
         Err(e) => Err(Refusal::Failed(e.to_string())),
     };
     encode(&result)

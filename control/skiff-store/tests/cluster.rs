@@ -171,3 +171,69 @@ async fn three_members_keep_every_acknowledged_write_across_leader_loss() {
         n.shutdown().await;
     }
 }
+
+/// Add a learner through a follower (forwarded), promote it, remove an original member, and
+/// keep writing and reading throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_can_be_added_promoted_and_removed() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs = free_ports(4);
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(
+            StoreNode::start(config(dir.path(), id, &addrs[..3]))
+                .await
+                .expect("start"),
+        );
+    }
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let follower = nodes
+        .iter()
+        .find(|n| n.id() != leader)
+        .expect("follower")
+        .clone();
+    for i in 0..20 {
+        follower
+            .txn(Txn::put(format!("/c/{i:03}"), "x"))
+            .await
+            .expect("write");
+    }
+
+    // Member 4 starts empty and waits to be added.
+    let mut cfg4 = config(dir.path(), 4, &addrs);
+    cfg4.join = true;
+    let n4 = StoreNode::start(cfg4).await.expect("start joiner");
+    let members = follower
+        .change_members(skiff_store::MemberChange::AddLearner {
+            id: 4,
+            addr: addrs[3].to_string(),
+        })
+        .await
+        .expect("add learner");
+    assert!(members.iter().any(|m| m.id == 4 && !m.voter), "{members:?}");
+    let members = follower
+        .change_members(skiff_store::MemberChange::Promote { ids: vec![4] })
+        .await
+        .expect("promote");
+    assert!(members.iter().any(|m| m.id == 4 && m.voter), "{members:?}");
+    assert_eq!(all_keys(&n4).await.len(), 20, "the new member has the data");
+
+    // Remove an original member (the leader itself) and keep going.
+    let members = follower
+        .change_members(skiff_store::MemberChange::Remove { ids: vec![leader] })
+        .await
+        .expect("remove");
+    let mut ids: Vec<u64> = members.iter().map(|m| m.id).collect();
+    ids.sort();
+    let mut want: Vec<u64> = [1, 2, 3, 4].into_iter().filter(|i| *i != leader).collect();
+    want.sort();
+    assert_eq!(ids, want);
+    n4.txn(Txn::put("/c/after", "y"))
+        .await
+        .expect("write after removal");
+    assert_eq!(all_keys(&follower).await.len(), 21);
+    n4.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
