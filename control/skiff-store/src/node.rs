@@ -286,6 +286,8 @@ struct Inner {
     peer_addr: SocketAddr,
     proposals: Proposals,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Dead once openraft has dropped the state machine and the log store.
+    storage_alive: [std::sync::Weak<()>; 2],
 }
 
 impl StoreNode {
@@ -295,6 +297,7 @@ impl StoreNode {
         let mvcc = Mvcc::open(&cfg.data_dir.join("state.redb"))?;
         let log = LogStore::open(&cfg.data_dir.join("raft-log.redb"))?;
         let sm = StateMachine::new(mvcc.clone());
+        let storage_alive = [sm.liveness(), log.liveness()];
         let listener = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await
             .map_err(|e| StoreError::Io {
@@ -383,6 +386,7 @@ impl StoreNode {
                 peer_addr,
                 proposals,
                 tasks: Mutex::new(Vec::new()),
+                storage_alive,
             }),
         };
         tasks.push(tokio::spawn(compactor(
@@ -604,6 +608,21 @@ impl StoreNode {
         }
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
+        }
+        // openraft's workers drop the storage after shutdown() returns; wait for them so the
+        // log file is closed and only this handle's state file reference remains.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self
+            .inner
+            .storage_alive
+            .iter()
+            .any(|w| w.strong_count() > 0)
+        {
+            if Instant::now() > deadline {
+                tracing::warn!("raft storage still referenced 10 s after shutdown");
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
 }

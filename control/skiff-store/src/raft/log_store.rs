@@ -43,8 +43,26 @@ const PURGED: &str = "last_purged";
 pub struct LogStore {
     db: Arc<Database>,
     shared: Arc<Shared>,
-    /// The writer thread ends when the last clone (holding the last sender) is dropped.
-    jobs: Arc<Mutex<mpsc::Sender<Job>>>,
+    /// The writer thread; dropping the last clone stops it and waits for it, so the file is
+    /// closed when the store is.
+    jobs: Arc<WriterHandle>,
+    /// Declared last, so it is dropped after the file and the writer.
+    alive: Arc<()>,
+}
+
+struct WriterHandle {
+    tx: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for WriterHandle {
+    fn drop(&mut self) {
+        // Closing the queue ends the writer's loop after the work already queued.
+        drop(self.tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        if let Some(t) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = t.join();
+        }
+    }
 }
 
 impl Debug for LogStore {
@@ -158,7 +176,7 @@ impl LogStore {
             next_seq: AtomicU64::new(0),
         });
         let (wdb, wshared) = (db.clone(), shared.clone());
-        std::thread::Builder::new()
+        let thread = std::thread::Builder::new()
             .name("raft-log-writer".into())
             .spawn(move || writer(wdb, wshared, rx))
             .map_err(|e| StoreError::Io {
@@ -169,8 +187,17 @@ impl LogStore {
         Ok(LogStore {
             db,
             shared,
-            jobs: Arc::new(Mutex::new(tx)),
+            jobs: Arc::new(WriterHandle {
+                tx: Mutex::new(Some(tx)),
+                thread: Mutex::new(Some(thread)),
+            }),
+            alive: Arc::new(()),
         })
+    }
+
+    /// Becomes dead once every clone of this log store is dropped (file closed, writer joined).
+    pub fn liveness(&self) -> std::sync::Weak<()> {
+        Arc::downgrade(&self.alive)
     }
 
     /// Queues an ordered write behind every append queued so far and waits for it to be
@@ -193,8 +220,11 @@ impl LogStore {
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
         self.jobs
+            .tx
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .as_ref()
+            .ok_or_else(|| StoreError::Unavailable("log writer stopped".into()))?
             .send(job)
             .map_err(|_| StoreError::Unavailable("log writer stopped".into()))
     }
