@@ -190,6 +190,33 @@ enum Refusal {
     Failed(String),
 }
 
+/// Deadline and exponential back-off for operations that wait for a leader or a quorum.
+struct Retry {
+    deadline: Instant,
+    backoff: Duration,
+}
+
+impl Retry {
+    fn new() -> Retry {
+        Retry {
+            deadline: Instant::now() + LEADER_WAIT,
+            backoff: Duration::from_millis(20),
+        }
+    }
+
+    /// Sleeps before the next attempt, or fails with `Unavailable` once the deadline passed.
+    async fn pause(&mut self, failing: &str) -> Result<(), StoreError> {
+        if Instant::now() > self.deadline {
+            return Err(StoreError::Unavailable(format!(
+                "{failing} within {LEADER_WAIT:?}"
+            )));
+        }
+        tokio::time::sleep(self.backoff).await;
+        self.backoff = (self.backoff * 2).min(Duration::from_millis(500));
+        Ok(())
+    }
+}
+
 /// Why the batcher could not get a proposal applied.
 enum ProposeError {
     /// This member is not the leader; the proposal was not replicated.
@@ -429,8 +456,7 @@ impl StoreNode {
         if let Command::Txn(t) = &cmd {
             crate::mvcc::validate_txn(t)?;
         }
-        let deadline = Instant::now() + LEADER_WAIT;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retry::new();
         loop {
             match propose(&self.inner.proposals, cmd.clone()).await {
                 Ok(a) => return applied(a),
@@ -461,13 +487,7 @@ impl StoreNode {
                 }
                 Err(ProposeError::Failed(m)) => return Err(StoreError::Unavailable(m)),
             }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(format!(
-                    "no leader reachable within {LEADER_WAIT:?}"
-                )));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            retry.pause("no leader reachable").await?;
         }
     }
 
@@ -478,8 +498,7 @@ impl StoreNode {
 
     /// Changes the membership (forwarded to the leader) and returns the new member list.
     pub async fn change_members(&self, change: MemberChange) -> Result<Vec<Member>, StoreError> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retry::new();
         loop {
             match change_on_leader(&self.inner.raft, &change).await {
                 Ok(()) => return Ok(self.members()),
@@ -504,13 +523,7 @@ impl StoreNode {
                 Err(RaftError::APIError(e)) => return Err(StoreError::Invalid(e.to_string())),
                 Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
             }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(format!(
-                    "no leader reachable within {LEADER_WAIT:?}"
-                )));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            retry.pause("no leader reachable").await?;
         }
     }
 
@@ -555,8 +568,7 @@ impl StoreNode {
 
     /// Waits until this member has applied everything committed before the call.
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
-        let deadline = Instant::now() + LEADER_WAIT;
-        let mut backoff = Duration::from_millis(20);
+        let mut retry = Retry::new();
         loop {
             match self.inner.raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
@@ -588,13 +600,7 @@ impl StoreNode {
                 }
                 Err(RaftError::Fatal(e)) => return Err(StoreError::Unavailable(e.to_string())),
             }
-            if Instant::now() > deadline {
-                return Err(StoreError::Unavailable(format!(
-                    "no quorum confirmed a read within {LEADER_WAIT:?}"
-                )));
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_millis(500));
+            retry.pause("no quorum confirmed a read").await?;
         }
     }
 
