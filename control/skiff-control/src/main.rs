@@ -196,7 +196,7 @@ fn main() -> Result<()> {
             .with_context(|| format!("binding the store client listener {}", cli.client_listen))?;
         let client_addr = client.local_addr()?;
         let served = store.clone();
-        tokio::spawn(async move {
+        let client_task = tokio::spawn(async move {
             if let Err(e) = skiff_store::client::serve(client, served).await {
                 tracing::error!(error = %e, "store client listener stopped");
             }
@@ -213,6 +213,9 @@ fn main() -> Result<()> {
             _ = term.recv() => {}
         }
         tracing::info!("stopping");
+        // Close client connections (and their watches) first: they hold store handles.
+        client_task.abort();
+        let _ = client_task.await;
         store.shutdown().await;
         anyhow::Ok(())
     })

@@ -103,6 +103,11 @@ impl Mvcc {
         })
     }
 
+    /// How many handles (clones) keep the file open, this one included.
+    pub fn handles(&self) -> usize {
+        Arc::strong_count(&self.inner)
+    }
+
     /// The file backing this store.
     pub fn path(&self) -> &Path {
         &self.inner.path

@@ -313,8 +313,8 @@ struct Inner {
     peer_addr: SocketAddr,
     proposals: Proposals,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
-    /// Dead once openraft has dropped the state machine and the log store.
-    storage_alive: [std::sync::Weak<()>; 2],
+    /// Dead once nothing holds the Raft log file open.
+    log_file: std::sync::Weak<redb::Database>,
 }
 
 impl StoreNode {
@@ -324,7 +324,7 @@ impl StoreNode {
         let mvcc = Mvcc::open(&cfg.data_dir.join("state.redb"))?;
         let log = LogStore::open(&cfg.data_dir.join("raft-log.redb"))?;
         let sm = StateMachine::new(mvcc.clone());
-        let storage_alive = [sm.liveness(), log.liveness()];
+        let log_file = log.liveness();
         let listener = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await
             .map_err(|e| StoreError::Io {
@@ -413,7 +413,7 @@ impl StoreNode {
                 peer_addr,
                 proposals,
                 tasks: Mutex::new(Vec::new()),
-                storage_alive,
+                log_file,
             }),
         };
         tasks.push(tokio::spawn(compactor(
@@ -604,26 +604,26 @@ impl StoreNode {
         }
     }
 
-    /// Stops Raft, the peer listener and the compactor. Files stay consistent (every
-    /// acknowledged write is in the durable log).
+    /// Stops Raft, the peer listener, the batcher and the compactor, and returns once the
+    /// Raft log file is closed and no task holds the state file (it closes when the last
+    /// [`StoreNode`] handle is dropped). Every acknowledged write is in the durable log.
     pub async fn shutdown(&self) {
         let tasks =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(|p| p.into_inner()));
-        for t in tasks {
+        for t in &tasks {
             t.abort();
+        }
+        // Wait until the aborted tasks are gone, so the handles they held are dropped.
+        for t in tasks {
+            let _ = t.await;
         }
         if let Err(e) = self.inner.raft.shutdown().await {
             tracing::warn!(error = %e, "raft shutdown");
         }
-        // openraft's workers drop the storage after shutdown() returns; wait for them so the
-        // log file is closed and only this handle's state file reference remains.
+        // openraft's workers (and their blocking reads) drop the storage after shutdown()
+        // returns; wait for them.
         let deadline = Instant::now() + Duration::from_secs(10);
-        while self
-            .inner
-            .storage_alive
-            .iter()
-            .any(|w| w.strong_count() > 0)
-        {
+        while self.inner.log_file.strong_count() > 0 || self.inner.mvcc.handles() > 1 {
             if Instant::now() > deadline {
                 tracing::warn!("raft storage still referenced 10 s after shutdown");
                 break;

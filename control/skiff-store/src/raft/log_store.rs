@@ -46,8 +46,6 @@ pub struct LogStore {
     /// The writer thread; dropping the last clone stops it and waits for it, so the file is
     /// closed when the store is.
     jobs: Arc<WriterHandle>,
-    /// Declared last, so it is dropped after the file and the writer.
-    alive: Arc<()>,
 }
 
 struct WriterHandle {
@@ -191,13 +189,12 @@ impl LogStore {
                 tx: Mutex::new(Some(tx)),
                 thread: Mutex::new(Some(thread)),
             }),
-            alive: Arc::new(()),
         })
     }
 
-    /// Becomes dead once every clone of this log store is dropped (file closed, writer joined).
-    pub fn liveness(&self) -> std::sync::Weak<()> {
-        Arc::downgrade(&self.alive)
+    /// Dead once nothing (store clone, writer thread, blocking read) holds the file open.
+    pub fn liveness(&self) -> std::sync::Weak<Database> {
+        Arc::downgrade(&self.db)
     }
 
     /// Queues an ordered write behind every append queued so far and waits for it to be

@@ -38,9 +38,6 @@ pub struct StateMachine {
     snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
     unsynced: Arc<Mutex<u64>>,
     snapshots_built: Arc<Mutex<u64>>,
-    /// Declared last, so it is dropped after the store handle: when no clone holds it, this
-    /// state machine no longer keeps the file open.
-    alive: Arc<()>,
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -74,13 +71,7 @@ impl StateMachine {
             snapshot: Arc::new(Mutex::new(None)),
             unsynced: Arc::new(Mutex::new(0)),
             snapshots_built: Arc::new(Mutex::new(0)),
-            alive: Arc::new(()),
         }
-    }
-
-    /// Becomes dead once every clone of this state machine is dropped.
-    pub fn liveness(&self) -> std::sync::Weak<()> {
-        Arc::downgrade(&self.alive)
     }
 
     /// The store this state machine applies to (for reads and watches).
