@@ -178,6 +178,7 @@ fn main() -> Result<()> {
         join: cli.join,
         history: Duration::from_secs(cli.history_seconds),
         compact_every: Duration::from_secs(cli.history_seconds.clamp(1, 30)),
+        snapshot_every: 20_000,
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

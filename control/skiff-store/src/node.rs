@@ -79,6 +79,9 @@ pub struct NodeConfig {
     pub history: Duration,
     /// How often the leader considers compacting.
     pub compact_every: Duration,
+    /// Log entries applied since the last snapshot before a new one is built (and the log
+    /// before it purged, keeping 1000 entries for followers that lag a little).
+    pub snapshot_every: u64,
 }
 
 impl NodeConfig {
@@ -94,6 +97,7 @@ impl NodeConfig {
             join: false,
             history: Duration::from_secs(300),
             compact_every: Duration::from_secs(30),
+            snapshot_every: 20_000,
         }
     }
 }
@@ -347,8 +351,8 @@ impl StoreNode {
             election_timeout_min: 400,
             election_timeout_max: 800,
             install_snapshot_timeout: 2000,
-            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(20_000),
-            max_in_snapshot_log_to_keep: 1000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
+            max_in_snapshot_log_to_keep: cfg.snapshot_every.min(1000),
             max_payload_entries: 1000,
             ..openraft::Config::default()
         }

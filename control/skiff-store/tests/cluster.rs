@@ -237,3 +237,59 @@ async fn members_can_be_added_promoted_and_removed() {
         n.shutdown().await;
     }
 }
+
+/// A member that was down while the leader snapshotted and purged its log catches up by
+/// installing the snapshot, then follows the log again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs = free_ports(3);
+    let cfg = |id| {
+        let mut c = config(dir.path(), id, &addrs);
+        c.snapshot_every = 50;
+        c
+    };
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(StoreNode::start(cfg(id)).await.expect("start"));
+    }
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let down = nodes
+        .iter()
+        .position(|n| n.id() != leader)
+        .expect("a follower");
+    let down_id = nodes[down].id();
+    let gone = nodes.remove(down);
+    gone.shutdown().await;
+    drop(gone);
+
+    // Enough writes for several snapshots; the log before them is purged.
+    let mut acked = BTreeMap::new();
+    for i in 0..400 {
+        let (k, v) = (format!("/c/{i:03}"), format!("s{i}"));
+        nodes[i % 2]
+            .txn(Txn::put(k.clone(), v.clone()))
+            .await
+            .expect("write");
+        acked.insert(k, v);
+    }
+    let lead = nodes.iter().find(|n| n.id() == leader).expect("leader");
+    let purged = lead.raft().metrics().borrow().purged;
+    assert!(
+        purged.is_some_and(|p| p.index > 50),
+        "the leader purged its log (purged: {purged:?})"
+    );
+
+    let back = StoreNode::start(cfg(down_id)).await.expect("restart");
+    assert_eq!(all_keys(&back).await, acked, "caught up through a snapshot");
+    let snap = back.raft().metrics().borrow().snapshot;
+    assert!(snap.is_some(), "the returning member installed a snapshot");
+    back.txn(Txn::put("/c/zzz", "after"))
+        .await
+        .expect("write after catch-up");
+    assert_eq!(all_keys(&back).await.len(), acked.len() + 1);
+    back.shutdown().await;
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
