@@ -45,6 +45,23 @@ async fn wait_leader(nodes: &[&StoreNode]) -> u64 {
     panic!("no agreed leader");
 }
 
+/// Starts members 1..=3 (configured by `cfg`) and returns them with the agreed leader.
+async fn start_three(cfg: impl Fn(u64) -> NodeConfig) -> (Vec<StoreNode>, u64) {
+    let mut nodes = Vec::new();
+    for id in 1..=3 {
+        nodes.push(StoreNode::start(cfg(id)).await.expect("start"));
+    }
+    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    (nodes, leader)
+}
+
+/// Shuts every member down.
+async fn stop_all(nodes: Vec<StoreNode>) {
+    for n in nodes {
+        n.shutdown().await;
+    }
+}
+
 async fn all_keys(node: &StoreNode) -> BTreeMap<String, String> {
     node.range(RangeRequest::prefix("/c/"))
         .await
@@ -92,15 +109,7 @@ async fn single_member_restarts_with_every_acknowledged_write() {
 async fn three_members_keep_every_acknowledged_write_across_leader_loss() {
     let dir = tempfile::tempdir().expect("tempdir");
     let addrs = free_ports(3);
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(
-            StoreNode::start(config(dir.path(), id, &addrs))
-                .await
-                .expect("start"),
-        );
-    }
-    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let (mut nodes, leader) = start_three(|id| config(dir.path(), id, &addrs)).await;
     let follower = nodes
         .iter()
         .find(|n| n.id() != leader)
@@ -167,9 +176,7 @@ async fn three_members_keep_every_acknowledged_write_across_leader_loss() {
         .expect("restart");
     assert_eq!(all_keys(&back).await, acked, "restarted member");
     back.shutdown().await;
-    for n in nodes {
-        n.shutdown().await;
-    }
+    stop_all(nodes).await;
 }
 
 /// Add a learner through a follower (forwarded), promote it, remove an original member, and
@@ -178,15 +185,7 @@ async fn three_members_keep_every_acknowledged_write_across_leader_loss() {
 async fn members_can_be_added_promoted_and_removed() {
     let dir = tempfile::tempdir().expect("tempdir");
     let addrs = free_ports(4);
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(
-            StoreNode::start(config(dir.path(), id, &addrs[..3]))
-                .await
-                .expect("start"),
-        );
-    }
-    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let (nodes, leader) = start_three(|id| config(dir.path(), id, &addrs[..3])).await;
     let follower = nodes
         .iter()
         .find(|n| n.id() != leader)
@@ -233,9 +232,7 @@ async fn members_can_be_added_promoted_and_removed() {
         .expect("write after removal");
     assert_eq!(all_keys(&follower).await.len(), 21);
     n4.shutdown().await;
-    for n in nodes {
-        n.shutdown().await;
-    }
+    stop_all(nodes).await;
 }
 
 /// A member that was down while the leader snapshotted and purged its log catches up by
@@ -249,11 +246,7 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
         c.snapshot_every = 50;
         c
     };
-    let mut nodes = Vec::new();
-    for id in 1..=3 {
-        nodes.push(StoreNode::start(cfg(id)).await.expect("start"));
-    }
-    let leader = wait_leader(&nodes.iter().collect::<Vec<_>>()).await;
+    let (mut nodes, leader) = start_three(cfg).await;
     let down = nodes
         .iter()
         .position(|n| n.id() != leader)
@@ -289,7 +282,5 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
         .expect("write after catch-up");
     assert_eq!(all_keys(&back).await.len(), acked.len() + 1);
     back.shutdown().await;
-    for n in nodes {
-        n.shutdown().await;
-    }
+    stop_all(nodes).await;
 }
