@@ -303,6 +303,15 @@ async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pro
     }
 }
 
+/// Readers waiting for the next read barrier.
+#[derive(Default)]
+struct Barriers {
+    /// A barrier loop is running.
+    running: bool,
+    /// Callers to answer with the next barrier that starts.
+    waiting: Vec<tokio::sync::oneshot::Sender<Result<(), String>>>,
+}
+
 /// A running member. Cheap to clone.
 #[derive(Clone, Debug)]
 pub struct StoreNode {
@@ -316,6 +325,7 @@ struct Inner {
     http: reqwest::Client,
     peer_addr: SocketAddr,
     proposals: Proposals,
+    barriers: Mutex<Barriers>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Dead once nothing holds the Raft log file open.
     log_file: std::sync::Weak<redb::Database>,
@@ -416,6 +426,7 @@ impl StoreNode {
                 http,
                 peer_addr,
                 proposals,
+                barriers: Mutex::new(Barriers::default()),
                 tasks: Mutex::new(Vec::new()),
                 log_file,
             }),
@@ -571,7 +582,52 @@ impl StoreNode {
     }
 
     /// Waits until this member has applied everything committed before the call.
+    ///
+    /// Concurrent callers share barriers: each caller queues, and is answered by the next
+    /// barrier that *starts after* it queued (never by one already in flight, which could have
+    /// missed a write acknowledged just before the caller arrived). One read-index round trip
+    /// then serves every read that queued meanwhile.
     pub async fn read_barrier(&self) -> Result<(), StoreError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let start = {
+            let mut q = self
+                .inner
+                .barriers
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            q.waiting.push(tx);
+            !std::mem::replace(&mut q.running, true)
+        };
+        if start {
+            let node = self.clone();
+            tokio::spawn(async move {
+                loop {
+                    let waiting = {
+                        let mut q = node
+                            .inner
+                            .barriers
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner());
+                        if q.waiting.is_empty() {
+                            q.running = false;
+                            return;
+                        }
+                        std::mem::take(&mut q.waiting)
+                    };
+                    let result = node.read_barrier_once().await.map_err(|e| e.to_string());
+                    for w in waiting {
+                        let _ = w.send(result.clone());
+                    }
+                }
+            });
+        }
+        rx.await
+            .map_err(|_| StoreError::Unavailable("store is shutting down".into()))?
+            .map_err(StoreError::Unavailable)
+    }
+
+    /// One read-index barrier.
+    async fn read_barrier_once(&self) -> Result<(), StoreError> {
         let mut retry = Retry::new();
         loop {
             match self.inner.raft.ensure_linearizable().await {
