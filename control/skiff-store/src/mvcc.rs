@@ -149,7 +149,7 @@ impl Mvcc {
         wtx.set_durability(durability)
             .map_err(|e| StoreError::Invalid(format!("durability: {e}")))?;
         let (out, events, revision) = {
-            let mut w = Writer::new(&wtx)?;
+            let mut w = Writer::new(&wtx, &self.inner.path)?;
             let out = f(&mut w)?;
             w.finish()?;
             (out, w.events, w.revision)
@@ -203,9 +203,9 @@ impl Mvcc {
             req.limit
         };
         let mut kvs = if at == revision {
-            range_current(&rtx, req, limit)?
+            range_current(&self.inner.path, &rtx, req, limit)?
         } else {
-            range_history(&rtx, req, at, limit)?
+            range_history(&self.inner.path, &rtx, req, at, limit)?
         };
         let more = kvs.len() > limit;
         kvs.truncate(limit);
@@ -269,8 +269,7 @@ impl Mvcc {
                 }
             };
             let kv = match history.get((key, rev)).op("read history")? {
-                Some(rec) => decode_history(key, rev, rec.value())
-                    .ok_or_else(|| self.corrupt(format!("history record at revision {rev}")))?,
+                Some(rec) => decode_history(&self.inner.path, key, rev, rec.value())?,
                 None => {
                     return Err(
                         self.corrupt(format!("event at revision {rev} has no history record"))
@@ -287,7 +286,7 @@ impl Mvcc {
                     version: 0,
                 },
             };
-            let prev_kv = previous(&history, key, rev)?;
+            let prev_kv = previous(&self.inner.path, &history, key, rev)?;
             out.push(Event { kind, kv, prev_kv });
         }
         if out.len() < max {
@@ -306,6 +305,7 @@ impl Mvcc {
 
 /// The live value of `key` just before `rev`, if any.
 fn previous(
+    path: &Path,
     history: &impl ReadableTable<(&'static [u8], u64), &'static [u8]>,
     key: &[u8],
     rev: Revision,
@@ -315,7 +315,7 @@ fn previous(
         Some(entry) => {
             let (k, v) = entry.op("read history")?;
             let (_, prev_rev) = k.value();
-            Ok(decode_history(key, prev_rev, v.value()).flatten())
+            decode_history(path, key, prev_rev, v.value())
         }
         None => Ok(None),
     }
@@ -341,15 +341,29 @@ fn encode_current(kv: &KeyValue) -> Vec<u8> {
     out
 }
 
-fn decode_current(key: &[u8], b: &[u8]) -> Option<KeyValue> {
-    if b.len() < 24 {
-        return None;
+/// A damaged record: reported with the file it is in, never skipped.
+fn damaged(path: &Path, what: String) -> StoreError {
+    StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail: format!("damaged {what}"),
     }
-    Some(KeyValue {
+}
+
+fn decode_current(path: &Path, key: &[u8], b: &[u8]) -> Result<KeyValue, StoreError> {
+    let bad = || {
+        damaged(
+            path,
+            format!("current record of {:?}", String::from_utf8_lossy(key)),
+        )
+    };
+    if b.len() < 24 {
+        return Err(bad());
+    }
+    Ok(KeyValue {
         key: key.to_vec(),
-        create_revision: decode_u64(&b[0..8])?,
-        mod_revision: decode_u64(&b[8..16])?,
-        version: decode_u64(&b[16..24])?,
+        create_revision: decode_u64(&b[0..8]).ok_or_else(bad)?,
+        mod_revision: decode_u64(&b[8..16]).ok_or_else(bad)?,
+        version: decode_u64(&b[16..24]).ok_or_else(bad)?,
         value: b[24..].to_vec(),
     })
 }
@@ -373,18 +387,24 @@ fn encode_history(kv: Option<&KeyValue>) -> Vec<u8> {
     }
 }
 
-/// Decodes a history record: `Some(None)` is a tombstone; `None` a damaged record.
-fn decode_history(key: &[u8], rev: Revision, b: &[u8]) -> Option<Option<KeyValue>> {
+/// Decodes a history record: `None` is a tombstone.
+fn decode_history(
+    path: &Path,
+    key: &[u8],
+    rev: Revision,
+    b: &[u8],
+) -> Result<Option<KeyValue>, StoreError> {
+    let bad = || damaged(path, format!("history record of revision {rev}"));
     if b.len() < 17 {
-        return None;
+        return Err(bad());
     }
     if b[0] & TOMBSTONE != 0 {
-        return Some(None);
+        return Ok(None);
     }
-    Some(Some(KeyValue {
+    Ok(Some(KeyValue {
         key: key.to_vec(),
-        create_revision: decode_u64(&b[1..9])?,
-        version: decode_u64(&b[9..17])?,
+        create_revision: decode_u64(&b[1..9]).ok_or_else(bad)?,
+        version: decode_u64(&b[9..17]).ok_or_else(bad)?,
         mod_revision: rev,
         value: b[17..].to_vec(),
     }))
@@ -460,6 +480,7 @@ fn validate_ops(ops: &[Op]) -> Result<(), StoreError> {
 }
 
 fn range_current(
+    path: &Path,
     rtx: &ReadTransaction,
     req: &RangeRequest,
     limit: usize,
@@ -468,7 +489,7 @@ fn range_current(
     let mut out = Vec::new();
     if req.end.is_empty() {
         if let Some(v) = current.get(req.start.as_slice()).op("read current")? {
-            out.extend(decode_current(&req.start, v.value()));
+            out.push(decode_current(path, &req.start, v.value())?);
         }
         return Ok(out);
     }
@@ -484,12 +505,13 @@ fn range_current(
             break;
         }
         let (k, v) = entry.op("scan current")?;
-        out.extend(decode_current(k.value(), v.value()));
+        out.push(decode_current(path, k.value(), v.value())?);
     }
     Ok(out)
 }
 
 fn range_history(
+    path: &Path,
     rtx: &ReadTransaction,
     req: &RangeRequest,
     at: Revision,
@@ -521,10 +543,7 @@ fn range_history(
             }
         }
         if rev <= at {
-            let kv = decode_history(key, rev, v.value()).ok_or_else(|| StoreError::Corrupt {
-                path: PathBuf::from("(history)"),
-                detail: format!("record of revision {rev}"),
-            })?;
+            let kv = decode_history(path, key, rev, v.value())?;
             candidate = Some((key.to_vec(), kv));
         }
     }
@@ -536,6 +555,7 @@ fn range_history(
 
 /// The tables of one write transaction and what it has done so far.
 pub struct Writer<'txn> {
+    path: &'txn Path,
     meta: Table<'txn, &'static str, &'static [u8]>,
     current: Table<'txn, &'static [u8], &'static [u8]>,
     history: Table<'txn, (&'static [u8], u64), &'static [u8]>,
@@ -555,7 +575,7 @@ impl std::fmt::Debug for Writer<'_> {
 }
 
 impl<'txn> Writer<'txn> {
-    fn new(wtx: &'txn WriteTransaction) -> Result<Writer<'txn>, StoreError> {
+    fn new(wtx: &'txn WriteTransaction, path: &'txn Path) -> Result<Writer<'txn>, StoreError> {
         let meta = wtx.open_table(META).op("open meta")?;
         let get = |name| -> Result<u64, StoreError> {
             Ok(meta
@@ -566,6 +586,7 @@ impl<'txn> Writer<'txn> {
         };
         let (revision, compacted) = (get(META_REVISION)?, get(META_COMPACTED)?);
         Ok(Writer {
+            path,
             revision,
             compacted,
             current: wtx.open_table(CURRENT).op("open current")?,
@@ -603,9 +624,7 @@ impl<'txn> Writer<'txn> {
 
     fn get_current(&self, key: &[u8]) -> Result<Option<KeyValue>, StoreError> {
         match self.current.get(key).op("read current")? {
-            Some(v) => Ok(Some(decode_current(key, v.value()).ok_or_else(|| {
-                StoreError::Invalid("damaged record in current table".into())
-            })?)),
+            Some(v) => Ok(Some(decode_current(self.path, key, v.value())?)),
             None => Ok(None),
         }
     }
@@ -678,7 +697,7 @@ impl<'txn> Writer<'txn> {
                         .op("scan current")?;
                         for entry in iter {
                             let (k, v) = entry.op("scan current")?;
-                            victims.extend(decode_current(k.value(), v.value()));
+                            victims.push(decode_current(self.path, k.value(), v.value())?);
                         }
                     }
                     for prev in &victims {

@@ -308,3 +308,61 @@ fn a_second_open_of_the_same_file_is_refused() {
     let err = Mvcc::open(&dir.path().join("store.redb")).expect_err("already open");
     assert!(err.to_string().contains("already open"), "{err}");
 }
+
+/// A damaged record is an error naming the file, for reads, lists and writes alike; it is never
+/// skipped (a list silently missing an object would be worse than a failed list).
+#[test]
+fn damaged_records_are_reported_not_skipped() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("store.redb");
+    {
+        let m = Mvcc::open(&path).expect("open");
+        for k in ["/d/a", "/d/b", "/d/c"] {
+            m.txn(&Txn::put(k, "v")).expect("put");
+        }
+    }
+    {
+        // Truncate /d/b's record in the `current` table behind the store's back.
+        let db = redb::Database::open(&path).expect("open raw");
+        let w = db.begin_write().expect("w");
+        {
+            let def: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("current");
+            w.open_table(def)
+                .expect("t")
+                .insert(b"/d/b".as_slice(), [1u8, 2, 3].as_slice())
+                .expect("insert");
+        }
+        w.commit().expect("commit");
+    }
+    let m = Mvcc::open(&path).expect("reopen");
+    let is_corrupt = |r: Result<_, StoreError>| match r {
+        Err(StoreError::Corrupt { path: p, .. }) => p == path,
+        _ => false,
+    };
+    assert!(
+        is_corrupt(m.range(&RangeRequest::prefix("/d/")).map(|_| ())),
+        "list"
+    );
+    assert!(
+        is_corrupt(m.range(&RangeRequest::key("/d/b")).map(|_| ())),
+        "get"
+    );
+    assert!(
+        is_corrupt(m.txn(&Txn::update("/d/b", "w", 2)).map(|_| ())),
+        "cas"
+    );
+    let delete_all = Txn {
+        success: vec![Op::DeletePrefix {
+            prefix: b"/d/".to_vec(),
+        }],
+        ..Txn::default()
+    };
+    assert!(is_corrupt(m.txn(&delete_all).map(|_| ())), "prefix delete");
+    assert_eq!(
+        m.range(&RangeRequest::key("/d/a"))
+            .expect("intact key")
+            .kvs
+            .len(),
+        1
+    );
+}
