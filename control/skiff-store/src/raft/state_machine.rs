@@ -145,24 +145,27 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         };
         let mvcc = self.mvcc.clone();
-        let (_, mut membership) = self.read_applied().map_err(sm_err)?;
         tokio::task::spawn_blocking(move || {
             mvcc.write(durability, |w| {
                 let mut out = Vec::with_capacity(entries.len());
                 let mut last = None;
+                // Only a batch with a membership entry changes the stored membership.
+                let mut membership = None;
                 for entry in entries {
                     last = Some(entry.log_id);
                     out.push(match entry.payload {
                         EntryPayload::Blank => Applied::Internal,
                         EntryPayload::Membership(m) => {
-                            membership = StoredMembership::new(Some(entry.log_id), m);
+                            membership = Some(StoredMembership::new(Some(entry.log_id), m));
                             Applied::Internal
                         }
                         EntryPayload::Normal(cmd) => apply_command(w, cmd)?,
                     });
                 }
                 w.put_meta(APPLIED, &enc(&last)?)?;
-                w.put_meta(MEMBERSHIP, &enc(&membership)?)?;
+                if let Some(m) = membership {
+                    w.put_meta(MEMBERSHIP, &enc(&m)?)?;
+                }
                 Ok(out)
             })
         })
