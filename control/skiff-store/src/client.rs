@@ -193,18 +193,13 @@ async fn compact(State(node): State<StoreNode>, body: Bytes) -> Response {
 }
 
 async fn status(State(node): State<StoreNode>) -> Response {
-    let compacted = node.mvcc().compacted();
-    let status = compacted.map(|compacted| Status {
-        id: node.id(),
-        leader: None,
-        revision: node.mvcc().revision(),
-        compacted,
-    });
-    let status = match status {
-        Ok(mut s) => {
-            s.leader = node.leader().await;
-            Ok(s)
-        }
+    let status = match node.mvcc().compacted() {
+        Ok(compacted) => Ok(Status {
+            id: node.id(),
+            leader: node.leader().await,
+            revision: node.mvcc().revision(),
+            compacted,
+        }),
         Err(e) => Err(e),
     };
     answer(status)
@@ -261,6 +256,7 @@ impl StoreClient {
         }
     }
 
+    /// POSTs a postcard request.
     async fn call<Req: Serialize, Resp: serde::de::DeserializeOwned>(
         &self,
         path: &str,
@@ -268,11 +264,25 @@ impl StoreClient {
         timeout: Duration,
     ) -> Result<Resp, StoreError> {
         let body = postcard::to_allocvec(req).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let resp = self
-            .http
-            .post(format!("{}/{path}", self.base))
+        let request = self.http.post(format!("{}/{path}", self.base)).body(body);
+        self.send(path, request, timeout).await
+    }
+
+    /// GETs a resource.
+    async fn get<Resp: serde::de::DeserializeOwned>(&self, path: &str) -> Result<Resp, StoreError> {
+        let request = self.http.get(format!("{}/{path}", self.base));
+        self.send(path, request, Duration::from_secs(5)).await
+    }
+
+    /// Sends a request and decodes the postcard `Result` it answers with.
+    async fn send<Resp: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        request: reqwest::RequestBuilder,
+        timeout: Duration,
+    ) -> Result<Resp, StoreError> {
+        let resp = request
             .timeout(timeout)
-            .body(body)
             .send()
             .await
             .map_err(|e| StoreError::Unavailable(format!("{path}: {e}")))?;
@@ -308,20 +318,7 @@ impl StoreClient {
 
     /// The membership as this member knows it.
     pub async fn members(&self) -> Result<Vec<crate::Member>, StoreError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/members", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("members: {e}")))?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("members: {e}")))?;
-        let wire: Result<Vec<crate::Member>, WireError> =
-            postcard::from_bytes(&bytes).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        wire.map_err(StoreError::from)
+        self.get("v1/members").await
     }
 
     /// Changes the membership (any member forwards to the leader).
@@ -335,20 +332,7 @@ impl StoreClient {
 
     /// The member's status.
     pub async fn status(&self) -> Result<Status, StoreError> {
-        let resp = self
-            .http
-            .get(format!("{}/v1/status", self.base))
-            .timeout(Duration::from_secs(5))
-            .send()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("status: {e}")))?;
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|e| StoreError::Unavailable(format!("status: {e}")))?;
-        let wire: Result<Status, WireError> =
-            postcard::from_bytes(&bytes).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        wire.map_err(StoreError::from)
+        self.get("v1/status").await
     }
 
     /// Watches from `start`; the stream ends when the connection does.
