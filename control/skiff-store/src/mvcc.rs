@@ -265,15 +265,19 @@ impl Mvcc {
                 KIND_PUT => EventKind::Put,
                 KIND_DELETE => EventKind::Delete,
                 other => {
-                    return Err(self.corrupt(format!("event kind {other} at revision {rev}")));
+                    return Err(damaged(
+                        &self.inner.path,
+                        format!("event kind {other} at revision {rev}"),
+                    ));
                 }
             };
             let kv = match history.get((key, rev)).op("read history")? {
                 Some(rec) => decode_history(&self.inner.path, key, rev, rec.value())?,
                 None => {
-                    return Err(
-                        self.corrupt(format!("event at revision {rev} has no history record"))
-                    );
+                    return Err(damaged(
+                        &self.inner.path,
+                        format!("event log: revision {rev} has no history record"),
+                    ));
                 }
             };
             let kv = match kv {
@@ -293,13 +297,6 @@ impl Mvcc {
             through = through.max(revision);
         }
         Ok((out, through))
-    }
-
-    fn corrupt(&self, detail: String) -> StoreError {
-        StoreError::Corrupt {
-            path: self.inner.path.clone(),
-            detail,
-        }
     }
 }
 

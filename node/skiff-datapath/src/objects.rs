@@ -1,7 +1,5 @@
 //! The eBPF objects embedded at build time (see `build.rs`).
 
-use aya::programs::ProgramType;
-
 use crate::DatapathError;
 
 /// An 8-byte aligned byte array, as the ELF parser expects.
@@ -39,14 +37,6 @@ impl ProgramKind {
         match self {
             ProgramKind::FromPod => "from_pod",
             ProgramKind::XdpUplink => "xdp_uplink",
-        }
-    }
-
-    /// Kernel program type.
-    pub const fn program_type(self) -> ProgramType {
-        match self {
-            ProgramKind::FromPod => ProgramType::SchedClassifier,
-            ProgramKind::XdpUplink => ProgramType::Xdp,
         }
     }
 
