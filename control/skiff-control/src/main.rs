@@ -1,13 +1,15 @@
 //! `skiff-control`: the control plane.
 //!
-//! Today it runs the replicated store (etcd's role): with no flags, an embedded single-member
-//! store in `--data-dir`; with `--peers`, one member of a 3- or 5-member cluster. The API
-//! server, scheduler and controllers are not built yet.
+//! It runs the replicated store (etcd's role) — with no flags an embedded single-member store in
+//! `--data-dir`, with `--peers` one member of a 3- or 5-member cluster — and the Kubernetes API
+//! server over it (HTTPS on `--api-listen`, bearer tokens, an admin kubeconfig written to
+//! `<data-dir>/admin.kubeconfig`). The scheduler and controllers are not built yet.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use anyhow::{Context, Result, bail};
 use clap::{Parser, ValueEnum};
+use skiff_apiserver::{ApiServer, ServerConfig};
 use skiff_store::{NodeConfig, StoreNode};
 
 #[derive(Debug, Parser)]
@@ -48,6 +50,18 @@ struct Cli {
     /// revisions get 410 Gone).
     #[arg(long, default_value_t = 300)]
     history_seconds: u64,
+
+    /// Address the Kubernetes API server (HTTPS) binds.
+    #[arg(long, default_value = "127.0.0.1:6443")]
+    api_listen: SocketAddr,
+
+    /// Extra DNS names or IPs for the API server's certificate (repeatable).
+    #[arg(long = "tls-san")]
+    tls_sans: Vec<String>,
+
+    /// Server URL written into the admin kubeconfig (default: https://<api-listen>).
+    #[arg(long)]
+    api_advertise_url: Option<String>,
 
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
@@ -206,7 +220,25 @@ fn main() -> Result<()> {
             member = store.id(),
             peer = %store.peer_addr(),
             client = %client_addr,
-            "store ready; the API server is not built yet, so nothing else is served"
+            "store ready"
+        );
+        let api = ApiServer::start(
+            ServerConfig {
+                listen: cli.api_listen,
+                data_dir: cli.data_dir.clone(),
+                extra_names: cli.tls_sans.clone(),
+                advertise_url: cli.api_advertise_url.clone(),
+            },
+            store.clone(),
+        )
+        .await
+        .context("starting the API server")?;
+        tracing::info!(listen = %api.addr(), kubeconfig = %api.kubeconfig().display(), "API server ready");
+        println!(
+            "skiff-control: API server on https://{}\nadmin kubeconfig: {}\n  export KUBECONFIG={}\n  kubectl get namespaces",
+            api.addr(),
+            api.kubeconfig().display(),
+            api.kubeconfig().display()
         );
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -215,6 +247,7 @@ fn main() -> Result<()> {
         }
         tracing::info!("stopping");
         // Close client connections (and their watches) first: they hold store handles.
+        drop(api);
         client_task.abort();
         let _ = client_task.await;
         store.shutdown().await;

@@ -1,0 +1,373 @@
+//! The HTTPS listener: routes, bearer-token authentication, TLS (rustls) and the objects every
+//! cluster starts with.
+
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use axum::{
+    Router,
+    extract::{Path, Request, State},
+    http::{HeaderMap, StatusCode, header},
+    middleware::{self, Next},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use serde_json::{Value, json};
+use skiff_store::StoreNode;
+use tokio::net::TcpListener;
+
+use crate::{
+    alloc::KUBERNETES_SERVICE_IP,
+    api::{self, Api},
+    discovery,
+    error::ApiError,
+    openapi,
+    pki::Pki,
+    resources,
+    storage::Objects,
+};
+
+/// How to run the API server.
+#[derive(Clone, Debug)]
+pub struct ServerConfig {
+    /// Address to listen on (HTTPS).
+    pub listen: SocketAddr,
+    /// Where certificates, tokens and the admin kubeconfig live.
+    pub data_dir: PathBuf,
+    /// Extra names and IPs for the serving certificate.
+    pub extra_names: Vec<String>,
+    /// The server URL written into the admin kubeconfig; `None` uses the bound address.
+    pub advertise_url: Option<String>,
+}
+
+/// A running API server.
+#[derive(Debug)]
+pub struct ApiServer {
+    addr: SocketAddr,
+    kubeconfig: PathBuf,
+    admin_token: String,
+    ca_pem: String,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[derive(Debug)]
+struct AppState {
+    api: Arc<Api>,
+    pki: Pki,
+    address: String,
+}
+
+impl ApiServer {
+    /// Loads or creates credentials, writes the admin kubeconfig, creates the initial objects
+    /// and starts serving.
+    pub async fn start(cfg: ServerConfig, node: StoreNode) -> Result<ApiServer> {
+        let pki = Pki::load_or_create(&cfg.data_dir, &cfg.extra_names)?;
+        let listener = TcpListener::bind(cfg.listen)
+            .await
+            .with_context(|| format!("bind the API listener on {}", cfg.listen))?;
+        let addr = listener.local_addr().context("API listener address")?;
+        let url = cfg
+            .advertise_url
+            .clone()
+            .unwrap_or_else(|| format!("https://{addr}"));
+        let kubeconfig = pki.write_kubeconfig(&cfg.data_dir.join("admin.kubeconfig"), &url)?;
+        let api = Arc::new(Api {
+            objects: Objects::new(node),
+        });
+        bootstrap(&api)
+            .await
+            .context("create the initial objects")?;
+        let (admin_token, ca_pem) = (pki.admin_token.clone(), pki.ca_pem.clone());
+        let tls = tokio_rustls::TlsAcceptor::from(pki.tls.clone());
+        let state = Arc::new(AppState {
+            api,
+            pki,
+            address: addr.to_string(),
+        });
+        let app = router(state);
+        let task = tokio::spawn(accept_loop(listener, tls, app));
+        Ok(ApiServer {
+            addr,
+            kubeconfig,
+            admin_token,
+            ca_pem,
+            task,
+        })
+    }
+
+    /// The bound address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Path of the admin kubeconfig.
+    pub fn kubeconfig(&self) -> &std::path::Path {
+        &self.kubeconfig
+    }
+
+    /// The admin bearer token.
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    /// The cluster CA certificate (PEM).
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+}
+
+/// Accepts connections until aborted; connections are tasks of a set owned here, so aborting
+/// the loop ends them too (and their watches release the store).
+async fn accept_loop(listener: TcpListener, tls: tokio_rustls::TlsAcceptor, app: Router) {
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, app) = (tls.clone(), app.clone());
+        conns.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(app);
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
+
+/// The routes: discovery, OpenAPI, health, version, then every resource path.
+fn router(state: Arc<AppState>) -> Router {
+    let api = state.api.clone();
+    let meta = Router::new()
+        .route("/version", get(|| async { json_ok(&discovery::version()) }))
+        .route("/api", get(core_versions))
+        .route("/apis", get(api_groups))
+        .route("/apis/{group}", get(api_group))
+        .route("/api/{version}", get(core_resources))
+        .route("/apis/{group}/{version}", get(group_resources))
+        .route("/openapi/v2", get(openapi_v2))
+        .route("/openapi/v3", get(openapi_v3_root))
+        .route("/openapi/v3/{*path}", get(openapi_v3))
+        .with_state(state.clone());
+    Router::new()
+        .merge(meta)
+        .fallback(api::serve)
+        .with_state(api)
+        .layer(middleware::from_fn_with_state(state.clone(), authenticate))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/livez", get(|| async { "ok" }))
+        .route("/readyz", get(readyz).with_state(state))
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    match s.api.objects.node().read_barrier().await {
+        Ok(()) => "ok".into_response(),
+        Err(e) => (StatusCode::SERVICE_UNAVAILABLE, format!("store: {e}")).into_response(),
+    }
+}
+
+/// Rejects requests without a known bearer token (401 Status).
+async fn authenticate(State(s): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+    let token = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match token.and_then(|t| s.pki.authenticate(t)) {
+        Some(user) => {
+            tracing::trace!(user = %user.name, path = %req.uri().path(), "authenticated");
+            next.run(req).await
+        }
+        None => ApiError::unauthorized().into_response(),
+    }
+}
+
+fn json_ok(v: &Value) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        serde_json::to_vec(v).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+/// Whether the client asked for aggregated discovery (`apidiscovery.k8s.io/v2`).
+fn wants_aggregated(h: &HeaderMap) -> bool {
+    h.get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|a| {
+            a.split(',').any(|p| {
+                p.contains("as=APIGroupDiscoveryList")
+                    && p.contains("g=apidiscovery.k8s.io")
+                    && p.contains("v=v2")
+                    && !p.contains("v=v2beta1")
+            })
+        })
+}
+
+fn aggregated(core: bool) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+        )],
+        serde_json::to_vec(&discovery::aggregated(core)).unwrap_or_default(),
+    )
+        .into_response()
+}
+
+async fn core_versions(State(s): State<Arc<AppState>>, h: HeaderMap) -> Response {
+    if wants_aggregated(&h) {
+        return aggregated(true);
+    }
+    json_ok(&discovery::core_versions(&s.address))
+}
+
+async fn api_groups(h: HeaderMap) -> Response {
+    if wants_aggregated(&h) {
+        return aggregated(false);
+    }
+    json_ok(&discovery::group_list())
+}
+
+async fn api_group(Path(group): Path<String>) -> Response {
+    match discovery::group(&group) {
+        Some(g) => json_ok(&g),
+        None => ApiError::no_route().into_response(),
+    }
+}
+
+async fn core_resources(Path(version): Path<String>) -> Response {
+    match discovery::resource_list("", &version) {
+        Some(l) => json_ok(&l),
+        None => ApiError::no_route().into_response(),
+    }
+}
+
+async fn group_resources(Path((group, version)): Path<(String, String)>) -> Response {
+    match discovery::resource_list(&group, &version) {
+        Some(l) => json_ok(&l),
+        None => ApiError::no_route().into_response(),
+    }
+}
+
+async fn openapi_v2(h: HeaderMap) -> Response {
+    let accept = h
+        .get(header::ACCEPT)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("");
+    if !accept.is_empty() && !accept.contains("application/json") && !accept.contains("*/*") {
+        // kubectl asks for the protobuf form, and uses OpenAPI v3 when that is absent.
+        return ApiError::not_acceptable("only application/json is served for /openapi/v2")
+            .into_response();
+    }
+    json_ok(&openapi::v2_document())
+}
+
+/// Documents per group version with their content hashes, built once.
+fn v3_docs() -> &'static HashMap<String, (String, Vec<u8>)> {
+    static DOCS: std::sync::OnceLock<HashMap<String, (String, Vec<u8>)>> =
+        std::sync::OnceLock::new();
+    DOCS.get_or_init(|| {
+        openapi::v3_group_versions()
+            .into_iter()
+            .filter_map(|gv| {
+                let doc = openapi::v3_document(&gv)?;
+                let bytes = serde_json::to_vec(&doc).ok()?;
+                let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+                for b in &bytes {
+                    h = (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3);
+                }
+                Some((gv, (format!("{h:016X}"), bytes)))
+            })
+            .collect()
+    })
+}
+
+async fn openapi_v3_root() -> Response {
+    let paths: serde_json::Map<String, Value> = v3_docs()
+        .iter()
+        .map(|(gv, (hash, _))| {
+            (
+                gv.clone(),
+                json!({"serverRelativeURL": format!("/openapi/v3/{gv}?hash={hash}")}),
+            )
+        })
+        .collect();
+    json_ok(&json!({"paths": paths}))
+}
+
+async fn openapi_v3(Path(path): Path<String>) -> Response {
+    match v3_docs().get(path.trim_matches('/')) {
+        Some((hash, bytes)) => (
+            [
+                (header::CONTENT_TYPE, "application/json".to_string()),
+                (header::ETAG, format!("\"{hash}\"")),
+            ],
+            bytes.clone(),
+        )
+            .into_response(),
+        None => ApiError::no_route().into_response(),
+    }
+}
+
+/// Creates the namespaces and the `kubernetes` Service every cluster has, if missing.
+async fn bootstrap(api: &Api) -> Result<()> {
+    let ns = resources::find("", "v1", "namespaces").unwrap_or_else(|| unreachable!());
+    for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
+        let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
+        match api::create_internal(api, ns, None, obj).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => return Err(anyhow::anyhow!("namespace {name}: {e}")),
+        }
+    }
+    let svc = resources::find("", "v1", "services").unwrap_or_else(|| unreachable!());
+    let obj = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"component": "apiserver", "provider": "kubernetes"}},
+        "spec": {"clusterIP": KUBERNETES_SERVICE_IP.to_string(),
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+    });
+    match api::create_internal(api, svc, Some("default"), obj).await {
+        Ok(_) => Ok(()),
+        Err(e) if e.code == 409 => Ok(()),
+        Err(e) => Err(anyhow::anyhow!("service default/kubernetes: {e}")),
+    }
+}
