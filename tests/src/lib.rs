@@ -8,6 +8,7 @@
 //! Everything a fixture creates (namespaces, veths, pins) is named uniquely per test and removed
 //! in `Drop`, so tests run in parallel and clean up even when they fail.
 
+pub mod control;
 pub mod linearizability;
 pub mod packets;
 pub mod topology;

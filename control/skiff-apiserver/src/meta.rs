@@ -165,6 +165,7 @@ pub fn prepare_create(
     } else {
         m.remove("generation");
     }
+    drop_empty(obj);
     Ok(())
 }
 
@@ -189,12 +190,29 @@ pub fn prepare_update(new: &mut Value, old: &Value, def: &ResourceDef) {
     }
     m.remove("selfLink");
     m.remove("managedFields");
+    drop_empty(new);
+    let m = metadata_mut(new);
     if spec_changed {
         let g = old_meta
             .get("generation")
             .and_then(Value::as_i64)
             .unwrap_or(1);
         m.insert("generation".into(), json!(g + 1));
+    }
+}
+
+/// Drops empty metadata collections, as Go's `omitempty` does (an orphaned object has no
+/// `ownerReferences` rather than an empty list).
+pub fn drop_empty(obj: &mut Value) {
+    if let Some(m) = obj.get_mut("metadata").and_then(Value::as_object_mut) {
+        m.retain(|k, v| {
+            !(matches!(
+                k.as_str(),
+                "labels" | "annotations" | "finalizers" | "ownerReferences" | "managedFields"
+            ) && (v.is_null()
+                || v.as_array().is_some_and(Vec::is_empty)
+                || v.as_object().is_some_and(Map::is_empty)))
+        });
     }
 }
 

@@ -77,10 +77,16 @@ impl ApiServer {
             .await
             .with_context(|| format!("bind the API listener on {}", cfg.listen))?;
         let addr = listener.local_addr().context("API listener address")?;
+        // A wildcard bind is reached through loopback from this machine.
+        let local = if addr.ip().is_unspecified() {
+            SocketAddr::from(([127, 0, 0, 1], addr.port()))
+        } else {
+            addr
+        };
         let url = cfg
             .advertise_url
             .clone()
-            .unwrap_or_else(|| format!("https://{addr}"));
+            .unwrap_or_else(|| format!("https://{local}"));
         let kubeconfig = pki.write_kubeconfig(&cfg.data_dir.join("admin.kubeconfig"), &url)?;
         let api = Arc::new(Api {
             objects: Objects::new(node),

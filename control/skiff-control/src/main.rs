@@ -234,6 +234,24 @@ fn main() -> Result<()> {
         .await
         .context("starting the API server")?;
         tracing::info!(listen = %api.addr(), kubeconfig = %api.kubeconfig().display(), "API server ready");
+        let kubeconfig = api.kubeconfig().to_path_buf();
+        let controllers = tokio::spawn(async move {
+            // Controllers are clients of the API like any other; a failure is logged and the
+            // set restarted after a pause (they are level-triggered, so nothing is lost).
+            let mut attempt = 0;
+            loop {
+                let r = async {
+                    let client = skiff_controllers::client_from_kubeconfig(&kubeconfig).await?;
+                    skiff_controllers::run(client).await
+                }
+                .await;
+                if let Err(e) = r {
+                    tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");
+                }
+                attempt += 1;
+                tokio::time::sleep(skiff_controllers::backoff(attempt)).await;
+            }
+        });
         println!(
             "skiff-control: API server on https://{}\nadmin kubeconfig: {}\n  export KUBECONFIG={}\n  kubectl get namespaces",
             api.addr(),
@@ -247,6 +265,8 @@ fn main() -> Result<()> {
         }
         tracing::info!("stopping");
         // Close client connections (and their watches) first: they hold store handles.
+        controllers.abort();
+        let _ = controllers.await;
         drop(api);
         client_task.abort();
         let _ = client_task.await;

@@ -1,0 +1,82 @@
+//! skiff's controllers: level-triggered reconcilers that watch the API server and act through
+//! it (never on the store directly), as kube-controller-manager's do.
+//!
+//! - [`namespace`]: empties a terminating namespace, then finalizes it.
+//! - [`gc`]: the garbage collector: deletes dependents whose owners are gone (background
+//!   cascade), deletes dependents before their owner (`foregroundDeletion`), and orphans
+//!   dependents (`orphan`).
+//!
+//! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
+//! them: a failed reconcile is retried with backoff.
+
+use std::{path::Path, time::Duration};
+
+use anyhow::{Context, Result};
+use kube::{
+    Client, Config,
+    config::{KubeConfigOptions, Kubeconfig},
+    discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs},
+};
+
+pub mod gc;
+pub mod namespace;
+
+/// Backoff for failed reconciles: 800 ms doubling to 30 s (kube-runtime's default policy).
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(800u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(30))
+}
+
+/// A client from a kubeconfig file.
+pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
+    let kc = Kubeconfig::read_from(path)
+        .with_context(|| format!("read kubeconfig {}", path.display()))?;
+    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .context("kubeconfig")?;
+    Client::try_from(cfg).context("API client")
+}
+
+/// The served resources that can be listed and watched, with their capabilities.
+pub async fn resources(client: &Client) -> Result<Vec<(ApiResource, ApiCapabilities)>> {
+    let d = Discovery::new(client.clone())
+        .run()
+        .await
+        .context("API discovery")?;
+    let mut out = Vec::new();
+    for g in d.groups() {
+        for (ar, caps) in g.recommended_resources() {
+            if caps.supports_operation(verbs::LIST) && caps.supports_operation(verbs::WATCH) {
+                out.push((ar, caps));
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// Whether a resource is namespaced.
+pub fn namespaced(caps: &ApiCapabilities) -> bool {
+    caps.scope == Scope::Namespaced
+}
+
+/// Runs every controller until the process ends.
+pub async fn run(client: Client) -> Result<()> {
+    let resources = resources(&client).await?;
+    let ns = tokio::spawn(namespace::run(client.clone(), resources.clone()));
+    let gc = tokio::spawn(gc::run(client, resources));
+    let (a, b) = tokio::join!(ns, gc);
+    a.context("namespace controller")??;
+    b.context("garbage collector")??;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_thirty_seconds() {
+        assert_eq!(backoff(0), Duration::from_millis(800));
+        assert_eq!(backoff(1), Duration::from_millis(1600));
+        assert_eq!(backoff(10), Duration::from_secs(30));
+    }
+}

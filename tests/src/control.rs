@@ -1,0 +1,183 @@
+//! A `skiff-control` process for API tests: its own data directory and loopback ports, its
+//! admin kubeconfig, and the installed `kubectl` pointed at it with a private cache. The process
+//! is ended by PID on drop.
+
+use std::{
+    net::{SocketAddr, TcpListener},
+    path::{Path, PathBuf},
+    process::{Child, Command, Output, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::bin;
+
+/// A running control plane.
+#[derive(Debug)]
+pub struct ControlPlane {
+    child: Child,
+    dir: tempfile::TempDir,
+    /// The API server's address.
+    pub api: SocketAddr,
+}
+
+fn free_port() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").expect("bind a free port");
+    l.local_addr().expect("addr")
+}
+
+impl ControlPlane {
+    /// Starts `skiff-control` (single-member store) and waits until `kubectl` can use it.
+    pub fn start() -> ControlPlane {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (api, peer, client) = (free_port(), free_port(), free_port());
+        let log = std::fs::File::create(dir.path().join("control.log")).expect("log file");
+        let child = Command::new(bin("skiff-control"))
+            .args(["--data-dir", &dir.path().join("data").display().to_string()])
+            .args(["--api-listen", &api.to_string()])
+            .args(["--peer-listen", &peer.to_string()])
+            .args(["--client-listen", &client.to_string()])
+            .env("RUST_LOG", "info,skiff_controllers=debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start skiff-control");
+        let cp = ControlPlane { child, dir, api };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if cp.kubeconfig().exists() {
+                let out = cp.kubectl(&["get", "--raw", "/readyz"]);
+                if out.status.success() {
+                    break;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "skiff-control did not become ready; log:\n{}",
+                cp.log()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        cp
+    }
+
+    /// The admin kubeconfig.
+    pub fn kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("data/admin.kubeconfig")
+    }
+
+    /// The process's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("control.log")).unwrap_or_default()
+    }
+
+    /// A scratch directory that lives as long as the control plane.
+    pub fn scratch(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// A `kubectl` command against this control plane (private HOME and cache).
+    pub fn kubectl_cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new("kubectl");
+        c.args(args)
+            .env("KUBECONFIG", self.kubeconfig())
+            .env("HOME", self.dir.path())
+            .env_remove("KUBE_EDITOR")
+            .stdin(Stdio::null());
+        c
+    }
+
+    /// Runs `kubectl` and returns its output.
+    pub fn kubectl(&self, args: &[&str]) -> Output {
+        self.kubectl_cmd(args).output().expect("run kubectl")
+    }
+
+    /// Runs `kubectl`, asserts success, and returns stdout.
+    #[track_caller]
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            out.status.success(),
+            "kubectl {} failed:\nstdout: {}\nstderr: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs `kubectl`, asserts failure, and returns stderr.
+    #[track_caller]
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.kubectl(args);
+        assert!(
+            !out.status.success(),
+            "kubectl {} should have failed; stdout: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout)
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Runs `kubectl` with `stdin` as input and asserts success.
+    #[track_caller]
+    pub fn ok_stdin(&self, args: &[&str], stdin: &str) -> String {
+        use std::io::Write;
+        let mut child = self
+            .kubectl_cmd(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("run kubectl");
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(stdin.as_bytes())
+            .expect("write stdin");
+        let out = child.wait_with_output().expect("kubectl output");
+        assert!(
+            out.status.success(),
+            "kubectl {} failed: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Polls `check` every 100 ms for up to `secs` seconds.
+    #[track_caller]
+    pub fn eventually(&self, secs: u64, what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while !check() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; log tail:\n{}",
+                self.log()
+                    .lines()
+                    .rev()
+                    .take(30)
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for ControlPlane {
+    fn drop(&mut self) {
+        // Only the process we started, by PID.
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
