@@ -5,7 +5,12 @@
 //! etcd from Debian (single member and three members on loopback), all driven by this same load
 //! generator: skiff through its client listener, etcd through gRPC (`etcd-client`). Prints a
 //! markdown table and ends with `store/etcd write ratio (64 clients, 3 nodes): R`.
+//!
+//! `api`: the API server through HTTPS with the `kube` client: creates, gets, lists of 1k and
+//! 30k pods, watch fan-out to 100 watchers, against upstream's latency SLO. Ends with
+//! `api create p99 ms (64 clients): X`.
 
+mod api;
 mod store;
 
 use anyhow::Result;
@@ -22,6 +27,8 @@ struct Cli {
 enum Bench {
     /// The store against etcd.
     Store(store::Args),
+    /// The API server against upstream's latency SLO.
+    Api(api::Args),
 }
 
 fn main() -> Result<()> {
@@ -31,5 +38,6 @@ fn main() -> Result<()> {
         .build()?;
     match cli.bench {
         Bench::Store(args) => rt.block_on(store::run(args)),
+        Bench::Api(args) => rt.block_on(api::run(args)),
     }
 }

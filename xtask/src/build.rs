@@ -159,6 +159,8 @@ pub fn up() -> Result<()> {
 pub enum BenchName {
     /// skiff's store against etcd 3.4, single member and three members on loopback.
     Store,
+    /// The API server: creates, gets, lists (1k, 30k pods), watch fan-out, against upstream's SLO.
+    Api,
 }
 
 /// Builds release binaries and runs the benchmark; its last line is the summary ratio.
@@ -182,6 +184,18 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
             step("store benchmark: skiff vs etcd (writes are durable on both)");
             let result = run(Command::new(bin.join("skiff-bench"))
                 .args(["store", "--seconds", &seconds.to_string()])
+                .arg("--skiff-control")
+                .arg(bin.join("skiff-control"))
+                .arg("--data-dir")
+                .arg(&data));
+            let _ = fs::remove_dir_all(&data);
+            result
+        }
+        BenchName::Api => {
+            let data = root.join("target/bench-data-api");
+            step("API server benchmark: creates, gets, lists, watch fan-out (vs upstream's SLO)");
+            let result = run(Command::new(bin.join("skiff-bench"))
+                .args(["api", "--seconds", &seconds.to_string()])
                 .arg("--skiff-control")
                 .arg(bin.join("skiff-control"))
                 .arg("--data-dir")
