@@ -139,17 +139,25 @@ pub fn up() -> Result<()> {
         .current_dir(&root)
         .args(["build", "--release", "--bins"]))?;
     let bin = root.join("target/release");
+    let kubeconfig = crate::cluster::start(&bin)?;
     println!(
-        "\nskiff is built:\n  {node}\n  {control}\n\n\
-         Not yet available: a local cluster for kubectl. `skiff-control` has no store or API \
-         server yet, so `cargo xtask up` cannot start one; it will once they land.\n\n\
-         What runs today is the node's eBPF data path:\n  \
+        "\nskiff's local control plane is running (store, API server, controllers):\n  \
+         API server   https://127.0.0.1:6443\n  \
+         kubeconfig   {kc}\n  \
+         log          {log}\n\n\
+         Use it with kubectl:\n  \
+         export KUBECONFIG={kc}\n  \
+         kubectl get namespaces\n  \
+         kubectl apply -f manifests/examples/web.yaml\n  \
+         kubectl get all -n web\n\n\
+         Stop it with `cargo xtask down` (`--purge` also removes its data).\n\n\
+         Pods stay Pending until node agents run them (the node agent is the next capability).\n\
+         The node's eBPF data path runs today:\n  \
          sudo {node} --node-name demo --uplink <iface>      # load, pin, attach XDP\n  \
-         sudo {node} --node-name demo bpf metrics           # counters by hook and drop reason\n  \
-         sudo bpftool map dump pinned /sys/fs/bpf/skiff/demo/skiff_metrics\n  \
-         sudo {node} --node-name demo bpf unpin             # after stopping the agent\n",
+         sudo {node} --node-name demo bpf metrics           # counters by hook and drop reason\n",
+        kc = kubeconfig.display(),
+        log = root.join("target/local-cluster/control.log").display(),
         node = bin.join("skiff-node").display(),
-        control = bin.join("skiff-control").display(),
     );
     Ok(())
 }

@@ -6,10 +6,13 @@
 //!   `bpfel-unknown-none` into `target/ebpf/*.o`, which `skiff-datapath` embeds.
 //! - `test`: setup, build-ebpf, format and lint checks, then every test suite (privileged ones
 //!   for real when run as root). Its output ends with the test runner's summary line.
-//! - `up`: setup and build everything, then say how to run what exists.
+//! - `up`: setup and build everything, start the local control plane (store, API server,
+//!   controllers) and print how to use kubectl with it.
+//! - `down [--purge]`: stop the local control plane (and remove its data).
 //! - `bench <name>`: a benchmark against its real peer, in one run (`store`: against etcd).
 
 mod build;
+mod cluster;
 mod setup;
 mod util;
 
@@ -39,8 +42,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         nextest_args: Vec<String>,
     },
-    /// Install what is missing, build everything, and print how to run it.
+    /// Install what is missing, build everything, start the local cluster, print how to use it.
     Up,
+    /// Stop the local cluster `up` started.
+    Down {
+        /// Also remove its data (store, certificates, kubeconfig).
+        #[arg(long)]
+        purge: bool,
+    },
     /// Run a benchmark against its real peer (release builds).
     Bench {
         /// Which benchmark.
@@ -59,6 +68,7 @@ fn main() -> Result<()> {
         Command::BuildEbpf { release } => build::ebpf(release),
         Command::Test { nextest_args } => build::test(&nextest_args),
         Command::Up => build::up(),
+        Command::Down { purge } => cluster::down(purge),
         Command::Bench { name, seconds } => build::bench(name, seconds),
     }
 }
