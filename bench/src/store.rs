@@ -122,6 +122,7 @@ async fn start_skiff(args: &Args, members: usize) -> Result<(Cluster, Vec<StoreC
             .args(["--node-id", &(i + 1).to_string()])
             .args(["--peer-listen", &addrs[i].to_string()])
             .args(["--client-listen", &addrs[members + i].to_string()])
+            .arg("--store-only")
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if members > 1 {

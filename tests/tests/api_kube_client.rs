@@ -189,7 +189,10 @@ async fn concurrent_service_creates_never_share_an_ip_or_port() {
         other => panic!("expected 422, got {other:?}"),
     }
     // Deleting a Service frees its IP for a new one that asks for it.
-    api.delete("s0", &Default::default()).await.expect("delete");
+    let holder = made[0].metadata.name.clone().expect("name");
+    api.delete(&holder, &Default::default())
+        .await
+        .expect("delete");
     api.create(&PostParams::default(), &svc)
         .await
         .expect("the freed IP can be taken");

@@ -48,6 +48,7 @@ impl Member {
             .args(["--peer-listen", &self.peer.to_string()])
             .args(["--client-listen", &self.client.to_string()])
             .args(["--peers", peers])
+            .arg("--store-only")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

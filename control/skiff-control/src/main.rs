@@ -51,6 +51,11 @@ struct Cli {
     #[arg(long, default_value_t = 300)]
     history_seconds: u64,
 
+    /// Run only the store member (no API server, no controllers): a dedicated store member,
+    /// as an external etcd would be.
+    #[arg(long)]
+    store_only: bool,
+
     /// Address the Kubernetes API server (HTTPS) binds.
     #[arg(long, default_value = "127.0.0.1:6443")]
     api_listen: SocketAddr,
@@ -222,42 +227,48 @@ fn main() -> Result<()> {
             client = %client_addr,
             "store ready"
         );
-        let api = ApiServer::start(
-            ServerConfig {
-                listen: cli.api_listen,
-                data_dir: cli.data_dir.clone(),
-                extra_names: cli.tls_sans.clone(),
-                advertise_url: cli.api_advertise_url.clone(),
-            },
-            store.clone(),
-        )
-        .await
-        .context("starting the API server")?;
-        tracing::info!(listen = %api.addr(), kubeconfig = %api.kubeconfig().display(), "API server ready");
-        let kubeconfig = api.kubeconfig().to_path_buf();
-        let controllers = tokio::spawn(async move {
-            // Controllers are clients of the API like any other; a failure is logged and the
-            // set restarted after a pause (they are level-triggered, so nothing is lost).
-            let mut attempt = 0;
-            loop {
-                let r = async {
-                    let client = skiff_controllers::client_from_kubeconfig(&kubeconfig).await?;
-                    skiff_controllers::run(client).await
+        let (api, controllers) = if cli.store_only {
+            tracing::info!("store-only member: no API server or controllers");
+            (None, None)
+        } else {
+            let api = ApiServer::start(
+                ServerConfig {
+                    listen: cli.api_listen,
+                    data_dir: cli.data_dir.clone(),
+                    extra_names: cli.tls_sans.clone(),
+                    advertise_url: cli.api_advertise_url.clone(),
+                },
+                store.clone(),
+            )
+            .await
+            .context("starting the API server")?;
+            tracing::info!(listen = %api.addr(), kubeconfig = %api.kubeconfig().display(), "API server ready");
+            let kubeconfig = api.kubeconfig().to_path_buf();
+            let controllers = tokio::spawn(async move {
+                // Controllers are clients of the API like any other; a failure is logged and the
+                // set restarted after a pause (they are level-triggered, so nothing is lost).
+                let mut attempt = 0;
+                loop {
+                    let r = async {
+                        let client = skiff_controllers::client_from_kubeconfig(&kubeconfig).await?;
+                        skiff_controllers::run(client).await
+                    }
+                    .await;
+                    if let Err(e) = r {
+                        tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");
+                    }
+                    attempt += 1;
+                    tokio::time::sleep(skiff_controllers::backoff(attempt)).await;
                 }
-                .await;
-                if let Err(e) = r {
-                    tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");
-                }
-                attempt += 1;
-                tokio::time::sleep(skiff_controllers::backoff(attempt)).await;
-            }
-        });
-        println!(
-            "skiff-control: API server on https://{}\nadmin kubeconfig: {}\n  export KUBECONFIG={}\n  kubectl get namespaces",
-            api.addr(),
-            api.kubeconfig().display(),
-            api.kubeconfig().display()
-        );
+            });
+            println!(
+                "skiff-control: API server on https://{}\nadmin kubeconfig: {}\n  export KUBECONFIG={}\n  kubectl get namespaces",
+                api.addr(),
+                api.kubeconfig().display(),
+                api.kubeconfig().display()
+            );
+            (Some(api), Some(controllers))
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
@@ -265,8 +276,10 @@ fn main() -> Result<()> {
         }
         tracing::info!("stopping");
         // Close client connections (and their watches) first: they hold store handles.
-        controllers.abort();
-        let _ = controllers.await;
+        if let Some(c) = controllers {
+            c.abort();
+            let _ = c.await;
+        }
         drop(api);
         client_task.abort();
         let _ = client_task.await;
