@@ -645,6 +645,13 @@ pub fn validate_update(def: &ResourceDef, new: &Value, old: &Value, causes: &mut
         ("apps", "Deployment" | "ReplicaSet" | "StatefulSet" | "DaemonSet") => {
             immutable("/spec/selector", "spec.selector", causes);
         }
+        ("", "Node") => {
+            // A node's pod CIDR never changes once assigned.
+            let old_cidr = old.pointer("/spec/podCIDR").and_then(Value::as_str);
+            if old_cidr.is_some_and(|c| !c.is_empty()) {
+                immutable("/spec/podCIDR", "spec.podCIDR", causes);
+            }
+        }
         ("batch", "Job") => {
             immutable("/spec/selector", "spec.selector", causes);
             immutable("/spec/completionMode", "spec.completionMode", causes);

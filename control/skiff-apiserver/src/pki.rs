@@ -262,10 +262,24 @@ impl Pki {
 
     /// Writes an admin kubeconfig for `server` (`https://127.0.0.1:6443`) to `path`.
     pub fn write_kubeconfig(&self, path: &Path, server: &str) -> Result<PathBuf> {
+        self.write_kubeconfig_for(path, server, "skiff-admin", &self.admin_token)
+    }
+
+    /// Writes a kubeconfig with the node bootstrap token, for `skiff-node --kubeconfig`.
+    pub fn write_node_kubeconfig(&self, path: &Path, server: &str) -> Result<PathBuf> {
+        self.write_kubeconfig_for(path, server, "skiff-node", &self.bootstrap_token)
+    }
+
+    fn write_kubeconfig_for(
+        &self,
+        path: &Path,
+        server: &str,
+        user: &str,
+        token: &str,
+    ) -> Result<PathBuf> {
         let ca = base64::engine::general_purpose::STANDARD.encode(&self.ca_pem);
         let text = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: skiff-admin\n  user:\n    token: {}\ncontexts:\n- name: skiff\n  context:\n    cluster: skiff\n    user: skiff-admin\n    namespace: default\ncurrent-context: skiff\n",
-            self.admin_token
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: skiff\n  cluster:\n    server: {server}\n    certificate-authority-data: {ca}\nusers:\n- name: {user}\n  user:\n    token: {token}\ncontexts:\n- name: skiff\n  context:\n    cluster: skiff\n    user: {user}\n    namespace: default\ncurrent-context: skiff\n"
         );
         write_private(path, text.as_bytes())?;
         Ok(path.to_path_buf())

@@ -50,6 +50,7 @@ pub struct ServerConfig {
 pub struct ApiServer {
     addr: SocketAddr,
     kubeconfig: PathBuf,
+    node_kubeconfig: PathBuf,
     admin_token: String,
     ca_pem: String,
     task: tokio::task::JoinHandle<()>,
@@ -88,6 +89,8 @@ impl ApiServer {
             .clone()
             .unwrap_or_else(|| format!("https://{local}"));
         let kubeconfig = pki.write_kubeconfig(&cfg.data_dir.join("admin.kubeconfig"), &url)?;
+        let node_kubeconfig =
+            pki.write_node_kubeconfig(&cfg.data_dir.join("node.kubeconfig"), &url)?;
         let api = Arc::new(Api {
             objects: Objects::new(node),
         });
@@ -106,6 +109,7 @@ impl ApiServer {
         Ok(ApiServer {
             addr,
             kubeconfig,
+            node_kubeconfig,
             admin_token,
             ca_pem,
             task,
@@ -120,6 +124,11 @@ impl ApiServer {
     /// Path of the admin kubeconfig.
     pub fn kubeconfig(&self) -> &std::path::Path {
         &self.kubeconfig
+    }
+
+    /// Path of the node kubeconfig (bootstrap token) for `skiff-node --kubeconfig`.
+    pub fn node_kubeconfig(&self) -> &std::path::Path {
+        &self.node_kubeconfig
     }
 
     /// The admin bearer token.

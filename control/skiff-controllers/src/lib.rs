@@ -5,6 +5,7 @@
 //! - [`gc`]: the garbage collector: deletes dependents whose owners are gone (background
 //!   cascade), deletes dependents before their owner (`foregroundDeletion`), and orphans
 //!   dependents (`orphan`).
+//! - [`nodeipam`]: gives each Node a /24 pod CIDR from 10.244.0.0/16.
 //!
 //! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
 //! them: a failed reconcile is retried with backoff.
@@ -20,6 +21,7 @@ use kube::{
 
 pub mod gc;
 pub mod namespace;
+pub mod nodeipam;
 
 /// Backoff for failed reconciles: 800 ms doubling to 30 s (kube-runtime's default policy).
 pub fn backoff(attempt: u32) -> Duration {
@@ -58,15 +60,34 @@ pub fn namespaced(caps: &ApiCapabilities) -> bool {
     caps.scope == Scope::Namespaced
 }
 
-/// Runs every controller until the process ends.
+/// Runs every controller until the process ends. If one stops, the others are stopped too
+/// and the error returned (the caller restarts the set).
 pub async fn run(client: Client) -> Result<()> {
     let resources = resources(&client).await?;
-    let ns = tokio::spawn(namespace::run(client.clone(), resources.clone()));
-    let gc = tokio::spawn(gc::run(client, resources));
-    let (a, b) = tokio::join!(ns, gc);
-    a.context("namespace controller")??;
-    b.context("garbage collector")??;
-    Ok(())
+    let mut set = tokio::task::JoinSet::new();
+    {
+        let (client, resources) = (client.clone(), resources.clone());
+        set.spawn(async move {
+            namespace::run(client, resources)
+                .await
+                .context("namespace controller")
+        });
+    }
+    {
+        let client = client.clone();
+        set.spawn(async move { nodeipam::run(client).await.context("node IPAM controller") });
+    }
+    set.spawn(async move {
+        gc::run(client, resources)
+            .await
+            .context("garbage collector")
+    });
+    match set.join_next().await {
+        Some(Ok(Ok(()))) => anyhow::bail!("a controller stopped"),
+        Some(Ok(Err(e))) => Err(e),
+        Some(Err(e)) => Err(e).context("a controller panicked"),
+        None => Ok(()),
+    }
 }
 
 #[cfg(test)]

@@ -2,8 +2,9 @@
 //!
 //! Without a subcommand it runs the agent: it loads every eBPF program through the verifier,
 //! pins the shared maps under `<bpffs>/skiff/<node>/` (reusing maps left by a previous run),
-//! attaches the uplink program to each `--uplink`, and runs until SIGINT/SIGTERM. On exit the
-//! programs detach; the pinned maps stay for the next run.
+//! attaches the uplink program to each `--uplink`, joins the cluster when given `--kubeconfig`
+//! (registers its Node, renews its Lease, posts status), and runs until SIGINT/SIGTERM. On exit
+//! the programs detach; the pinned maps stay for the next run.
 
 use std::path::PathBuf;
 
@@ -35,6 +36,28 @@ struct Cli {
     /// Uplink interfaces (in the agent's network namespace) to attach the XDP program to.
     #[arg(long = "uplink", value_name = "IFACE")]
     uplinks: Vec<String>,
+
+    /// Join the cluster with this kubeconfig (`skiff-control` writes `node.kubeconfig` with the
+    /// node bootstrap token). Without it the agent runs the data path only.
+    #[arg(long, env = "SKIFF_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+
+    /// The node's address (its InternalIP). Default: the first global IPv4 address of the
+    /// agent's network namespace.
+    #[arg(long)]
+    node_ip: Option<std::net::Ipv4Addr>,
+
+    /// Where the agent keeps its state.
+    #[arg(long, default_value = "/var/lib/skiff/node")]
+    data_dir: PathBuf,
+
+    /// The agent's HTTPS port (logs and exec), published as the node's kubelet endpoint.
+    #[arg(long, default_value_t = 10250)]
+    port: u16,
+
+    /// Extra node labels, `key=value` (repeatable).
+    #[arg(long = "node-label", value_name = "KEY=VALUE")]
+    node_labels: Vec<String>,
 
     #[command(subcommand)]
     command: Option<Command>,
@@ -75,7 +98,7 @@ fn main() -> Result<()> {
             .to_lowercase(),
     };
     match cli.command {
-        None => run_agent(&cli.bpffs, &node, &cli.uplinks),
+        None => run_agent(&cli, &node),
         Some(Command::Bpf(BpfCommand::Metrics)) => print_metrics(&cli.bpffs, &node),
         Some(Command::Bpf(BpfCommand::DropReasons)) => {
             println!("{:<6} {:<20} DESCRIPTION", "CODE", "NAME");
@@ -106,7 +129,39 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn run_agent(bpffs: &std::path::Path, node: &str, uplinks: &[String]) -> Result<()> {
+fn join_config(cli: &Cli, node: &str) -> Result<skiff_agent::register::NodeConfig> {
+    let internal_ip = match cli.node_ip {
+        Some(ip) => ip,
+        None => skiff_agent::machine::default_ipv4()
+            .context("no global IPv4 address in this network namespace; pass --node-ip")?,
+    };
+    let labels = cli
+        .node_labels
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .with_context(|| format!("--node-label {l:?} is not KEY=VALUE"))
+        })
+        .collect::<Result<_>>()?;
+    std::fs::create_dir_all(&cli.data_dir)
+        .with_context(|| format!("create {}", cli.data_dir.display()))?;
+    Ok(skiff_agent::register::NodeConfig {
+        name: node.to_string(),
+        internal_ip,
+        data_dir: cli.data_dir.clone(),
+        port: cli.port,
+        runtime_version: String::new(),
+        labels,
+    })
+}
+
+fn run_agent(cli: &Cli, node: &str) -> Result<()> {
+    let (bpffs, uplinks) = (&cli.bpffs, &cli.uplinks);
+    let join = match &cli.kubeconfig {
+        Some(k) => Some((k.clone(), join_config(cli, node)?)),
+        None => None,
+    };
     let pins = PinDir::create(bpffs, node)?;
     let mut programs = Vec::new();
     for kind in ProgramKind::ALL {
@@ -126,15 +181,32 @@ fn run_agent(bpffs: &std::path::Path, node: &str, uplinks: &[String]) -> Result<
         uplinks = ?uplinks,
         "data path ready"
     );
-    tracing::warn!("no API client yet: this agent runs the data path only");
-    let rt = tokio::runtime::Builder::new_current_thread()
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let heartbeat = match join {
+            Some((kubeconfig, cfg)) => {
+                let client = skiff_agent::client_from_kubeconfig(&kubeconfig).await?;
+                let status = skiff_agent::register::register(&client, &cfg).await?;
+                tracing::info!(node = %cfg.name, ip = %cfg.internal_ip, "joined the cluster");
+                Some(tokio::spawn(skiff_agent::register::heartbeat(
+                    client, cfg, status,
+                )))
+            }
+            None => {
+                tracing::warn!("no --kubeconfig: this agent runs the data path only");
+                None
+            }
+        };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
+        }
+        if let Some(h) = heartbeat {
+            h.abort();
         }
         anyhow::Ok(())
     })?;
