@@ -1,0 +1,290 @@
+//! Containers and their tasks through containerd's native API: a writable overlayfs snapshot on
+//! top of the image's layers, an OCI runtime spec built with `oci-spec`, a runc v2 task whose
+//! output goes to a file, wait, kill and delete.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use containerd_client::{
+    services::v1::{
+        Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
+        DeleteTaskRequest, KillRequest, StartRequest, WaitRequest,
+        container::Runtime,
+        containers_client::ContainersClient,
+        snapshots::{
+            PrepareSnapshotRequest, RemoveSnapshotRequest, snapshots_client::SnapshotsClient,
+        },
+        tasks_client::TasksClient,
+    },
+    tonic::{Code, Request, transport::Channel},
+    with_namespace,
+};
+use oci_spec::runtime::Spec;
+use serde_json::{Value, json};
+
+use crate::{
+    containerd::NAMESPACE,
+    image::{ImageInfo, SNAPSHOTTER},
+};
+
+/// What to run.
+#[derive(Clone, Debug, Default)]
+pub struct ContainerConfig {
+    /// Unique container id (also the snapshot key and task id).
+    pub id: String,
+    /// `command` + `args` resolved against the image's Entrypoint/Cmd by the caller; empty means
+    /// the image's own.
+    pub args: Vec<String>,
+    /// Extra environment (`KEY=VALUE`), after the image's.
+    pub env: Vec<String>,
+    /// Working directory; empty means the image's or `/`.
+    pub cwd: String,
+    /// Hostname inside the container.
+    pub hostname: String,
+    /// The network namespace to join (the pod's); `None` gives the container its own.
+    pub netns: Option<PathBuf>,
+    /// Where stdout and stderr go (the runc shim writes a `file://` log URI for both streams).
+    pub log: PathBuf,
+    /// runc's state directory (`--root`); `None` uses the shim's default
+    /// (`/run/containerd/runc/<namespace>`), shared with every containerd on the machine.
+    pub runc_root: Option<PathBuf>,
+}
+
+/// The runtime spec for `cfg` running `image`.
+pub fn spec(cfg: &ContainerConfig, image: &ImageInfo) -> Result<Value> {
+    let mut s = serde_json::to_value(Spec::default()).context("default runtime spec")?;
+    let ic = &image.config;
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_string))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let args = if cfg.args.is_empty() {
+        let mut a = strings(&ic["Entrypoint"]);
+        a.extend(strings(&ic["Cmd"]));
+        a
+    } else {
+        cfg.args.clone()
+    };
+    let mut env = strings(&ic["Env"]);
+    env.extend(cfg.env.iter().cloned());
+    let cwd = if !cfg.cwd.is_empty() {
+        cfg.cwd.clone()
+    } else {
+        ic["WorkingDir"]
+            .as_str()
+            .filter(|w| !w.is_empty())
+            .unwrap_or("/")
+            .to_string()
+    };
+    s["process"]["args"] = json!(args);
+    s["process"]["env"] = json!(env);
+    s["process"]["cwd"] = json!(cwd);
+    s["process"]["terminal"] = json!(false);
+    s["root"] = json!({"path": "rootfs", "readonly": false});
+    s["hostname"] = json!(if cfg.hostname.is_empty() {
+        &cfg.id
+    } else {
+        &cfg.hostname
+    });
+    s["linux"]["cgroupsPath"] = json!(format!("/skiff/{}", cfg.id));
+    if let Some(ns) = &cfg.netns
+        && let Some(list) = s["linux"]["namespaces"].as_array_mut()
+    {
+        for n in list.iter_mut() {
+            if n["type"] == "network" {
+                n["path"] = json!(ns.display().to_string());
+            }
+        }
+    }
+    // Validate by round trip through the typed spec.
+    let typed: Spec = serde_json::from_value(s).context("runtime spec")?;
+    serde_json::to_value(typed).context("runtime spec")
+}
+
+/// Creates the container (snapshot, record) and starts its task.
+pub async fn start(ch: &Channel, cfg: &ContainerConfig, image: &ImageInfo) -> Result<u32> {
+    let spec = spec(cfg, image)?;
+    let mounts = SnapshotsClient::new(ch.clone())
+        .prepare(with_namespace!(
+            PrepareSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: cfg.id.clone(),
+                parent: image.chain_id.clone(),
+                ..Default::default()
+            },
+            NAMESPACE
+        ))
+        .await
+        .with_context(|| format!("prepare the snapshot of container {}", cfg.id))?
+        .into_inner()
+        .mounts;
+    let container = Container {
+        id: cfg.id.clone(),
+        image: image.name.clone(),
+        runtime: Some(Runtime {
+            name: "io.containerd.runc.v2".into(),
+            options: None,
+        }),
+        spec: Some(prost_types::Any {
+            type_url: "types.containerd.io/opencontainers/runtime-spec/1/Spec".into(),
+            value: serde_json::to_vec(&spec)?,
+        }),
+        snapshotter: SNAPSHOTTER.into(),
+        snapshot_key: cfg.id.clone(),
+        ..Default::default()
+    };
+    ContainersClient::new(ch.clone())
+        .create(with_namespace!(
+            CreateContainerRequest {
+                container: Some(container),
+            },
+            NAMESPACE
+        ))
+        .await
+        .with_context(|| format!("create container {}", cfg.id))?;
+    if let Some(d) = cfg.log.parent() {
+        std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+    }
+    let mut tasks = TasksClient::new(ch.clone());
+    tasks
+        .create(with_namespace!(
+            CreateTaskRequest {
+                container_id: cfg.id.clone(),
+                rootfs: mounts,
+                // The runc shim writes the file itself (a `file://` log URI takes both
+                // streams), so output survives agent restarts. Both fields must be set: the
+                // 1.6 shim crashes copying a stream whose URI is empty.
+                stdout: format!("file://{}", cfg.log.display()),
+                stderr: format!("file://{}", cfg.log.display()),
+                options: cfg.runc_root.as_deref().map(runc_options),
+                ..Default::default()
+            },
+            NAMESPACE
+        ))
+        .await
+        .with_context(|| format!("create the task of container {}", cfg.id))?;
+    let pid = tasks
+        .start(with_namespace!(
+            StartRequest {
+                container_id: cfg.id.clone(),
+                ..Default::default()
+            },
+            NAMESPACE
+        ))
+        .await
+        .with_context(|| format!("start container {}", cfg.id))?
+        .into_inner()
+        .pid;
+    Ok(pid)
+}
+
+/// The runc shim's `containerd.runc.v1.Options` with only `root` (field 7) set, encoded by hand:
+/// the client crate does not ship the runc options types.
+fn runc_options(root: &Path) -> prost_types::Any {
+    let path = root.display().to_string().into_bytes();
+    let mut value = vec![(7 << 3) | 2];
+    let mut len = path.len();
+    loop {
+        let byte = (len & 0x7f) as u8;
+        len >>= 7;
+        if len == 0 {
+            value.push(byte);
+            break;
+        }
+        value.push(byte | 0x80);
+    }
+    value.extend(path);
+    prost_types::Any {
+        type_url: "containerd.runc.v1.Options".into(),
+        value,
+    }
+}
+
+/// Waits for the container's task to exit; returns its exit status.
+pub async fn wait(ch: &Channel, id: &str) -> Result<u32> {
+    let r = TasksClient::new(ch.clone())
+        .wait(with_namespace!(
+            WaitRequest {
+                container_id: id.into(),
+                ..Default::default()
+            },
+            NAMESPACE
+        ))
+        .await
+        .with_context(|| format!("wait for container {id}"))?
+        .into_inner();
+    Ok(r.exit_status)
+}
+
+/// Sends `signal` to the container's processes.
+pub async fn kill(ch: &Channel, id: &str, signal: u32) -> Result<()> {
+    match TasksClient::new(ch.clone())
+        .kill(with_namespace!(
+            KillRequest {
+                container_id: id.into(),
+                signal,
+                all: true,
+                ..Default::default()
+            },
+            NAMESPACE
+        ))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Code::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("signal container {id}")),
+    }
+}
+
+/// Removes the container's task (it must have exited), record and snapshot; absent parts are
+/// fine, so this is also the cleanup after a failed start.
+pub async fn remove(ch: &Channel, id: &str) -> Result<()> {
+    match TasksClient::new(ch.clone())
+        .delete(with_namespace!(
+            DeleteTaskRequest {
+                container_id: id.into(),
+            },
+            NAMESPACE
+        ))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Code::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("delete the task of container {id}")),
+    }
+    match ContainersClient::new(ch.clone())
+        .delete(with_namespace!(
+            DeleteContainerRequest { id: id.into() },
+            NAMESPACE
+        ))
+        .await
+    {
+        Ok(_) => {}
+        Err(e) if e.code() == Code::NotFound => {}
+        Err(e) => return Err(e).with_context(|| format!("delete container {id}")),
+    }
+    match SnapshotsClient::new(ch.clone())
+        .remove(with_namespace!(
+            RemoveSnapshotRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: id.into(),
+            },
+            NAMESPACE
+        ))
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(e) if e.code() == Code::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("remove the snapshot of container {id}")),
+    }
+}
+
+/// Where a container's log goes under `dir`.
+pub fn log_path(dir: &Path, id: &str) -> PathBuf {
+    dir.join(format!("{id}.log"))
+}

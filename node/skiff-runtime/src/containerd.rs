@@ -1,0 +1,157 @@
+//! containerd: a child the agent starts and supervises (as k3s does), or one the node already
+//! runs, reached through its socket.
+//!
+//! The supervised daemon gets a generated config with its root under the agent's data
+//! directory, its state and socket under the agent's run directory, and the CRI plugin disabled:
+//! skiff uses containerd's native API (namespaces, content, images, snapshots, containers,
+//! tasks), not CRI.
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use containerd_client::{services::v1::version_client::VersionClient, tonic::transport::Channel};
+
+/// The containerd namespace skiff's containers live in (the one CRI uses too, so `ctr -n
+/// k8s.io` shows them).
+pub const NAMESPACE: &str = "k8s.io";
+/// Longest unix socket path (`sun_path` is 108 bytes with the terminating NUL).
+const MAX_SOCKET_PATH: usize = 107;
+
+/// A containerd daemon this process started; stopped (by PID, SIGTERM then SIGKILL) on drop.
+#[derive(Debug)]
+pub struct Supervised {
+    child: Child,
+    socket: PathBuf,
+}
+
+/// The config for a supervised containerd.
+pub fn config(root: &Path, state: &Path, socket: &Path) -> String {
+    format!(
+        r#"version = 2
+root = "{root}"
+state = "{state}"
+# skiff drives containerd through its native API; CRI is not used.
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+
+[grpc]
+  address = "{socket}"
+
+[ttrpc]
+  address = "{socket}.ttrpc"
+
+[debug]
+  address = ""
+
+[metrics]
+  address = ""
+"#,
+        root = root.display(),
+        state = state.display(),
+        socket = socket.display(),
+    )
+}
+
+impl Supervised {
+    /// Starts `containerd` with its root in `data_dir/containerd` and state, socket and log in
+    /// `run_dir/containerd`; waits until it answers.
+    pub async fn start(binary: &Path, data_dir: &Path, run_dir: &Path) -> Result<Supervised> {
+        let root = data_dir.join("containerd");
+        let state = run_dir.join("containerd");
+        for d in [&root, &state] {
+            fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+        }
+        let socket = state.join("containerd.sock");
+        if socket.as_os_str().len() > MAX_SOCKET_PATH {
+            bail!(
+                "containerd socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter --run-dir",
+                socket.display()
+            );
+        }
+        let cfg_path = state.join("config.toml");
+        fs::write(&cfg_path, config(&root, &state, &socket))
+            .with_context(|| format!("write {}", cfg_path.display()))?;
+        let log_path = state.join("containerd.log");
+        let log = fs::File::create(&log_path)
+            .with_context(|| format!("create {}", log_path.display()))?;
+        let child = Command::new(binary)
+            .arg("--config")
+            .arg(&cfg_path)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("start {}", binary.display()))?;
+        let mut sup = Supervised { child, socket };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(status) = sup.child.try_wait()? {
+                bail!(
+                    "containerd exited during start ({status}); its log {}:\n{}",
+                    log_path.display(),
+                    fs::read_to_string(&log_path).unwrap_or_default()
+                );
+            }
+            if sup.socket.exists()
+                && let Ok(ch) = connect(&sup.socket).await
+                && version(&ch).await.is_ok()
+            {
+                return Ok(sup);
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "containerd did not answer within 20 s; see {}",
+                    log_path.display()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Its socket.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// Whether it is still running.
+    pub fn running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Supervised {
+    fn drop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects to containerd's socket.
+pub async fn connect(socket: &Path) -> Result<Channel> {
+    containerd_client::connect(socket)
+        .await
+        .with_context(|| format!("connect to containerd at {}", socket.display()))
+}
+
+/// containerd's version (`1.6.20~ds1`).
+pub async fn version(ch: &Channel) -> Result<String> {
+    let v = VersionClient::new(ch.clone())
+        .version(())
+        .await
+        .context("containerd Version")?
+        .into_inner();
+    Ok(v.version)
+}
