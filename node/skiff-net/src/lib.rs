@@ -1,12 +1,15 @@
 //! Pod networking primitives, done directly over netlink (the CNI role without a CNI binary):
-//! network namespaces that `ip netns` also sees, and a small typed layer over `rtnetlink` for
-//! links, addresses and routes.
+//! network namespaces that `ip netns` also sees, a small typed layer over `rtnetlink` for
+//! links, addresses and routes, durable pod IP allocation ([`ipam`]) and the pod network itself
+//! ([`pod`]).
 //!
 //! Every privileged call lives in this crate, so the rest of the agent reaches the kernel's
 //! network configuration through one seam.
 
+pub mod ipam;
 pub mod link;
 pub mod netns;
+pub mod pod;
 
 pub use link::Netlink;
 pub use netns::NetNs;
@@ -41,6 +44,9 @@ pub enum NetError {
     /// A link that should exist does not.
     #[error("no such link {0}")]
     NoSuchLink(String),
+    /// A request that cannot be met (a malformed CIDR, an exhausted range).
+    #[error("{0}")]
+    Invalid(String),
 }
 
 impl NetError {

@@ -1,10 +1,14 @@
 //! A typed layer over `rtnetlink` for the link, address and route calls skiff makes.
 
-use std::{net::IpAddr, os::fd::AsRawFd};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    os::fd::AsRawFd,
+};
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use rtnetlink::{Handle, LinkUnspec, LinkVeth};
+use netlink_packet_route::route::RouteScope;
+use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{NetError, NetNs};
 
@@ -136,6 +140,61 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl("add address", format!("{addr}/{prefix} on {name}")))
+    }
+
+    /// Renames link `name` (which must be down) to `new`.
+    pub async fn rename(&self, name: &str, new: &str) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).name(new).build())
+            .execute()
+            .await
+            .map_err(nl("rename link", format!("{name} -> {new}")))
+    }
+
+    /// Adds a route to `dest/prefix` out of link `dev`: through `gateway` (reached on-link, so
+    /// it needs no address of its own on the link) or, without one, directly (scope link).
+    pub async fn add_route(
+        &self,
+        dest: Ipv4Addr,
+        prefix: u8,
+        dev: &str,
+        gateway: Option<Ipv4Addr>,
+    ) -> Result<(), NetError> {
+        let index = self.index(dev).await?;
+        let mut b = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, prefix)
+            .output_interface(index);
+        b = match gateway {
+            Some(gw) => b.gateway(gw).onlink(),
+            None => b.scope(RouteScope::Link),
+        };
+        self.handle
+            .route()
+            .add(b.build())
+            .execute()
+            .await
+            .map_err(nl("add route", format!("{dest}/{prefix} dev {dev}")))
+    }
+
+    /// Adds (or replaces) a permanent neighbour entry: `ip` is at `mac` on link `dev`.
+    pub async fn add_neighbour(
+        &self,
+        dev: &str,
+        ip: Ipv4Addr,
+        mac: [u8; 6],
+    ) -> Result<(), NetError> {
+        let index = self.index(dev).await?;
+        self.handle
+            .neighbours()
+            .add(index, ip.into())
+            .link_layer_address(&mac)
+            .state(netlink_packet_route::neighbour::NeighbourState::Permanent)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl("add neighbour", format!("{ip} on {dev}")))
     }
 
     /// Deletes link `name` (for a veth, its peer goes too). Missing links are not an error.
