@@ -28,14 +28,25 @@ fn free_port() -> SocketAddr {
 impl ControlPlane {
     /// Starts `skiff-control` (single-member store) and waits until `kubectl` can use it.
     pub fn start() -> ControlPlane {
+        Self::start_on(std::net::Ipv4Addr::LOCALHOST)
+    }
+
+    /// Like [`ControlPlane::start`], with the API server on `ip` (an address of this namespace,
+    /// e.g. the host side of a test node's link) so agents in node namespaces reach it.
+    pub fn start_on(ip: std::net::Ipv4Addr) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
-        let (api, peer, client) = (free_port(), free_port(), free_port());
+        let api = {
+            let l = TcpListener::bind((ip, 0)).expect("bind a free API port");
+            l.local_addr().expect("addr")
+        };
+        let (peer, client) = (free_port(), free_port());
         let log = std::fs::File::create(dir.path().join("control.log")).expect("log file");
         let child = Command::new(bin("skiff-control"))
             .args(["--data-dir", &dir.path().join("data").display().to_string()])
             .args(["--api-listen", &api.to_string()])
             .args(["--peer-listen", &peer.to_string()])
             .args(["--client-listen", &client.to_string()])
+            .args(["--tls-san", &ip.to_string()])
             .env("RUST_LOG", "info,skiff_controllers=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -10,6 +10,7 @@
 
 pub mod control;
 pub mod linearizability;
+pub mod node;
 pub mod packets;
 pub mod topology;
 

@@ -96,6 +96,8 @@ async fn two_pods_on_a_node_reach_each_other_and_leave_nothing_behind() {
     let _ = ipam.collect(&HashSet::new());
     drop(node);
     let _ = node_ns.delete();
+    // The namespace directory was made a mount point of its own (as `ip netns` does).
+    let _ = nix::mount::umount2(&pods_dir, nix::mount::MntFlags::MNT_DETACH);
     if let Err(p) = result {
         std::panic::resume_unwind(p);
     }

@@ -151,7 +151,7 @@ pub fn up() -> Result<()> {
          kubectl apply -f manifests/examples/web.yaml\n  \
          kubectl get all -n web\n\n\
          Stop it with `cargo xtask down` (`--purge` also removes its data).\n\n\
-         Pods stay Pending until node agents run them (the node agent is the next capability).\n\
+         Pods stay Pending until a node joins: docs/deploying-agents.md (skiff-node --kubeconfig .../node.kubeconfig).\n\
          The node's eBPF data path runs today:\n  \
          sudo {node} --node-name demo --uplink <iface>      # load, pin, attach XDP\n  \
          sudo {node} --node-name demo bpf metrics           # counters by hook and drop reason\n",

@@ -6,6 +6,7 @@
 //!   cascade), deletes dependents before their owner (`foregroundDeletion`), and orphans
 //!   dependents (`orphan`).
 //! - [`nodeipam`]: gives each Node a /24 pod CIDR from 10.244.0.0/16.
+//! - [`scheduler`]: binds pending pods to Ready nodes that fit them.
 //!
 //! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
 //! them: a failed reconcile is retried with backoff.
@@ -22,6 +23,7 @@ use kube::{
 pub mod gc;
 pub mod namespace;
 pub mod nodeipam;
+pub mod scheduler;
 
 /// Backoff for failed reconciles: 800 ms doubling to 30 s (kube-runtime's default policy).
 pub fn backoff(attempt: u32) -> Duration {
@@ -76,6 +78,10 @@ pub async fn run(client: Client) -> Result<()> {
     {
         let client = client.clone();
         set.spawn(async move { nodeipam::run(client).await.context("node IPAM controller") });
+    }
+    {
+        let client = client.clone();
+        set.spawn(async move { scheduler::run(client).await.context("scheduler") });
     }
     set.spawn(async move {
         gc::run(client, resources)

@@ -2,10 +2,10 @@
 //!
 //! - [`machine`]: facts about this machine (capacity, identity, pressure).
 //! - [`register`]: the Node object, its status, and the Lease heartbeat.
-//!
-//! Pods on containerd, pod networking and the logs/exec endpoint come next (issue 5).
+//! - [`pods`]: pods bound to this node, on containerd, with their network and status.
 
 pub mod machine;
+pub mod pods;
 pub mod register;
 
 use std::path::Path;

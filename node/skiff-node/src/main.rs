@@ -55,6 +55,20 @@ struct Cli {
     #[arg(long, default_value_t = 10250)]
     port: u16,
 
+    /// Where the agent keeps runtime state (pod namespaces, runc state, containerd's socket).
+    #[arg(long, default_value = "/run/skiff/node")]
+    run_dir: PathBuf,
+
+    /// An existing containerd socket to use; without it the agent starts and supervises its
+    /// own containerd (from PATH) with state under --data-dir and --run-dir.
+    #[arg(long)]
+    containerd: Option<PathBuf>,
+
+    /// OCI image-layout archives to import into containerd at start (repeatable); their
+    /// `org.opencontainers.image.ref.name` annotation names the image.
+    #[arg(long = "import-image", value_name = "ARCHIVE")]
+    import_images: Vec<PathBuf>,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -186,14 +200,62 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let mut supervised = None;
         let heartbeat = match join {
-            Some((kubeconfig, cfg)) => {
+            Some((kubeconfig, mut cfg)) => {
+                let socket = match &cli.containerd {
+                    Some(s) => s.clone(),
+                    None => {
+                        let s = skiff_runtime::containerd::Supervised::start(
+                            std::path::Path::new("containerd"),
+                            &cli.data_dir,
+                            &cli.run_dir,
+                        )
+                        .await
+                        .context("start containerd")?;
+                        let path = s.socket().to_path_buf();
+                        supervised = Some(s);
+                        path
+                    }
+                };
+                let ch = skiff_runtime::containerd::connect(&socket).await?;
+                cfg.runtime_version = format!(
+                    "containerd://{}",
+                    skiff_runtime::containerd::version(&ch).await?
+                );
+                let mut images = Vec::new();
+                for archive in &cli.import_images {
+                    let name = skiff_runtime::oci_layout::ref_name(archive)?;
+                    images.push(
+                        skiff_runtime::image::import_oci_archive(&ch, archive, &name)
+                            .await
+                            .with_context(|| format!("import {}", archive.display()))?,
+                    );
+                }
                 let client = skiff_agent::client_from_kubeconfig(&kubeconfig).await?;
                 let status = skiff_agent::register::register(&client, &cfg).await?;
                 tracing::info!(node = %cfg.name, ip = %cfg.internal_ip, "joined the cluster");
-                Some(tokio::spawn(skiff_agent::register::heartbeat(
-                    client, cfg, status,
-                )))
+                let pods = skiff_agent::pods::PodManager::new(
+                    client.clone(),
+                    skiff_agent::pods::PodConfig {
+                        node: cfg.name.clone(),
+                        node_ip: cfg.internal_ip,
+                        data_dir: cli.data_dir.clone(),
+                        run_dir: cli.run_dir.clone(),
+                    },
+                    ch,
+                    images,
+                )
+                .await?;
+                let pods_task = tokio::spawn(async move {
+                    if let Err(e) = pods.run().await {
+                        tracing::error!(error = format!("{e:#}"), "pod manager stopped");
+                    }
+                });
+                let hb = tokio::spawn(skiff_agent::register::heartbeat(client, cfg, status));
+                Some(tokio::spawn(async move {
+                    let _ = tokio::join!(pods_task, hb);
+                }))
             }
             None => {
                 tracing::warn!("no --kubeconfig: this agent runs the data path only");
@@ -208,6 +270,8 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         if let Some(h) = heartbeat {
             h.abort();
         }
+        // Containers keep running under their shims; a restarted agent finds them.
+        drop(supervised);
         anyhow::Ok(())
     })?;
     tracing::info!("stopping: programs detach, pinned maps stay");

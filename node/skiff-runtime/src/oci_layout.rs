@@ -91,6 +91,26 @@ fn layer(busybox: &[u8]) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
+/// The image name an OCI layout archive carries (`org.opencontainers.image.ref.name` of its
+/// first manifest).
+pub fn ref_name(archive: &Path) -> Result<String> {
+    let f = std::fs::File::open(archive).with_context(|| format!("open {}", archive.display()))?;
+    let mut ar = tar::Archive::new(f);
+    for entry in ar.entries()? {
+        let mut e = entry?;
+        if e.path()?.to_string_lossy().trim_start_matches("./") == "index.json" {
+            let mut text = String::new();
+            std::io::Read::read_to_string(&mut e, &mut text)?;
+            let index: serde_json::Value = serde_json::from_str(&text).context("index.json")?;
+            return index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"]
+                .as_str()
+                .map(str::to_string)
+                .with_context(|| format!("{}: the manifest has no ref name", archive.display()));
+        }
+    }
+    anyhow::bail!("{} has no index.json", archive.display())
+}
+
 /// Writes an OCI image-layout archive for image `name` built from `busybox` (a static binary)
 /// to `out`.
 pub fn build_busybox_archive(busybox: &Path, name: &str, out: &Path) -> Result<()> {

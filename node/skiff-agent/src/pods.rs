@@ -1,0 +1,622 @@
+//! Pods bound to this node, run on containerd (the kubelet's pod workers, simplified).
+//!
+//! For each pod the API binds here (a watch with `spec.nodeName=<node>`): allocate an IP from
+//! the node's pod CIDR, build the pod network, and run each container under a supervisor task
+//! that restarts it as `restartPolicy` says, with upstream's back-off (10 s doubling to 5 min,
+//! shown as `CrashLoopBackOff`), posting the pod's status (phase, conditions, container states,
+//! pod IP) after every change. A pod being deleted has its containers stopped (SIGTERM, the
+//! grace period, SIGKILL), its containers, network and IP removed, and only then its API object
+//! deleted. Images must be present (imported at start); a missing one is `ErrImagePull`, then
+//! `ImagePullBackOff`.
+
+use std::{
+    collections::HashMap,
+    net::Ipv4Addr,
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::{
+    api::core::v1::{Container, Node, Pod},
+    chrono::{SecondsFormat, Utc},
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{DeleteParams, Patch, PatchParams, Preconditions},
+    runtime::{WatchStreamExt, watcher},
+};
+use serde_json::{Value, json};
+use skiff_net::{Netlink, ipam::Ipam, pod as podnet};
+use skiff_runtime::{
+    container::{self, ContainerConfig},
+    image::ImageInfo,
+};
+use tokio::task::JoinHandle;
+
+/// First back-off after a container exits (upstream's kubelet).
+const BACKOFF_START: Duration = Duration::from_secs(10);
+/// Longest back-off.
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A container that ran this long resets its back-off.
+const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// Where things live on this node.
+#[derive(Clone, Debug)]
+pub struct PodConfig {
+    /// Node name.
+    pub node: String,
+    /// The node's address (status.hostIP).
+    pub node_ip: Ipv4Addr,
+    /// Agent state (IPAM, logs).
+    pub data_dir: PathBuf,
+    /// Agent runtime state (pod netns, runc state).
+    pub run_dir: PathBuf,
+}
+
+/// Normalises an image reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
+pub fn normalize_image(name: &str) -> String {
+    let (repo, tag) = match name.rsplit_once(':') {
+        Some((r, t)) if !t.contains('/') => (r.to_string(), t.to_string()),
+        _ => (name.to_string(), "latest".to_string()),
+    };
+    let first = repo.split('/').next().unwrap_or("");
+    let has_registry =
+        repo.contains('/') && (first.contains('.') || first.contains(':') || first == "localhost");
+    let repo = if has_registry {
+        repo
+    } else if repo.contains('/') {
+        format!("docker.io/{repo}")
+    } else {
+        format!("docker.io/library/{repo}")
+    };
+    format!("{repo}:{tag}")
+}
+
+#[derive(Clone, Debug, Default)]
+struct ContainerStatus {
+    id: String,
+    restarts: u32,
+    /// `running`, `waiting` or `terminated`, as a status JSON object.
+    state: Value,
+    last_state: Value,
+    ready: bool,
+    image: String,
+    image_id: String,
+}
+
+#[derive(Debug)]
+struct PodState {
+    namespace: String,
+    name: String,
+    ip: Option<Ipv4Addr>,
+    started: String,
+    containers: Vec<(String, ContainerStatus)>,
+    restart_policy: String,
+    workers: Vec<JoinHandle<()>>,
+    stopping: bool,
+}
+
+/// Runs the pods of one node.
+pub struct PodManager {
+    client: Client,
+    cfg: PodConfig,
+    ch: containerd_client::tonic::transport::Channel,
+    images: HashMap<String, ImageInfo>,
+    ipam: Ipam,
+    net: Netlink,
+    pods: Mutex<HashMap<String, PodState>>,
+}
+
+impl std::fmt::Debug for PodManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PodManager")
+            .field("node", &self.cfg.node)
+            .finish()
+    }
+}
+
+fn now() -> String {
+    Utc::now().to_rfc3339_opts(SecondsFormat::Secs, true)
+}
+
+fn short(uid: &str) -> &str {
+    &uid[..uid.len().min(8)]
+}
+
+impl PodManager {
+    /// Waits for the node's pod CIDR, then prepares the manager.
+    pub async fn new(
+        client: Client,
+        cfg: PodConfig,
+        ch: containerd_client::tonic::transport::Channel,
+        images: Vec<ImageInfo>,
+    ) -> Result<Arc<PodManager>> {
+        let nodes: Api<Node> = Api::all(client.clone());
+        let cidr = loop {
+            let n = nodes.get(&cfg.node).await.context("read this node")?;
+            if let Some(c) = n.spec.and_then(|s| s.pod_cidr).filter(|c| !c.is_empty()) {
+                break c;
+            }
+            tracing::info!("waiting for the control plane to assign this node a pod CIDR");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        };
+        let ipam = Ipam::open(&cfg.data_dir.join("ipam"), &cidr)?;
+        std::fs::create_dir_all(cfg.run_dir.join("netns"))?;
+        let images = images
+            .into_iter()
+            .map(|i| (normalize_image(&i.name), i))
+            .collect();
+        Ok(Arc::new(PodManager {
+            client,
+            cfg,
+            ch,
+            images,
+            ipam,
+            net: Netlink::connect()?,
+            pods: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    fn netns_dir(&self) -> PathBuf {
+        self.cfg.run_dir.join("netns")
+    }
+
+    fn log_dir(&self, pod: &Pod) -> PathBuf {
+        self.cfg.data_dir.join("pods").join(format!(
+            "{}_{}_{}",
+            pod.namespace().unwrap_or_default(),
+            pod.name_any(),
+            pod.uid().unwrap_or_default()
+        ))
+    }
+
+    /// Watches this node's pods until the process ends.
+    pub async fn run(self: Arc<Self>) -> Result<()> {
+        let api: Api<Pod> = Api::all(self.client.clone());
+        let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node));
+        let mut events = watcher(api, cfg).default_backoff().boxed();
+        while let Some(ev) = events.next().await {
+            let ev = match ev {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::warn!(error = %e, "pod watch error; retrying");
+                    continue;
+                }
+            };
+            match ev {
+                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => self.clone().observe(p),
+                watcher::Event::Delete(p) => {
+                    // Force-deleted: stop what runs for it.
+                    if let Some(uid) = p.uid() {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.stop(&uid, 0, None).await });
+                    }
+                }
+                watcher::Event::Init | watcher::Event::InitDone => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn observe(self: Arc<Self>, pod: Pod) {
+        let Some(uid) = pod.uid() else { return };
+        let deleting = pod.metadata.deletion_timestamp.is_some();
+        let known = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(&uid).map(|s| s.stopping)
+        };
+        match (known, deleting) {
+            (None, false) => {
+                let phase = pod
+                    .status
+                    .as_ref()
+                    .and_then(|s| s.phase.clone())
+                    .unwrap_or_default();
+                if phase == "Succeeded" || phase == "Failed" {
+                    return;
+                }
+                tokio::spawn(async move {
+                    if let Err(e) = self.start(&pod).await {
+                        tracing::warn!(pod = %pod.name_any(), error = format!("{e:#}"), "starting the pod failed");
+                    }
+                });
+            }
+            (_, true) if known != Some(true) => {
+                let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
+                let ns = pod.namespace().unwrap_or_default();
+                let name = pod.name_any();
+                tokio::spawn(async move {
+                    self.stop(&uid, grace, Some((ns, name))).await;
+                });
+            }
+            _ => {}
+        }
+    }
+
+    async fn start(self: &Arc<Self>, pod: &Pod) -> Result<()> {
+        let uid = pod.uid().context("pod without uid")?;
+        let spec = pod.spec.clone().context("pod without spec")?;
+        let restart_policy = spec
+            .restart_policy
+            .clone()
+            .unwrap_or_else(|| "Always".into());
+        let containers: Vec<(String, ContainerStatus)> = spec
+            .containers
+            .iter()
+            .map(|c| {
+                (
+                    c.name.clone(),
+                    ContainerStatus {
+                        image: c.image.clone().unwrap_or_default(),
+                        state: json!({"waiting": {"reason": "ContainerCreating"}}),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect();
+        {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if pods.contains_key(&uid) {
+                return Ok(());
+            }
+            pods.insert(
+                uid.clone(),
+                PodState {
+                    namespace: pod.namespace().unwrap_or_default(),
+                    name: pod.name_any(),
+                    ip: None,
+                    started: now(),
+                    containers,
+                    restart_policy,
+                    workers: Vec::new(),
+                    stopping: false,
+                },
+            );
+        }
+        let ip = self.ipam.allocate(&uid)?;
+        let net = podnet::setup(&self.net, None, &self.netns_dir(), &uid, ip)
+            .await
+            .with_context(|| format!("pod network of {}", pod.name_any()))?;
+        {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = pods.get_mut(&uid) {
+                s.ip = Some(ip);
+            }
+        }
+        self.post_status(&uid).await;
+        let log_dir = self.log_dir(pod);
+        for c in &spec.containers {
+            let me = self.clone();
+            let (uid2, c, netns, log_dir) =
+                (uid.clone(), c.clone(), net.netns.clone(), log_dir.clone());
+            let h = tokio::spawn(async move { me.supervise(&uid2, c, netns, log_dir).await });
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(s) = pods.get_mut(&uid) {
+                s.workers.push(h);
+            }
+        }
+        Ok(())
+    }
+
+    fn set_container(&self, uid: &str, name: &str, f: impl FnOnce(&mut ContainerStatus)) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(c) = pods
+            .get_mut(uid)
+            .and_then(|s| s.containers.iter_mut().find(|(n, _)| n == name))
+        {
+            f(&mut c.1);
+        }
+    }
+
+    /// Runs one container for as long as its pod lives, restarting it per `restartPolicy`.
+    async fn supervise(self: Arc<Self>, uid: &str, c: Container, netns: PathBuf, log_dir: PathBuf) {
+        let policy = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(uid)
+                .map(|s| s.restart_policy.clone())
+                .unwrap_or_default()
+        };
+        let mut backoff = BACKOFF_START;
+        let mut attempt: u32 = 0;
+        loop {
+            let image = self
+                .images
+                .get(&normalize_image(c.image.as_deref().unwrap_or("")))
+                .cloned();
+            let Some(image) = image else {
+                let reason = if attempt == 0 {
+                    "ErrImagePull"
+                } else {
+                    "ImagePullBackOff"
+                };
+                let msg = format!(
+                    "image {:?} is not present on this node and no registry is configured",
+                    c.image.clone().unwrap_or_default()
+                );
+                self.set_container(uid, &c.name, |s| {
+                    s.state = json!({"waiting": {"reason": reason, "message": msg}});
+                });
+                self.post_status(uid).await;
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF_MAX);
+                attempt += 1;
+                continue;
+            };
+            let id = format!("{}-{}-{attempt}", short(uid), c.name);
+            let mut args: Vec<String> = c.command.clone().unwrap_or_default();
+            if args.is_empty() && c.args.is_some() {
+                args = image.config["Entrypoint"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|x| x.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+            }
+            args.extend(c.args.clone().unwrap_or_default());
+            let env = c
+                .env
+                .clone()
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|e| e.value.map(|v| format!("{}={v}", e.name)))
+                .collect();
+            let cfg = ContainerConfig {
+                id: id.clone(),
+                args,
+                env,
+                cwd: c.working_dir.clone().unwrap_or_default(),
+                hostname: {
+                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                    pods.get(uid).map(|s| s.name.clone()).unwrap_or_default()
+                },
+                netns: Some(netns.clone()),
+                log: log_dir.join(&c.name).join(format!("{attempt}.log")),
+                runc_root: Some(self.cfg.run_dir.join("runc")),
+            };
+            let started = tokio::time::Instant::now();
+            match container::start(&self.ch, &cfg, &image).await {
+                Ok(_) => {
+                    self.set_container(uid, &c.name, |s| {
+                        s.id = id.clone();
+                        s.state = json!({"running": {"startedAt": now()}});
+                        s.ready = true;
+                        s.image_id = image.digest.clone();
+                    });
+                    self.post_status(uid).await;
+                    let code = container::wait(&self.ch, &id).await.unwrap_or(255);
+                    let reason = if code == 0 { "Completed" } else { "Error" };
+                    let started_at = now();
+                    self.set_container(uid, &c.name, |s| {
+                        let st = s.state["running"]["startedAt"].clone();
+                        s.state = json!({"terminated": {"exitCode": code, "reason": reason,
+                            "startedAt": st, "finishedAt": started_at,
+                            "containerID": format!("containerd://{id}")}});
+                        s.ready = false;
+                    });
+                    let _ = container::remove(&self.ch, &id).await;
+                    if started.elapsed() > BACKOFF_RESET {
+                        backoff = BACKOFF_START;
+                    }
+                    let restart = match policy.as_str() {
+                        "Never" => false,
+                        "OnFailure" => code != 0,
+                        _ => true,
+                    };
+                    if !restart {
+                        self.post_status(uid).await;
+                        return;
+                    }
+                }
+                Err(e) => {
+                    let _ = container::remove(&self.ch, &id).await;
+                    let msg = format!("{e:#}");
+                    self.set_container(uid, &c.name, |s| {
+                        s.state = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": msg}});
+                    });
+                }
+            }
+            // Back off before the next start, shown as CrashLoopBackOff.
+            self.set_container(uid, &c.name, |s| {
+                s.last_state = s.state.clone();
+                s.restarts += 1;
+                s.state = json!({"waiting": {"reason": "CrashLoopBackOff",
+                    "message": format!("back-off {}s restarting failed container={}", backoff.as_secs(), c.name)}});
+            });
+            self.post_status(uid).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+            attempt += 1;
+        }
+    }
+
+    /// The pod's status from what this node knows.
+    fn status(&self, uid: &str) -> Option<(String, String, Value)> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let s = pods.get(uid)?;
+        let statuses: Vec<Value> = s
+            .containers
+            .iter()
+            .map(|(name, c)| {
+                let mut v = json!({
+                    "name": name, "ready": c.ready, "restartCount": c.restarts,
+                    "image": c.image, "imageID": c.image_id, "state": c.state,
+                    "started": c.state.get("running").is_some(),
+                });
+                if !c.id.is_empty() {
+                    v["containerID"] = json!(format!("containerd://{}", c.id));
+                }
+                if !c.last_state.is_null() {
+                    v["lastState"] = c.last_state.clone();
+                }
+                v
+            })
+            .collect();
+        let all_ready = s.containers.iter().all(|(_, c)| c.ready);
+        let terminated: Vec<i64> = s
+            .containers
+            .iter()
+            .filter_map(|(_, c)| c.state["terminated"]["exitCode"].as_i64())
+            .collect();
+        let all_done = terminated.len() == s.containers.len()
+            && (s.restart_policy == "Never"
+                || (s.restart_policy == "OnFailure" && terminated.iter().all(|c| *c == 0)));
+        let phase = if all_done {
+            if terminated.iter().all(|c| *c == 0) {
+                "Succeeded"
+            } else {
+                "Failed"
+            }
+        } else if s
+            .containers
+            .iter()
+            .any(|(_, c)| c.state.get("running").is_some() || c.restarts > 0)
+        {
+            "Running"
+        } else {
+            "Pending"
+        };
+        let t = now();
+        let cond = |ty: &str, ok: bool| json!({"type": ty, "status": if ok { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": t});
+        let mut st = json!({
+            "phase": phase,
+            "hostIP": self.cfg.node_ip.to_string(),
+            "hostIPs": [{"ip": self.cfg.node_ip.to_string()}],
+            "startTime": s.started,
+            "conditions": [
+                cond("PodReadyToStartContainers", s.ip.is_some()),
+                cond("Initialized", true),
+                cond("Ready", all_ready && phase == "Running"),
+                cond("ContainersReady", all_ready),
+                cond("PodScheduled", true),
+            ],
+            "containerStatuses": statuses,
+        });
+        if let Some(ip) = s.ip {
+            st["podIP"] = json!(ip.to_string());
+            st["podIPs"] = json!([{"ip": ip.to_string()}]);
+        }
+        Some((s.namespace.clone(), s.name.clone(), st))
+    }
+
+    async fn post_status(&self, uid: &str) {
+        let Some((ns, name, st)) = self.status(uid) else {
+            return;
+        };
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), &ns);
+        if let Err(e) = api
+            .patch_status(
+                &name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({"status": st})),
+            )
+            .await
+        {
+            tracing::debug!(pod = %name, error = %e, "posting pod status failed");
+        }
+    }
+
+    /// Stops pod `uid`: SIGTERM, up to `grace` seconds, SIGKILL; removes its containers, network
+    /// and IP; then deletes the API object (`api`: namespace and name) if asked.
+    async fn stop(&self, uid: &str, grace: i64, api: Option<(String, String)>) {
+        let taken = {
+            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get_mut(uid).map(|s| {
+                s.stopping = true;
+                let ids: Vec<String> = s
+                    .containers
+                    .iter()
+                    .map(|(_, c)| c.id.clone())
+                    .filter(|i| !i.is_empty())
+                    .collect();
+                (std::mem::take(&mut s.workers), ids, s.ip)
+            })
+        };
+        let Some((workers, ids, ip)) = taken else {
+            if let Some((ns, name)) = api {
+                self.delete_object(&ns, &name, uid).await;
+            }
+            return;
+        };
+        for w in &workers {
+            w.abort();
+        }
+        for id in &ids {
+            let _ = container::kill(&self.ch, id, 15).await;
+        }
+        let deadline = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
+        for id in &ids {
+            if tokio::time::timeout(deadline, container::wait(&self.ch, id))
+                .await
+                .is_err()
+            {
+                let _ = container::kill(&self.ch, id, 9).await;
+                let _ = tokio::time::timeout(Duration::from_secs(5), container::wait(&self.ch, id))
+                    .await;
+            }
+            if let Err(e) = container::remove(&self.ch, id).await {
+                tracing::warn!(container = %id, error = format!("{e:#}"), "removing a container failed");
+            }
+        }
+        if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
+            tracing::warn!(uid, error = %e, "pod network teardown failed");
+        }
+        if let Some(ip) = ip {
+            let _ = self.ipam.release(ip);
+        }
+        self.pods
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(uid);
+        if let Some((ns, name)) = api {
+            self.delete_object(&ns, &name, uid).await;
+        }
+    }
+
+    async fn delete_object(&self, ns: &str, name: &str, uid: &str) {
+        let api: Api<Pod> = Api::namespaced(self.client.clone(), ns);
+        let dp = DeleteParams {
+            grace_period_seconds: Some(0),
+            preconditions: Some(Preconditions {
+                uid: Some(uid.to_string()),
+                resource_version: None,
+            }),
+            ..Default::default()
+        };
+        match api.delete(name, &dp).await {
+            Ok(_) => tracing::info!(pod = %name, "pod stopped and deleted"),
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => tracing::warn!(pod = %name, error = %e, "deleting the pod object failed"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn image_names_normalise_like_docker() {
+        assert_eq!(
+            normalize_image("busybox"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            normalize_image("busybox:1.36"),
+            "docker.io/library/busybox:1.36"
+        );
+        assert_eq!(normalize_image("team/app"), "docker.io/team/app:latest");
+        assert_eq!(
+            normalize_image("localhost:5000/app:v1"),
+            "localhost:5000/app:v1"
+        );
+        assert_eq!(
+            normalize_image("skiff.test/busybox:1"),
+            "skiff.test/busybox:1"
+        );
+    }
+}

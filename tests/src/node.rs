@@ -1,0 +1,218 @@
+//! A test node: a network namespace joined to this (the host's) namespace by a veth pair, so a
+//! `skiff-node` inside it reaches a control plane listening on the host side, and a
+//! `skiff-node` process running there. Everything is named uniquely and removed on drop.
+
+use std::{
+    net::Ipv4Addr,
+    os::{fd::AsRawFd, unix::process::CommandExt},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU8, Ordering},
+    time::{Duration, Instant},
+};
+
+use skiff_net::{NetNs, Netlink, netns::DEFAULT_NETNS_DIR};
+
+use crate::{bin, unique_name};
+
+/// A node namespace and its link to the host.
+#[derive(Debug)]
+pub struct NodeNs {
+    /// The namespace.
+    pub ns: NetNs,
+    /// Address of the host side (where the control plane listens).
+    pub host_ip: Ipv4Addr,
+    /// Address of the node side (the node's InternalIP).
+    pub node_ip: Ipv4Addr,
+    host_if: String,
+}
+
+static NEXT: AtomicU8 = AtomicU8::new(1);
+
+fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+impl NodeNs {
+    /// Creates the namespace and the link (10.200.<n>.1/30 on the host, .2/30 in the node).
+    pub fn new() -> NodeNs {
+        let n = (std::process::id() as u8)
+            .wrapping_mul(7)
+            .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        let host_ip = Ipv4Addr::new(10, 200, n, 1);
+        let node_ip = Ipv4Addr::new(10, 200, n, 2);
+        let ns = NetNs::create(Path::new(DEFAULT_NETNS_DIR), &unique_name("skiff-t-node"))
+            .expect("node netns");
+        let host_if = format!("skt{:x}{n:02x}", std::process::id() & 0xffff);
+        let peer = format!("skp{:x}{n:02x}", std::process::id() & 0xffff);
+        let node = NodeNs {
+            ns,
+            host_ip,
+            node_ip,
+            host_if: host_if.clone(),
+        };
+        rt().block_on(async {
+            let host = Netlink::connect().expect("netlink");
+            host.create_veth(&host_if, &peer).await.expect("veth");
+            host.move_to(&peer, &node.ns).await.expect("move veth");
+            host.add_address(&host_if, host_ip.into(), 30)
+                .await
+                .expect("host address");
+            host.set_up(&host_if).await.expect("host up");
+            let inner = Netlink::connect_in(&node.ns).expect("netlink in node");
+            inner.set_up("lo").await.expect("lo");
+            inner
+                .add_address(&peer, node_ip.into(), 30)
+                .await
+                .expect("node address");
+            inner.set_up(&peer).await.expect("node up");
+        });
+        node
+    }
+}
+
+impl Default for NodeNs {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for NodeNs {
+    fn drop(&mut self) {
+        rt().block_on(async {
+            if let Ok(h) = Netlink::connect() {
+                let _ = h.delete_link(&self.host_if).await;
+            }
+        });
+        let _ = skiff_net::netns::remove_path(self.ns.path());
+    }
+}
+
+/// A `skiff-node` agent running in a [`NodeNs`], with its data and run directories. Dropping it
+/// ends the agent (by PID), then stops any container shim it left (by PID, matched on its own
+/// run directory) and unmounts what they left.
+#[derive(Debug)]
+pub struct NodeAgent {
+    child: Child,
+    /// Node name.
+    pub name: String,
+    /// Its data directory.
+    pub data_dir: PathBuf,
+    /// Its run directory (short: containerd's socket path is limited).
+    pub run_dir: PathBuf,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl NodeAgent {
+    /// Starts `skiff-node` in `node` with `kubeconfig`, importing `images`.
+    pub fn start(
+        node: &NodeNs,
+        kubeconfig: &Path,
+        scratch: &Path,
+        images: &[PathBuf],
+    ) -> NodeAgent {
+        let name = unique_name("node");
+        let data_dir = scratch.join(format!("{name}-data"));
+        let run_dir = PathBuf::from(format!("/tmp/{}", unique_name("skn")));
+        let log = scratch.join(format!("{name}.log"));
+        let mut cmd = Command::new(bin("skiff-node"));
+        cmd.args(["--node-name", &name])
+            .arg("--kubeconfig")
+            .arg(kubeconfig)
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .arg("--run-dir")
+            .arg(&run_dir)
+            .args(["--node-ip", &node.node_ip.to_string()])
+            .env("RUST_LOG", "info,skiff_agent=debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("agent log"));
+        for i in images {
+            cmd.arg("--import-image").arg(i);
+        }
+        let ns_fd = node.ns.as_raw_fd();
+        // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
+        // which is async-signal-safe; `ns_fd` stays open in the parent (owned by `node`).
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let child = cmd.spawn().expect("start skiff-node");
+        NodeAgent {
+            child,
+            name,
+            data_dir,
+            run_dir,
+            log,
+        }
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Ends the agent (SIGTERM, then SIGKILL after 10 s) and waits for it.
+    pub fn stop(&mut self) {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for NodeAgent {
+    fn drop(&mut self) {
+        self.stop();
+        // Shims of this agent's containerd carry its socket path, which is under run_dir.
+        let marker = self.run_dir.display().to_string();
+        if let Ok(procs) = std::fs::read_dir("/proc") {
+            for p in procs.filter_map(Result::ok) {
+                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                if String::from_utf8_lossy(&cmdline).contains(&marker) {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        let dirs = [
+            self.run_dir.display().to_string(),
+            self.data_dir.display().to_string(),
+        ];
+        let mut targets: Vec<&str> = mounts
+            .lines()
+            .filter_map(|l| l.split_whitespace().nth(1))
+            .filter(|m| dirs.iter().any(|d| m.starts_with(d.as_str())))
+            .collect();
+        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
+        for t in targets {
+            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
+        }
+        let _ = std::fs::remove_dir_all(&self.run_dir);
+        let _ = Command::new(bin("skiff-node"))
+            .args(["--node-name", &self.name, "bpf", "unpin"])
+            .output();
+    }
+}

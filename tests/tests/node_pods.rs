@@ -1,0 +1,208 @@
+//! Pods on a real node: `skiff-node` in a node namespace with its own containerd, joined to
+//! `skiff-control`, runs what `kubectl run` creates: the pod gets an IP from the node's pod
+//! CIDR and serves HTTP on it; a crashing container backs off (CrashLoopBackOff); a pod with
+//! `restartPolicy: Never` completes; an unknown image is `ErrImagePull`/`ImagePullBackOff`;
+//! deleting a pod removes its containers, namespace, interface and IP before the object goes.
+
+use std::{
+    io::{Read, Write},
+    net::{SocketAddrV4, TcpStream},
+    path::Path,
+    time::Duration,
+};
+
+use skiff_tests::{
+    control::ControlPlane,
+    node::{NodeAgent, NodeNs},
+    privileged,
+};
+
+fn jsonpath(cp: &ControlPlane, what: &[&str], path: &str) -> String {
+    let mut args = vec!["get"];
+    args.extend_from_slice(what);
+    let expr = format!("jsonpath={path}");
+    args.extend_from_slice(&["-o", &expr]);
+    String::from_utf8_lossy(&cp.kubectl(&args).stdout).into_owned()
+}
+
+#[test]
+fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
+    if !privileged("kubectl_run_pods_run_serve_restart_complete_and_clean_up") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = cp.scratch().join("busybox.tar");
+    skiff_runtime::oci_layout::build_busybox_archive(
+        Path::new("/bin/busybox"),
+        "busybox:1.36",
+        &archive,
+    )
+    .expect("image archive");
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let name = agent.name.clone();
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cp.eventually(60, "the node to be Ready", || {
+            jsonpath(
+                &cp,
+                &["node", &name],
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+            ) == "True"
+        });
+        let runtime = jsonpath(
+            &cp,
+            &["node", &name],
+            "{.status.nodeInfo.containerRuntimeVersion}",
+        );
+        assert!(runtime.starts_with("containerd://1."), "{runtime}");
+
+        // A web server: Running with an IP from the node's pod CIDR, serving on it.
+        cp.ok(&[
+            "run",
+            "web",
+            "--image=busybox:1.36",
+            "--port=8080",
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/var/www",
+        ]);
+        cp.eventually(60, "pod web Running", || {
+            jsonpath(&cp, &["pod", "web"], "{.status.phase}") == "Running"
+        });
+        let ip = jsonpath(&cp, &["pod", "web"], "{.status.podIP}");
+        let cidr = jsonpath(&cp, &["node", &name], "{.spec.podCIDR}");
+        let prefix = cidr.trim_end_matches("0/24");
+        assert!(
+            ip.starts_with(prefix),
+            "pod IP {ip} outside the node's {cidr}"
+        );
+        let pods = cp.ok(&["get", "pods", "-o", "wide"]);
+        let row = pods
+            .lines()
+            .find(|l| l.starts_with("web"))
+            .expect("web row");
+        assert!(
+            row.contains("1/1")
+                && row.contains("Running")
+                && row.contains(&ip)
+                && row.contains(&name),
+            "{pods}"
+        );
+        let addr: SocketAddrV4 = format!("{ip}:8080").parse().expect("addr");
+        let body = node_ns
+            .ns
+            .run(move || -> std::io::Result<String> {
+                let mut c = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                let mut out = String::new();
+                c.read_to_string(&mut out)?;
+                Ok(out)
+            })
+            .expect("enter the node")
+            .expect("the pod answers on its IP");
+        assert!(body.contains("hello from skiff"), "{body}");
+
+        // A crashing container backs off.
+        cp.ok(&[
+            "run",
+            "crash",
+            "--image=busybox:1.36",
+            "--",
+            "sh",
+            "-c",
+            "echo dying; exit 3",
+        ]);
+        cp.eventually(60, "CrashLoopBackOff", || {
+            jsonpath(
+                &cp,
+                &["pod", "crash"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            ) == "CrashLoopBackOff"
+        });
+        let last = jsonpath(
+            &cp,
+            &["pod", "crash"],
+            "{.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].restartCount}",
+        );
+        assert_eq!(last, "3 1");
+        assert!(
+            cp.ok(&["get", "pods"])
+                .lines()
+                .any(|l| l.starts_with("crash") && l.contains("CrashLoopBackOff"))
+        );
+
+        // restartPolicy Never: the pod completes.
+        cp.ok(&[
+            "run",
+            "once",
+            "--restart=Never",
+            "--image=busybox:1.36",
+            "--",
+            "true",
+        ]);
+        cp.eventually(60, "pod once Succeeded", || {
+            jsonpath(&cp, &["pod", "once"], "{.status.phase}") == "Succeeded"
+        });
+
+        // An image the node does not have.
+        cp.ok(&["run", "missing", "--image=nosuch/image:1"]);
+        cp.eventually(30, "ErrImagePull", || {
+            let r = jsonpath(
+                &cp,
+                &["pod", "missing"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            );
+            r == "ErrImagePull" || r == "ImagePullBackOff"
+        });
+
+        // Deleting removes the containers, network and IP before the object.
+        let host_if = skiff_net::pod::host_if(&jsonpath(&cp, &["pod", "web"], "{.metadata.uid}"));
+        cp.ok(&["delete", "pod", "web", "--grace-period=2", "--timeout=60s"]);
+        assert!(cp.fails(&["get", "pod", "web"]).contains("NotFound"));
+        let links = std::process::Command::new("ip")
+            .args([
+                "-n",
+                node_ns.ns.path().file_name().unwrap().to_str().unwrap(),
+                "link",
+            ])
+            .output()
+            .expect("ip link");
+        assert!(
+            !String::from_utf8_lossy(&links.stdout).contains(&host_if),
+            "veth {host_if} left behind"
+        );
+        let ipam = std::fs::read_dir(agent.data_dir.join("ipam").join(cidr.replace('/', "_")))
+            .expect("ipam dir")
+            .filter_map(Result::ok)
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .collect::<Vec<_>>();
+        assert!(!ipam.contains(&ip), "IP {ip} still allocated: {ipam:?}");
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+        cp.eventually(60, "every pod gone", || {
+            cp.ok(&["get", "pods", "-o", "name"]).trim().is_empty()
+        });
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
