@@ -179,6 +179,26 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
+        // Containers the agent left running (a failed test may not have deleted its pods):
+        // runc state is under the agent's run directory; `delete --force` kills and removes.
+        let runc_root = self.run_dir.join("runc/k8s.io");
+        if let Ok(out) = Command::new("runc")
+            .arg("--root")
+            .arg(&runc_root)
+            .args(["list", "-q"])
+            .output()
+        {
+            for id in String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter(|l| !l.is_empty())
+            {
+                let _ = Command::new("runc")
+                    .arg("--root")
+                    .arg(&runc_root)
+                    .args(["delete", "--force", id])
+                    .output();
+            }
+        }
         // Shims of this agent's containerd carry its socket path, which is under run_dir.
         let marker = self.run_dir.display().to_string();
         if let Ok(procs) = std::fs::read_dir("/proc") {

@@ -111,6 +111,34 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
             .expect("the pod answers on its IP");
         assert!(body.contains("hello from skiff"), "{body}");
 
+        // kubectl logs, through the API server's proxy to the agent (pinned certificate).
+        cp.ok(&[
+            "run",
+            "talker",
+            "--image=busybox:1.36",
+            "--",
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo line $i; done; sleep 600",
+        ]);
+        cp.eventually(60, "talker's output", || {
+            cp.kubectl(&["logs", "talker"]).stdout == b"line 1\nline 2\nline 3\n"
+        });
+        assert_eq!(cp.ok(&["logs", "talker", "--tail=1"]), "line 3\n");
+        let mut follow = cp
+            .kubectl_cmd(&["logs", "-f", "talker"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl logs -f");
+        let mut out = follow.stdout.take().expect("stdout");
+        let mut first = [0u8; 21];
+        out.read_exact(&mut first).expect("followed output");
+        assert_eq!(&first, b"line 1\nline 2\nline 3\n");
+        let _ = follow.kill();
+        let _ = follow.wait();
+        let err = cp.fails(&["logs", "talker", "-c", "nope"]);
+        assert!(err.contains("container nope is not valid"), "{err}");
+
         // A crashing container backs off.
         cp.ok(&[
             "run",

@@ -40,6 +40,8 @@ const MAX_RETRIES: usize = 16;
 pub struct Api {
     /// Objects in the store.
     pub objects: Objects,
+    /// The bearer token node agents accept from the API server (the node bootstrap token).
+    pub node_token: String,
 }
 
 /// What a request addresses.
@@ -1182,7 +1184,8 @@ async fn subresource(
                 &[],
             ))
         }
-        ("log" | "exec", _) => {
+        ("log", &Method::GET) => pod_log(api, t, p).await,
+        ("exec", _) => {
             let pod = get(api, t).await?.obj;
             let node = pod
                 .pointer("/spec/nodeName")
@@ -1195,7 +1198,7 @@ async fn subresource(
                 )));
             }
             Err(ApiError::unavailable(format!(
-                "no node agent is serving node {node:?} yet"
+                "exec is not served by the agent of node {node:?} yet"
             )))
         }
         _ => Err(ApiError::method_not_allowed(format!(
@@ -1203,6 +1206,91 @@ async fn subresource(
             t.def.qualified()
         ))),
     }
+}
+
+/// `pods/log`: streamed from the agent of the pod's node.
+async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
+    let pod = get(api, t).await?.obj;
+    let node = pod
+        .pointer("/spec/nodeName")
+        .and_then(Value::as_str)
+        .unwrap_or("")
+        .to_string();
+    if node.is_empty() {
+        return Err(ApiError::bad_request(format!(
+            "pod {} does not have a host assigned",
+            t.name()
+        )));
+    }
+    let names: Vec<String> = pod
+        .pointer("/spec/containers")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .filter_map(|c| c["name"].as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let container = match p.get("container") {
+        Some(c) if names.contains(c) => c.clone(),
+        Some(c) => {
+            return Err(ApiError::bad_request(format!(
+                "container {c} is not valid for pod {}",
+                t.name()
+            )));
+        }
+        None if names.len() == 1 => names[0].clone(),
+        None => {
+            return Err(ApiError::bad_request(format!(
+                "a container name must be specified for pod {}, choose one of: [{}]",
+                t.name(),
+                names.join(" ")
+            )));
+        }
+    };
+    let nodes = resources::find("", "v1", "nodes").unwrap_or_else(|| unreachable!());
+    let node_obj = api
+        .objects
+        .get(&storage::key(nodes, None, &node))
+        .await?
+        .ok_or_else(|| {
+            ApiError::unavailable(format!("node {node:?} of pod {} is gone", t.name()))
+        })?;
+    let ep = crate::proxy::endpoint(&node, &node_obj.obj)?;
+    // Built in a block: the serializer is not Send and must not live across an await.
+    let query = {
+        let mut q = form_urlencoded::Serializer::new(String::new());
+        for key in ["follow", "tailLines", "previous", "limitBytes"] {
+            if let Some(v) = p.get(key) {
+                q.append_pair(key, v);
+            }
+        }
+        q.finish()
+    };
+    let path = format!(
+        "/containerLogs/{}/{}/{}?{}",
+        t.namespace.as_deref().unwrap_or(""),
+        t.name(),
+        container,
+        query
+    );
+    let resp = crate::proxy::get(&ep, &path, &api.node_token).await?;
+    let status = resp.status();
+    if !status.is_success() {
+        let bytes = http_body_util::BodyExt::collect(resp.into_body())
+            .await
+            .map(|c| c.to_bytes())
+            .unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes).trim().to_string();
+        return Err(match status.as_u16() {
+            400 | 404 => ApiError::bad_request(text),
+            _ => ApiError::unavailable(format!("the agent of node {node:?}: {status}: {text}")),
+        });
+    }
+    let mut out = Response::new(Body::new(resp.into_body()));
+    out.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    Ok(out)
 }
 
 /// Binds a pod to a node (`pods/binding`): sets `spec.nodeName` once.

@@ -21,6 +21,7 @@ pub mod openapi;
 pub mod patch;
 pub mod pki;
 pub mod proto;
+pub mod proxy;
 pub mod resources;
 pub mod selectors;
 pub mod server;

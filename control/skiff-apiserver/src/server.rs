@@ -93,6 +93,7 @@ impl ApiServer {
             pki.write_node_kubeconfig(&cfg.data_dir.join("node.kubeconfig"), &url)?;
         let api = Arc::new(Api {
             objects: Objects::new(node),
+            node_token: pki.bootstrap_token.clone(),
         });
         bootstrap(&api)
             .await

@@ -3,10 +3,12 @@
 //! - [`machine`]: facts about this machine (capacity, identity, pressure).
 //! - [`register`]: the Node object, its status, and the Lease heartbeat.
 //! - [`pods`]: pods bound to this node, on containerd, with their network and status.
+//! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
 pub mod machine;
 pub mod pods;
 pub mod register;
+pub mod server;
 
 use std::path::Path;
 
@@ -24,4 +26,26 @@ pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
         .await
         .context("kubeconfig")?;
     Client::try_from(cfg).context("API client")
+}
+
+/// The bearer token of a kubeconfig's current user (what the agent accepts from the API server).
+pub fn token_from_kubeconfig(path: &Path) -> Result<String> {
+    let kc = Kubeconfig::read_from(path)
+        .with_context(|| format!("read kubeconfig {}", path.display()))?;
+    let user = kc
+        .contexts
+        .iter()
+        .find(|c| Some(&c.name) == kc.current_context.as_ref())
+        .and_then(|c| c.context.as_ref())
+        .map(|c| c.user.clone())
+        .with_context(|| format!("{}: no current context", path.display()))?;
+    let token = kc
+        .auth_infos
+        .iter()
+        .find(|a| Some(&a.name) == user.as_ref())
+        .and_then(|a| a.auth_info.as_ref())
+        .and_then(|a| a.token.as_ref())
+        .map(|t| secrecy::ExposeSecret::expose_secret(t).to_string())
+        .with_context(|| format!("{}: the current user has no token", path.display()))?;
+    Ok(token)
 }

@@ -43,6 +43,8 @@ pub struct NodeConfig {
     pub runtime_version: String,
     /// Extra labels (`--node-labels`).
     pub labels: Vec<(String, String)>,
+    /// Annotations (the serving certificate's fingerprint).
+    pub annotations: Vec<(String, String)>,
 }
 
 fn now() -> String {
@@ -65,10 +67,15 @@ pub fn node_object(cfg: &NodeConfig) -> Value {
     for (k, v) in &cfg.labels {
         labels[k] = json!(v);
     }
+    let annotations: serde_json::Map<String, Value> = cfg
+        .annotations
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     json!({
         "apiVersion": "v1",
         "kind": "Node",
-        "metadata": {"name": cfg.name, "labels": labels},
+        "metadata": {"name": cfg.name, "labels": labels, "annotations": annotations},
         "spec": {},
     })
 }
@@ -171,7 +178,11 @@ pub async fn register(client: &Client, cfg: &NodeConfig) -> Result<Value> {
     match api.create(&PostParams::default(), &desired).await {
         Ok(_) => tracing::info!(node = %cfg.name, "registered the node"),
         Err(kube::Error::Api(e)) if e.code == 409 => {
-            let patch = json!({"metadata": {"labels": node_object(cfg)["metadata"]["labels"]}});
+            let obj = node_object(cfg);
+            let patch = json!({"metadata": {
+                "labels": obj["metadata"]["labels"],
+                "annotations": obj["metadata"]["annotations"],
+            }});
             api.patch(&cfg.name, &PatchParams::default(), &Patch::Merge(&patch))
                 .await
                 .context("update the node's labels")?;
@@ -269,6 +280,7 @@ mod tests {
             port: 10250,
             runtime_version: "containerd://1.6.20".into(),
             labels: vec![("node-role.kubernetes.io/worker".into(), String::new())],
+            annotations: Vec::new(),
         }
     }
 

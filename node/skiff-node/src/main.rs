@@ -167,6 +167,7 @@ fn join_config(cli: &Cli, node: &str) -> Result<skiff_agent::register::NodeConfi
         port: cli.port,
         runtime_version: String::new(),
         labels,
+        annotations: Vec::new(),
     })
 }
 
@@ -232,6 +233,25 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                             .with_context(|| format!("import {}", archive.display()))?,
                     );
                 }
+                // The agent's endpoint (container logs), its certificate pinned through the Node.
+                let cert = skiff_agent::server::ServingCert::generate(vec![
+                    cfg.name.clone(),
+                    cfg.internal_ip.to_string(),
+                ])?;
+                cfg.annotations.push((
+                    skiff_agent::server::FINGERPRINT_ANNOTATION.to_string(),
+                    cert.fingerprint.clone(),
+                ));
+                let source = skiff_agent::server::LogSource {
+                    pods_dir: cli.data_dir.join("pods"),
+                    token: skiff_agent::token_from_kubeconfig(&kubeconfig)?,
+                };
+                let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], cli.port));
+                tokio::spawn(async move {
+                    if let Err(e) = skiff_agent::server::serve(endpoint, &cert, source).await {
+                        tracing::error!(error = format!("{e:#}"), "agent endpoint stopped");
+                    }
+                });
                 let client = skiff_agent::client_from_kubeconfig(&kubeconfig).await?;
                 let status = skiff_agent::register::register(&client, &cfg).await?;
                 tracing::info!(node = %cfg.name, ip = %cfg.internal_ip, "joined the cluster");

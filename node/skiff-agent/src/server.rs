@@ -1,0 +1,283 @@
+//! The agent's HTTPS endpoint (the kubelet port): container logs for the API server's
+//! `pods/log` proxy.
+//!
+//! TLS: a serving certificate made at start (rcgen, ECDSA P-256); its SHA-256 fingerprint is
+//! published on the Node (`skiff.dev/serving-cert-sha256`), and the API server pins it, so only
+//! the holder of this node's credentials can impersonate it. Authentication: the caller must
+//! present this node's bearer token (which the control plane issued).
+//!
+//! `GET /containerLogs/<namespace>/<pod>/<container>?follow&tailLines&previous&limitBytes`.
+
+use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+
+use anyhow::{Context, Result};
+use axum::{
+    Router,
+    body::{Body, Bytes},
+    extract::{Path, Query, State},
+    http::{HeaderMap, StatusCode, header},
+    response::{IntoResponse, Response},
+    routing::get,
+};
+use hyper_util::{
+    rt::{TokioExecutor, TokioIo},
+    server::conn::auto,
+    service::TowerToHyperService,
+};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+/// Node annotation carrying the serving certificate's SHA-256 fingerprint (hex).
+pub const FINGERPRINT_ANNOTATION: &str = "skiff.dev/serving-cert-sha256";
+/// How often a followed log is checked for new output.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
+/// A serving certificate for this agent.
+#[derive(Debug)]
+pub struct ServingCert {
+    tls: Arc<rustls::ServerConfig>,
+    /// Hex SHA-256 of the certificate (DER).
+    pub fingerprint: String,
+}
+
+impl ServingCert {
+    /// Makes a certificate for `names` (the node's name and address).
+    pub fn generate(names: Vec<String>) -> Result<ServingCert> {
+        let key = rcgen::KeyPair::generate().context("generate the serving key")?;
+        let params = rcgen::CertificateParams::new(names).context("serving certificate names")?;
+        let cert = params
+            .self_signed(&key)
+            .context("self-sign the serving certificate")?;
+        let der = cert.der().to_vec();
+        let fingerprint = hex::encode(Sha256::digest(&der));
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("serving key: {e}"))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .context("TLS versions")?
+            .with_no_client_auth()
+            .with_single_cert(vec![der.into()], key_der)
+            .context("serving certificate")?;
+        cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(ServingCert {
+            tls: Arc::new(cfg),
+            fingerprint,
+        })
+    }
+}
+
+/// Where the agent's pods keep their logs, and the token callers must present.
+#[derive(Clone, Debug)]
+pub struct LogSource {
+    /// `<data-dir>/pods`.
+    pub pods_dir: PathBuf,
+    /// The bearer token callers must present.
+    pub token: String,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct LogQuery {
+    follow: Option<bool>,
+    #[serde(rename = "tailLines")]
+    tail_lines: Option<usize>,
+    previous: Option<bool>,
+    #[serde(rename = "limitBytes")]
+    limit_bytes: Option<usize>,
+}
+
+fn err(code: StatusCode, msg: impl Into<String>) -> Response {
+    (code, [(header::CONTENT_TYPE, "text/plain")], msg.into()).into_response()
+}
+
+/// The log files of one container, oldest attempt first.
+fn attempts(src: &LogSource, ns: &str, pod: &str, container: &str) -> Vec<PathBuf> {
+    let prefix = format!("{ns}_{pod}_");
+    let Ok(dirs) = std::fs::read_dir(&src.pods_dir) else {
+        return Vec::new();
+    };
+    // The newest pod directory of that name (a pod re-created with the same name has a new uid).
+    let dir = dirs
+        .filter_map(Result::ok)
+        .filter(|d| d.file_name().to_string_lossy().starts_with(&prefix))
+        .max_by_key(|d| d.metadata().and_then(|m| m.modified()).ok())
+        .map(|d| d.path().join(container));
+    let Some(dir) = dir else { return Vec::new() };
+    let mut files: Vec<(u64, PathBuf)> = std::fs::read_dir(&dir)
+        .map(|r| {
+            r.filter_map(Result::ok)
+                .filter_map(|e| {
+                    let n = e
+                        .file_name()
+                        .to_string_lossy()
+                        .strip_suffix(".log")?
+                        .parse()
+                        .ok()?;
+                    Some((n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files.into_iter().map(|(_, p)| p).collect()
+}
+
+fn tail(data: &[u8], lines: usize) -> &[u8] {
+    if lines == 0 {
+        return &data[data.len()..];
+    }
+    let mut seen = 0;
+    let end = if data.ends_with(b"\n") {
+        data.len() - 1
+    } else {
+        data.len()
+    };
+    for i in (0..end).rev() {
+        if data[i] == b'\n' {
+            seen += 1;
+            if seen == lines {
+                return &data[i + 1..];
+            }
+        }
+    }
+    data
+}
+
+async fn container_logs(
+    State(src): State<Arc<LogSource>>,
+    Path((ns, pod, container)): Path<(String, String, String)>,
+    Query(q): Query<LogQuery>,
+    headers: HeaderMap,
+) -> Response {
+    let authorized = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.as_bytes() == src.token.as_bytes());
+    if !authorized {
+        return err(StatusCode::UNAUTHORIZED, "Unauthorized");
+    }
+    let files = attempts(&src, &ns, &pod, &container);
+    let file = if q.previous == Some(true) {
+        if files.len() < 2 {
+            return err(
+                StatusCode::BAD_REQUEST,
+                format!("previous terminated container \"{container}\" in pod \"{pod}\" not found"),
+            );
+        }
+        files[files.len() - 2].clone()
+    } else {
+        match files.last() {
+            Some(f) => f.clone(),
+            None => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    format!("container \"{container}\" in pod \"{pod}\" is waiting to start"),
+                );
+            }
+        }
+    };
+    let data = match tokio::fs::read(&file).await {
+        Ok(d) => d,
+        Err(e) => return err(StatusCode::NOT_FOUND, format!("log of {container}: {e}")),
+    };
+    let mut first = match q.tail_lines {
+        Some(n) => tail(&data, n).to_vec(),
+        None => data.clone(),
+    };
+    if let Some(limit) = q.limit_bytes {
+        first.truncate(limit);
+    }
+    if q.follow != Some(true) || q.previous == Some(true) {
+        return (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "text/plain")],
+            first,
+        )
+            .into_response();
+    }
+    // Follow: what is there, then new output until the container is restarted (a newer attempt
+    // appears) or its pod goes.
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+    let offset = data.len() as u64;
+    let src2 = src.clone();
+    tokio::spawn(async move {
+        if tx.send(Bytes::from(first)).await.is_err() {
+            return;
+        }
+        let Ok(mut f) = tokio::fs::File::open(&file).await else {
+            return;
+        };
+        if f.seek(std::io::SeekFrom::Start(offset)).await.is_err() {
+            return;
+        }
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match f.read(&mut buf).await {
+                Ok(0) => {
+                    let now = attempts(&src2, &ns, &pod, &container);
+                    if now.last() != Some(&file) {
+                        return;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(FOLLOW_POLL) => {}
+                        _ = tx.closed() => return,
+                    }
+                }
+                Ok(n) => {
+                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                        return;
+                    }
+                }
+                Err(_) => return,
+            }
+        }
+    });
+    let body = Body::from_stream(futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|b| (Ok::<_, Infallible>(b), rx))
+    }));
+    (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
+}
+
+/// Serves the endpoint on `addr` until aborted.
+pub async fn serve(addr: SocketAddr, cert: &ServingCert, src: LogSource) -> Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("bind the agent endpoint on {addr}"))?;
+    let app = Router::new()
+        .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
+        .with_state(Arc::new(src));
+    let tls = tokio_rustls::TlsAcceptor::from(cert.tls.clone());
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next() => continue,
+        };
+        let Ok((tcp, _)) = accepted else { continue };
+        let (tls, app) = (tls.clone(), app.clone());
+        conns.spawn(async move {
+            let Ok(Ok(stream)) =
+                tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            else {
+                return;
+            };
+            let _ = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tail_lines() {
+        assert_eq!(tail(b"a\nb\nc\n", 2), b"b\nc\n");
+        assert_eq!(tail(b"a\nb\nc", 1), b"c");
+        assert_eq!(tail(b"a\nb\n", 5), b"a\nb\n");
+        assert_eq!(tail(b"a\n", 0), b"");
+    }
+}
