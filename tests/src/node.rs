@@ -24,7 +24,8 @@ pub struct NodeNs {
     pub host_ip: Ipv4Addr,
     /// Address of the node side (the node's InternalIP).
     pub node_ip: Ipv4Addr,
-    host_if: String,
+    /// The host-side interface, for nodes linked straight to the host.
+    host_if: Option<String>,
 }
 
 static NEXT: AtomicU8 = AtomicU8::new(1);
@@ -52,7 +53,7 @@ impl NodeNs {
             ns,
             host_ip,
             node_ip,
-            host_if: host_if.clone(),
+            host_if: Some(host_if.clone()),
         };
         rt().block_on(async {
             let host = Netlink::connect().expect("netlink");
@@ -81,6 +82,107 @@ impl Default for NodeNs {
 }
 
 impl Drop for NodeNs {
+    fn drop(&mut self) {
+        if let Some(host_if) = &self.host_if {
+            rt().block_on(async {
+                if let Ok(h) = Netlink::connect() {
+                    let _ = h.delete_link(host_if).await;
+                }
+            });
+        }
+        // Deleting the namespace deletes its end of each veth, and with it the other end.
+        let _ = skiff_net::netns::remove_path(self.ns.path());
+    }
+}
+
+/// A test LAN: a namespace holding a bridge that test nodes and the host attach to (one
+/// 10.200.<k>.0/24 network), so nodes reach each other and the control plane directly, as
+/// machines on one network do.
+#[derive(Debug)]
+pub struct Lan {
+    ns: NetNs,
+    /// The host's address on the LAN (where the control plane listens).
+    pub host_ip: Ipv4Addr,
+    subnet: u8,
+    host_if: String,
+    next: AtomicU8,
+}
+
+impl Lan {
+    /// Creates the LAN and attaches the host to it.
+    pub fn new() -> Lan {
+        let k = (std::process::id() as u8)
+            .wrapping_mul(13)
+            .wrapping_add(NEXT.fetch_add(1, Ordering::Relaxed));
+        let ns = NetNs::create(Path::new(DEFAULT_NETNS_DIR), &unique_name("skiff-t-lan"))
+            .expect("lan netns");
+        let host_if = format!("skl{:x}{k:02x}", std::process::id() & 0xffff);
+        let peer = format!("slp{:x}{k:02x}", std::process::id() & 0xffff);
+        let lan = Lan {
+            ns,
+            host_ip: Ipv4Addr::new(10, 200, k, 1),
+            subnet: k,
+            host_if: host_if.clone(),
+            next: AtomicU8::new(10),
+        };
+        rt().block_on(async {
+            let inner = Netlink::connect_in(&lan.ns).expect("netlink in lan");
+            inner.create_bridge("br0").await.expect("bridge");
+            inner.set_up("br0").await.expect("bridge up");
+            let host = Netlink::connect().expect("netlink");
+            host.create_veth(&host_if, &peer).await.expect("veth");
+            host.move_to(&peer, &lan.ns).await.expect("move veth");
+            host.add_address(&host_if, lan.host_ip.into(), 24)
+                .await
+                .expect("host address");
+            host.set_up(&host_if).await.expect("host up");
+            inner.set_master(&peer, "br0").await.expect("attach");
+            inner.set_up(&peer).await.expect("peer up");
+        });
+        lan
+    }
+
+    /// A node namespace on this LAN (10.200.<k>.10, .11, …).
+    pub fn node(&self) -> NodeNs {
+        let i = self.next.fetch_add(1, Ordering::Relaxed);
+        let node_ip = Ipv4Addr::new(10, 200, self.subnet, i);
+        let ns = NetNs::create(Path::new(DEFAULT_NETNS_DIR), &unique_name("skiff-t-node"))
+            .expect("node netns");
+        let (a, b) = (
+            format!("sna{:x}{i:02x}", std::process::id() & 0xffff),
+            format!("snb{:x}{i:02x}", std::process::id() & 0xffff),
+        );
+        rt().block_on(async {
+            let host = Netlink::connect().expect("netlink");
+            host.create_veth(&a, &b).await.expect("veth");
+            host.move_to(&a, &ns).await.expect("to node");
+            host.move_to(&b, &self.ns).await.expect("to lan");
+            let lan = Netlink::connect_in(&self.ns).expect("netlink in lan");
+            lan.set_master(&b, "br0").await.expect("attach");
+            lan.set_up(&b).await.expect("up");
+            let node = Netlink::connect_in(&ns).expect("netlink in node");
+            node.set_up("lo").await.expect("lo");
+            node.add_address(&a, node_ip.into(), 24)
+                .await
+                .expect("node address");
+            node.set_up(&a).await.expect("node up");
+        });
+        NodeNs {
+            ns,
+            host_ip: self.host_ip,
+            node_ip,
+            host_if: None,
+        }
+    }
+}
+
+impl Default for Lan {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for Lan {
     fn drop(&mut self) {
         rt().block_on(async {
             if let Ok(h) = Netlink::connect() {

@@ -13,7 +13,7 @@ use std::{
 
 use skiff_tests::{
     control::ControlPlane,
-    node::{NodeAgent, NodeNs},
+    node::{Lan, NodeAgent, NodeNs},
     privileged,
 };
 
@@ -230,6 +230,112 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
     }
     agent.stop();
     drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
+    if !privileged("a_pod_reaches_a_pod_on_another_node_by_its_ip") {
+        return;
+    }
+    let lan = Lan::new();
+    let (n1, n2) = (lan.node(), lan.node());
+    let cp = ControlPlane::start_on(lan.host_ip);
+    let archive = cp.scratch().join("busybox.tar");
+    skiff_runtime::oci_layout::build_busybox_archive(
+        Path::new("/bin/busybox"),
+        "busybox:1.36",
+        &archive,
+    )
+    .expect("image archive");
+    let kubeconfig = cp.scratch().join("data/node.kubeconfig");
+    let mut a1 = NodeAgent::start(
+        &n1,
+        &kubeconfig,
+        cp.scratch(),
+        std::slice::from_ref(&archive),
+    );
+    let mut a2 = NodeAgent::start(&n2, &kubeconfig, cp.scratch(), &[archive]);
+    let (name1, name2) = (a1.name.clone(), a2.name.clone());
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        for n in [&name1, &name2] {
+            cp.eventually(60, "both nodes Ready", || {
+                jsonpath(
+                    &cp,
+                    &["node", n],
+                    "{.status.conditions[?(@.type==\"Ready\")].status}",
+                ) == "True"
+            });
+        }
+        let on = |node: &str| format!(r#"{{"apiVersion":"v1","spec":{{"nodeName":"{node}"}}}}"#);
+        cp.ok(&[
+            "run",
+            "server",
+            "--image=busybox:1.36",
+            &format!("--overrides={}", on(&name2)),
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/var/www",
+        ]);
+        cp.eventually(60, "server Running", || {
+            jsonpath(&cp, &["pod", "server"], "{.status.phase}") == "Running"
+        });
+        let ip = jsonpath(&cp, &["pod", "server"], "{.status.podIP}");
+        let cidr2 = jsonpath(&cp, &["node", &name2], "{.spec.podCIDR}");
+        assert!(
+            ip.starts_with(cidr2.trim_end_matches("0/24")),
+            "{ip} not in {cidr2}"
+        );
+        cp.ok(&[
+            "run",
+            "client",
+            "--restart=Never",
+            "--image=busybox:1.36",
+            &format!("--overrides={}", on(&name1)),
+            "--",
+            "sh",
+            "-c",
+            &format!("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 5 {ip} 8080 | tail -n 1"),
+        ]);
+        cp.eventually(60, "the client to finish", || {
+            matches!(
+                jsonpath(&cp, &["pod", "client"], "{.status.phase}").as_str(),
+                "Succeeded" | "Failed"
+            )
+        });
+        let phase = jsonpath(&cp, &["pod", "client"], "{.status.phase}");
+        assert_eq!(
+            phase,
+            "Succeeded",
+            "client output: {:?}, state: {}",
+            cp.kubectl(&["logs", "client"]),
+            jsonpath(
+                &cp,
+                &["pod", "client"],
+                "{.status.containerStatuses[0].state}"
+            )
+        );
+        assert_eq!(cp.ok(&["logs", "client"]), "hello from skiff\n");
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+    }));
+    if outcome.is_err() {
+        eprintln!("agent 1 log:\n{}\nagent 2 log:\n{}", a1.log(), a2.log());
+    }
+    a1.stop();
+    a2.stop();
+    drop((a1, a2));
     if let Err(p) = outcome {
         std::panic::resume_unwind(p);
     }

@@ -3,11 +3,13 @@
 //! - [`machine`]: facts about this machine (capacity, identity, pressure).
 //! - [`register`]: the Node object, its status, and the Lease heartbeat.
 //! - [`pods`]: pods bound to this node, on containerd, with their network and status.
+//! - [`routes`]: routes to the other nodes' pod CIDRs (direct routing).
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
 pub mod machine;
 pub mod pods;
 pub mod register;
+pub mod routes;
 pub mod server;
 
 use std::path::Path;

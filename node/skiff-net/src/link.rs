@@ -7,8 +7,8 @@ use std::{
 
 use futures::TryStreamExt;
 use netlink_packet_route::link::{LinkAttribute, LinkMessage};
-use netlink_packet_route::route::RouteScope;
-use rtnetlink::{Handle, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope};
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
 use crate::{NetError, NetNs};
 
@@ -195,6 +195,106 @@ impl Netlink {
             .execute()
             .await
             .map_err(nl("add neighbour", format!("{ip} on {dev}")))
+    }
+
+    /// Creates bridge `name` (up).
+    pub async fn create_bridge(&self, name: &str) -> Result<(), NetError> {
+        self.handle
+            .link()
+            .add(LinkBridge::new(name).build())
+            .execute()
+            .await
+            .map_err(nl("create bridge", name))
+    }
+
+    /// Attaches link `name` to bridge `bridge`.
+    pub async fn set_master(&self, name: &str, bridge: &str) -> Result<(), NetError> {
+        let (index, master) = (self.index(name).await?, self.index(bridge).await?);
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).controller(master).build())
+            .execute()
+            .await
+            .map_err(nl("attach to bridge", format!("{name} -> {bridge}")))
+    }
+
+    /// Adds or replaces the route to `dest/prefix` via `gateway`, tagged with `protocol` so its
+    /// owner can find it again (as routing daemons tag theirs).
+    pub async fn replace_route(
+        &self,
+        dest: Ipv4Addr,
+        prefix: u8,
+        gateway: Ipv4Addr,
+        protocol: u8,
+    ) -> Result<(), NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, prefix)
+            .gateway(gateway)
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        self.handle
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(nl(
+                "replace route",
+                format!("{dest}/{prefix} via {gateway}"),
+            ))
+    }
+
+    /// IPv4 routes tagged with `protocol`: destination, prefix length, gateway.
+    pub async fn routes_with_protocol(
+        &self,
+        protocol: u8,
+    ) -> Result<Vec<(Ipv4Addr, u8, Option<Ipv4Addr>)>, NetError> {
+        let mut routes = self
+            .handle
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute();
+        let mut out = Vec::new();
+        while let Some(r) = routes.try_next().await.map_err(nl("list routes", ""))? {
+            if r.header.protocol != RouteProtocol::from(protocol) {
+                continue;
+            }
+            let mut dest = None;
+            let mut gw = None;
+            for a in &r.attributes {
+                match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(ip)) => dest = Some(*ip),
+                    RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gw = Some(*ip),
+                    _ => {}
+                }
+            }
+            if let Some(d) = dest {
+                out.push((d, r.header.destination_prefix_length, gw));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Deletes the route to `dest/prefix` tagged with `protocol` (absent is fine).
+    pub async fn delete_route(
+        &self,
+        dest: Ipv4Addr,
+        prefix: u8,
+        protocol: u8,
+    ) -> Result<(), NetError> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(dest, prefix)
+            .protocol(RouteProtocol::from(protocol))
+            .build();
+        match self.handle.route().del(msg).execute().await {
+            Ok(()) => Ok(()),
+            Err(rtnetlink::Error::NetlinkError(e))
+                if e.raw_code() == -(nix::errno::Errno::ESRCH as i32) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(nl("delete route", format!("{dest}/{prefix}"))(e)),
+        }
     }
 
     /// Deletes link `name` (for a veth, its peer goes too). Missing links are not an error.

@@ -272,6 +272,14 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         tracing::error!(error = format!("{e:#}"), "pod manager stopped");
                     }
                 });
+                {
+                    let (client, me) = (client.clone(), cfg.name.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = skiff_agent::routes::run(client, me).await {
+                            tracing::error!(error = format!("{e:#}"), "node routes stopped");
+                        }
+                    });
+                }
                 let hb = tokio::spawn(skiff_agent::register::heartbeat(client, cfg, status));
                 Some(tokio::spawn(async move {
                     let _ = tokio::join!(pods_task, hb);
