@@ -84,6 +84,21 @@ impl Drop for TestPins {
     }
 }
 
+/// Ends a child this test started, by PID: SIGTERM, then SIGKILL after `grace`; reaps it.
+pub fn stop_child(child: &mut std::process::Child, grace: std::time::Duration) {
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    let deadline = std::time::Instant::now() + grace;
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
 /// The bpffs mount point tests use.
 pub fn bpffs() -> PathBuf {
     PathBuf::from(skiff_datapath::bpffs::DEFAULT_BPFFS)

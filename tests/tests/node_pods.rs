@@ -17,6 +17,18 @@ use skiff_tests::{
     privileged,
 };
 
+/// The busybox test image (named `busybox:1.36`) as an OCI layout archive in the scratch dir.
+fn busybox_archive(cp: &ControlPlane) -> std::path::PathBuf {
+    let archive = cp.scratch().join("busybox.tar");
+    skiff_runtime::oci_layout::build_busybox_archive(
+        Path::new("/bin/busybox"),
+        "busybox:1.36",
+        &archive,
+    )
+    .expect("image archive");
+    archive
+}
+
 fn jsonpath(cp: &ControlPlane, what: &[&str], path: &str) -> String {
     let mut args = vec!["get"];
     args.extend_from_slice(what);
@@ -32,13 +44,7 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
     }
     let node_ns = NodeNs::new();
     let cp = ControlPlane::start_on(node_ns.host_ip);
-    let archive = cp.scratch().join("busybox.tar");
-    skiff_runtime::oci_layout::build_busybox_archive(
-        Path::new("/bin/busybox"),
-        "busybox:1.36",
-        &archive,
-    )
-    .expect("image archive");
+    let archive = busybox_archive(&cp);
     let mut agent = NodeAgent::start(
         &node_ns,
         &cp.scratch().join("data/node.kubeconfig"),
@@ -243,13 +249,7 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
     let lan = Lan::new();
     let (n1, n2) = (lan.node(), lan.node());
     let cp = ControlPlane::start_on(lan.host_ip);
-    let archive = cp.scratch().join("busybox.tar");
-    skiff_runtime::oci_layout::build_busybox_archive(
-        Path::new("/bin/busybox"),
-        "busybox:1.36",
-        &archive,
-    )
-    .expect("image archive");
+    let archive = busybox_archive(&cp);
     let kubeconfig = cp.scratch().join("data/node.kubeconfig");
     let mut a1 = NodeAgent::start(
         &n1,

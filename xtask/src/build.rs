@@ -185,31 +185,27 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
         "skiff-bench",
     ]))?;
     let bin = root.join("target/release");
-    match name {
-        BenchName::Store => {
-            // On the workspace's disk, not a tmpfs: fsync cost is part of what is measured.
-            let data = root.join("target/bench-data");
-            step("store benchmark: skiff vs etcd (writes are durable on both)");
-            let result = run(Command::new(bin.join("skiff-bench"))
-                .args(["store", "--seconds", &seconds.to_string()])
-                .arg("--skiff-control")
-                .arg(bin.join("skiff-control"))
-                .arg("--data-dir")
-                .arg(&data));
-            let _ = fs::remove_dir_all(&data);
-            result
-        }
-        BenchName::Api => {
-            let data = root.join("target/bench-data-api");
-            step("API server benchmark: creates, gets, lists, watch fan-out (vs upstream's SLO)");
-            let result = run(Command::new(bin.join("skiff-bench"))
-                .args(["api", "--seconds", &seconds.to_string()])
-                .arg("--skiff-control")
-                .arg(bin.join("skiff-control"))
-                .arg("--data-dir")
-                .arg(&data));
-            let _ = fs::remove_dir_all(&data);
-            result
-        }
-    }
+    // Data on the workspace's disk, not a tmpfs: fsync cost is part of what is measured.
+    let (sub, data, what) = match name {
+        BenchName::Store => (
+            "store",
+            "target/bench-data",
+            "store benchmark: skiff vs etcd (writes are durable on both)",
+        ),
+        BenchName::Api => (
+            "api",
+            "target/bench-data-api",
+            "API server benchmark: creates, gets, lists, watch fan-out (vs upstream's SLO)",
+        ),
+    };
+    let data = root.join(data);
+    step(what);
+    let result = run(Command::new(bin.join("skiff-bench"))
+        .args([sub, "--seconds", &seconds.to_string()])
+        .arg("--skiff-control")
+        .arg(bin.join("skiff-control"))
+        .arg("--data-dir")
+        .arg(&data));
+    let _ = fs::remove_dir_all(&data);
+    result
 }

@@ -12,7 +12,8 @@ use containerd_client::{
         container::Runtime,
         containers_client::ContainersClient,
         snapshots::{
-            PrepareSnapshotRequest, RemoveSnapshotRequest, snapshots_client::SnapshotsClient,
+            MountsRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
+            snapshots_client::SnapshotsClient,
         },
         tasks_client::TasksClient,
     },
@@ -109,20 +110,35 @@ pub fn spec(cfg: &ContainerConfig, image: &ImageInfo) -> Result<Value> {
 /// Creates the container (snapshot, record) and starts its task.
 pub async fn start(ch: &Channel, cfg: &ContainerConfig, image: &ImageInfo) -> Result<u32> {
     let spec = spec(cfg, image)?;
-    let mounts = SnapshotsClient::new(ch.clone())
-        .prepare(with_namespace!(
+    // Under a lease until the container record references the snapshot: containerd's garbage
+    // collector may otherwise remove the fresh snapshot in between.
+    let lease = crate::containerd::create_lease(ch).await?;
+    let created = create(ch, cfg, image, spec, &lease).await;
+    crate::containerd::delete_lease(ch, &lease).await;
+    created?;
+    start_task(ch, cfg).await
+}
+
+async fn create(
+    ch: &Channel,
+    cfg: &ContainerConfig,
+    image: &ImageInfo,
+    spec: Value,
+    lease: &str,
+) -> Result<()> {
+    use crate::containerd::req;
+    SnapshotsClient::new(ch.clone())
+        .prepare(req(
             PrepareSnapshotRequest {
                 snapshotter: SNAPSHOTTER.into(),
                 key: cfg.id.clone(),
                 parent: image.chain_id.clone(),
                 ..Default::default()
             },
-            NAMESPACE
+            lease,
         ))
         .await
-        .with_context(|| format!("prepare the snapshot of container {}", cfg.id))?
-        .into_inner()
-        .mounts;
+        .with_context(|| format!("prepare the snapshot of container {}", cfg.id))?;
     let container = Container {
         id: cfg.id.clone(),
         image: image.name.clone(),
@@ -139,14 +155,30 @@ pub async fn start(ch: &Channel, cfg: &ContainerConfig, image: &ImageInfo) -> Re
         ..Default::default()
     };
     ContainersClient::new(ch.clone())
-        .create(with_namespace!(
+        .create(req(
             CreateContainerRequest {
                 container: Some(container),
+            },
+            lease,
+        ))
+        .await
+        .with_context(|| format!("create container {}", cfg.id))?;
+    Ok(())
+}
+
+async fn start_task(ch: &Channel, cfg: &ContainerConfig) -> Result<u32> {
+    let mounts = SnapshotsClient::new(ch.clone())
+        .mounts(with_namespace!(
+            MountsRequest {
+                snapshotter: SNAPSHOTTER.into(),
+                key: cfg.id.clone(),
             },
             NAMESPACE
         ))
         .await
-        .with_context(|| format!("create container {}", cfg.id))?;
+        .with_context(|| format!("mounts of container {}", cfg.id))?
+        .into_inner()
+        .mounts;
     if let Some(d) = cfg.log.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }

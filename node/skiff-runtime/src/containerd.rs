@@ -14,7 +14,16 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
-use containerd_client::{services::v1::version_client::VersionClient, tonic::transport::Channel};
+use std::collections::HashMap;
+
+use containerd_client::{
+    services::v1::{
+        CreateRequest as LeaseCreate, DeleteRequest as LeaseDelete, leases_client::LeasesClient,
+        version_client::VersionClient,
+    },
+    tonic::{Request, transport::Channel},
+    with_namespace,
+};
 
 /// The containerd namespace skiff's containers live in (the one CRI uses too, so `ctr -n
 /// k8s.io` shows them).
@@ -136,6 +145,56 @@ impl Drop for Supervised {
         }
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A request in skiff's namespace, under `lease` (which keeps what it creates from being
+/// garbage-collected before something references it).
+pub fn req<T>(msg: T, lease: &str) -> Request<T> {
+    let mut r = with_namespace!(msg, NAMESPACE);
+    if let Ok(v) = lease.parse() {
+        r.metadata_mut().insert("containerd-lease", v);
+    }
+    r
+}
+
+static NEXT_LEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// A lease that keeps what is created under it from garbage collection until something else
+/// references it; it expires on its own after an hour if this process dies meanwhile.
+pub async fn create_lease(ch: &Channel) -> Result<String> {
+    let id = format!(
+        "skiff-{}-{}",
+        std::process::id(),
+        NEXT_LEASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let expire = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    LeasesClient::new(ch.clone())
+        .create(with_namespace!(
+            LeaseCreate {
+                id: id.clone(),
+                labels: HashMap::from([("containerd.io/gc.expire".to_string(), expire)]),
+            },
+            NAMESPACE
+        ))
+        .await
+        .context("create a containerd lease")?;
+    Ok(id)
+}
+
+pub async fn delete_lease(ch: &Channel, id: &str) {
+    let r = LeasesClient::new(ch.clone())
+        .delete(with_namespace!(
+            LeaseDelete {
+                id: id.into(),
+                sync: false,
+            },
+            NAMESPACE
+        ))
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(lease = id, error = %e, "deleting a containerd lease failed; it expires by itself");
     }
 }
 

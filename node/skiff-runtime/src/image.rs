@@ -8,13 +8,11 @@ use std::{collections::HashMap, io::Read, path::Path};
 use anyhow::{Context, Result, bail};
 use containerd_client::{
     services::v1::{
-        ApplyRequest, CreateImageRequest, CreateRequest as LeaseCreate,
-        DeleteRequest as LeaseDelete, GetImageRequest, Image, UpdateImageRequest, WriteAction,
+        ApplyRequest, CreateImageRequest, GetImageRequest, Image, UpdateImageRequest, WriteAction,
         WriteContentRequest,
         content_client::ContentClient,
         diff_client::DiffClient,
         images_client::ImagesClient,
-        leases_client::LeasesClient,
         snapshots::{
             CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest,
             StatSnapshotRequest, snapshots_client::SnapshotsClient,
@@ -27,7 +25,7 @@ use containerd_client::{
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 
-use crate::containerd::NAMESPACE;
+use crate::containerd::{NAMESPACE, create_lease, delete_lease, req};
 
 /// The snapshotter skiff unpacks into.
 pub const SNAPSHOTTER: &str = "overlayfs";
@@ -43,55 +41,6 @@ pub struct ImageInfo {
     pub chain_id: String,
     /// `config` of the image configuration (Entrypoint, Cmd, Env, WorkingDir, User).
     pub config: Value,
-}
-
-/// A request in skiff's namespace, under `lease` (which keeps what it creates from being
-/// garbage-collected before something references it).
-fn req<T>(msg: T, lease: &str) -> Request<T> {
-    let mut r = with_namespace!(msg, NAMESPACE);
-    if let Ok(v) = lease.parse() {
-        r.metadata_mut().insert("containerd-lease", v);
-    }
-    r
-}
-
-static NEXT_LEASE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-
-/// A lease for one import, expiring on its own after an hour if this process dies mid-import.
-async fn create_lease(ch: &Channel) -> Result<String> {
-    let id = format!(
-        "skiff-import-{}-{}",
-        std::process::id(),
-        NEXT_LEASE.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let expire = (chrono::Utc::now() + chrono::Duration::hours(1))
-        .to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    LeasesClient::new(ch.clone())
-        .create(with_namespace!(
-            LeaseCreate {
-                id: id.clone(),
-                labels: HashMap::from([("containerd.io/gc.expire".to_string(), expire)]),
-            },
-            NAMESPACE
-        ))
-        .await
-        .context("create a containerd lease")?;
-    Ok(id)
-}
-
-async fn delete_lease(ch: &Channel, id: &str) {
-    let r = LeasesClient::new(ch.clone())
-        .delete(with_namespace!(
-            LeaseDelete {
-                id: id.into(),
-                sync: false,
-            },
-            NAMESPACE
-        ))
-        .await;
-    if let Err(e) = r {
-        tracing::warn!(lease = id, error = %e, "deleting a containerd lease failed; it expires by itself");
-    }
 }
 
 fn sha256(data: &[u8]) -> String {
