@@ -145,6 +145,50 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
         let err = cp.fails(&["logs", "talker", "-c", "nope"]);
         assert!(err.contains("container nope is not valid"), "{err}");
 
+        // The environment: configMap and secret keys, the downward API, service variables; a
+        // missing configMap is CreateContainerConfigError.
+        cp.ok(&[
+            "create",
+            "configmap",
+            "settings",
+            "--from-literal=mode=fast",
+        ]);
+        cp.ok(&[
+            "create",
+            "secret",
+            "generic",
+            "creds",
+            "--from-literal=token=s3cret",
+        ]);
+        let manifest = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "envy"},
+          "spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox:1.36",
+            "command": ["sh", "-c", "echo $MODE $TOKEN $ME $(test -n \"$MY_IP\" && echo ip) $KUBERNETES_SERVICE_HOST $GREETING"],
+            "env": [
+              {"name": "MODE", "valueFrom": {"configMapKeyRef": {"name": "settings", "key": "mode"}}},
+              {"name": "TOKEN", "valueFrom": {"secretKeyRef": {"name": "creds", "key": "token"}}},
+              {"name": "ME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+              {"name": "MY_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+              {"name": "GREETING", "value": "hi-$(ME)"}]}]}}"#;
+        cp.ok_stdin(&["create", "-f", "-"], manifest);
+        cp.eventually(60, "pod envy Succeeded", || {
+            jsonpath(&cp, &["pod", "envy"], "{.status.phase}") == "Succeeded"
+        });
+        assert_eq!(
+            cp.ok(&["logs", "envy"]),
+            "fast s3cret envy ip 10.96.0.1 hi-envy\n"
+        );
+        let broken = r#"{"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "broken"},
+          "spec": {"containers": [{"name": "c", "image": "busybox:1.36",
+            "env": [{"name": "X", "valueFrom": {"configMapKeyRef": {"name": "absent", "key": "k"}}}]}]}}"#;
+        cp.ok_stdin(&["create", "-f", "-"], broken);
+        cp.eventually(30, "CreateContainerConfigError", || {
+            jsonpath(
+                &cp,
+                &["pod", "broken"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            ) == "CreateContainerConfigError"
+        });
+
         // A crashing container backs off.
         cp.ok(&[
             "run",

@@ -1,11 +1,13 @@
 //! The node agent's cluster side (the kubelet role), used by `skiff-node`.
 //!
+//! - [`env`]: a container's environment (service variables, envFrom, env with valueFrom).
 //! - [`machine`]: facts about this machine (capacity, identity, pressure).
 //! - [`register`]: the Node object, its status, and the Lease heartbeat.
 //! - [`pods`]: pods bound to this node, on containerd, with their network and status.
 //! - [`routes`]: routes to the other nodes' pod CIDRs (direct routing).
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
+pub mod env;
 pub mod machine;
 pub mod pods;
 pub mod register;

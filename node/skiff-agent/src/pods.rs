@@ -292,7 +292,8 @@ impl PodManager {
             let me = self.clone();
             let (uid2, c, netns, log_dir) =
                 (uid.clone(), c.clone(), net.netns.clone(), log_dir.clone());
-            let h = tokio::spawn(async move { me.supervise(&uid2, c, netns, log_dir).await });
+            let pod2 = pod.clone();
+            let h = tokio::spawn(async move { me.supervise(&uid2, pod2, c, netns, log_dir).await });
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = pods.get_mut(&uid) {
                 s.workers.push(h);
@@ -312,7 +313,14 @@ impl PodManager {
     }
 
     /// Runs one container for as long as its pod lives, restarting it per `restartPolicy`.
-    async fn supervise(self: Arc<Self>, uid: &str, c: Container, netns: PathBuf, log_dir: PathBuf) {
+    async fn supervise(
+        self: Arc<Self>,
+        uid: &str,
+        pod: Pod,
+        c: Container,
+        netns: PathBuf,
+        log_dir: PathBuf,
+    ) {
         let policy = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             pods.get(uid)
@@ -358,13 +366,28 @@ impl PodManager {
                     .unwrap_or_default();
             }
             args.extend(c.args.clone().unwrap_or_default());
-            let env = c
-                .env
-                .clone()
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|e| e.value.map(|v| format!("{}={v}", e.name)))
-                .collect();
+            let rt = crate::env::Runtime {
+                pod_ip: {
+                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                    pods.get(uid)
+                        .and_then(|s| s.ip)
+                        .map(|ip| ip.to_string())
+                        .unwrap_or_default()
+                },
+                host_ip: self.cfg.node_ip.to_string(),
+            };
+            let env = match crate::env::build(&self.client, &pod, &c, &rt).await {
+                Ok(env) => env,
+                Err(msg) => {
+                    self.set_container(uid, &c.name, |s| {
+                        s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": msg}});
+                    });
+                    self.post_status(uid).await;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                    continue;
+                }
+            };
             let cfg = ContainerConfig {
                 id: id.clone(),
                 args,
