@@ -66,6 +66,23 @@ async fn typed_list_watch_and_patch() {
         .collect();
     assert_eq!(names, ["c0", "c1", "c2", "c3", "c4"]);
 
+    // Metadata-only lists (what controllers' metadata watchers use) carry PartialObjectMetadata.
+    let meta = api
+        .list_metadata(&ListParams::default())
+        .await
+        .expect("list metadata");
+    assert_eq!(meta.items.len(), 5);
+    assert_eq!(
+        meta.items[0].types.as_ref().map(|t| t.kind.as_str()),
+        Some("PartialObjectMetadata")
+    );
+    assert_eq!(meta.items[0].metadata.name.as_deref(), Some("c0"));
+    let one = api.get_metadata("c1").await.expect("get metadata");
+    assert_eq!(
+        one.types.map(|t| t.kind),
+        Some("PartialObjectMetadata".into())
+    );
+
     // Watch from the list's resourceVersion sees exactly what happens next, in order.
     let rv = all.metadata.resource_version.clone().expect("rv");
     let mut events = api

@@ -141,6 +141,17 @@ fn flag(p: &Params, name: &str) -> bool {
 #[derive(Clone, Copy, Debug)]
 struct Accept {
     table: bool,
+    /// `as=PartialObjectMetadata` / `PartialObjectMetadataList`: metadata only.
+    metadata: bool,
+}
+
+/// An object reduced to `meta.k8s.io/v1` `PartialObjectMetadata`.
+fn partial(obj: &Value) -> Value {
+    json!({
+        "kind": "PartialObjectMetadata",
+        "apiVersion": "meta.k8s.io/v1",
+        "metadata": obj.get("metadata").cloned().unwrap_or_else(|| json!({})),
+    })
 }
 
 fn accept(headers: &HeaderMap) -> ApiResult<Accept> {
@@ -150,11 +161,16 @@ fn accept(headers: &HeaderMap) -> ApiResult<Accept> {
         .unwrap_or("");
     let mut json_ok = a.is_empty();
     let mut table = false;
+    let mut metadata = false;
     for part in a.split(',') {
         let part = part.trim();
         let media = part.split(';').next().unwrap_or("").trim();
         if part.contains("as=Table") && media == "application/json" {
             table = true;
+        }
+        // The first acceptable form wins; metadata-only is asked for before plain JSON.
+        if part.contains("as=PartialObjectMetadata") && media == "application/json" && !table {
+            metadata = true;
         }
         if matches!(
             media,
@@ -163,12 +179,12 @@ fn accept(headers: &HeaderMap) -> ApiResult<Accept> {
             json_ok = true;
         }
     }
-    if !json_ok && !table {
+    if !json_ok && !table && !metadata {
         return Err(ApiError::not_acceptable(format!(
             "only the following media types are accepted: application/json (asked for {a:?})"
         )));
     }
-    Ok(Accept { table })
+    Ok(Accept { table, metadata })
 }
 
 /// Decodes a request body (JSON or YAML) by its content type.
@@ -310,6 +326,9 @@ fn encode_one(
         let t = tables::table(def, &[obj], json!({"resourceVersion": rv}), include, true);
         return json_response(code, &t, warnings);
     }
+    if acc.metadata && obj.get("kind").and_then(Value::as_str) == Some(def.kind) {
+        return json_response(code, &partial(&obj), warnings);
+    }
     json_response(code, &obj, warnings)
 }
 
@@ -367,6 +386,16 @@ async fn list(api: &Api, t: &Target, p: &Params, acc: Accept) -> ApiResult<Respo
         let include = IncludeObject::parse(p.get("includeObject").map(String::as_str));
         let tbl = tables::table(t.def, &page.items, meta, include, true);
         return Ok(json_response(StatusCode::OK, &tbl, &[]));
+    }
+    if acc.metadata {
+        let items: Vec<Value> = page.items.iter().map(partial).collect();
+        let body = json!({
+            "kind": "PartialObjectMetadataList",
+            "apiVersion": "meta.k8s.io/v1",
+            "metadata": meta,
+            "items": items,
+        });
+        return Ok(json_response(StatusCode::OK, &body, &[]));
     }
     let body = json!({
         "kind": t.def.list_kind,
@@ -1439,6 +1468,8 @@ async fn watch(api: &Api, t: &Target, p: &Params, acc: Accept) -> ApiResult<Resp
             let t = tables::table(def, &[obj], json!({}), include, *first);
             *first = false;
             t
+        } else if acc.metadata && ty != "ERROR" && ty != "BOOKMARK" {
+            partial(&obj)
         } else {
             obj
         };
