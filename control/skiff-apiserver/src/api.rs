@@ -1133,7 +1133,7 @@ async fn subresource(
             let (o, w) = update(api, t, decode_body(headers, body)?, p, Mode::Finalize).await?;
             Ok(json_response(StatusCode::OK, &o, &w))
         }
-        ("scale", &Method::GET) => Ok(ok(&scale_of(t.def, &get(api, t).await?.obj))),
+        ("scale", &Method::GET) => Ok(ok(&scale_of(&get(api, t).await?.obj))),
         ("scale", &Method::PUT | &Method::PATCH) => {
             let dry = dry_run(p)?;
             let is_put = method == Method::PUT;
@@ -1155,7 +1155,7 @@ async fn subresource(
                 )
             };
             let out = guaranteed_update(api, t, dry, |old| {
-                let scale = scale_of(t.def, old);
+                let scale = scale_of(old);
                 let new_scale = match (&put_body, ty) {
                     (Some(b), _) => b.clone(),
                     (None, Some(ty)) => patch::apply(
@@ -1195,7 +1195,7 @@ async fn subresource(
                 Ok((new, precondition))
             })
             .await?;
-            Ok(ok(&scale_of(t.def, &out)))
+            Ok(ok(&scale_of(&out)))
         }
         ("binding", &Method::POST) => {
             let b = decode_body(headers, body)?;
@@ -1366,20 +1366,11 @@ async fn bind(api: &Api, t: &Target, binding: &Value) -> ApiResult<()> {
 }
 
 /// The `autoscaling/v1` `Scale` of a scalable object.
-fn scale_of(def: &ResourceDef, obj: &Value) -> Value {
+fn scale_of(obj: &Value) -> Value {
     let m = obj.get("metadata").cloned().unwrap_or(json!({}));
-    let selector = obj.pointer("/spec/selector").map(|s| {
-        let mut parts: Vec<String> = s
-            .get("matchLabels")
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-            .map(|(k, v)| format!("{k}={}", v.as_str().unwrap_or("")))
-            .collect();
-        parts.sort();
-        parts.join(",")
-    });
-    let _ = def;
+    // The label selector in its string form (as `kubectl get -o wide` prints it), "" if none.
+    let selector =
+        Some(tables::selector_string(obj.pointer("/spec/selector"))).filter(|s| s != "<none>");
     json!({
         "kind": "Scale",
         "apiVersion": "autoscaling/v1",

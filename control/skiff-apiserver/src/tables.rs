@@ -625,7 +625,7 @@ fn join_field(items: &[Value], field: &str) -> String {
 }
 
 /// `matchLabels` and `matchExpressions` printed as a selector string.
-fn selector_string(sel: Option<&Value>) -> String {
+pub(crate) fn selector_string(sel: Option<&Value>) -> String {
     let Some(sel) = sel else {
         return "<none>".into();
     };
