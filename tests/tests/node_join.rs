@@ -1,10 +1,7 @@
 //! `skiff-node --kubeconfig` joins a running `skiff-control`: the Node appears Ready with the
 //! machine's facts, gets a pod CIDR from the node IPAM controller, and renews its Lease.
 
-use std::{
-    process::{Child, Command, Stdio},
-    time::Duration,
-};
+use std::process::{Child, Command, Stdio};
 
 use skiff_tests::{bin, control::ControlPlane, privileged, unique_name};
 
@@ -127,5 +124,4 @@ fn agent_registers_a_ready_node_with_a_pod_cidr_and_a_lease() {
     drop(agent);
     // The Node stays (as upstream: a stopped kubelet does not deregister).
     assert!(cp.ok(&["get", "nodes"]).contains(&node));
-    std::thread::sleep(Duration::from_millis(10));
 }

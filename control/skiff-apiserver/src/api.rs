@@ -303,7 +303,7 @@ async fn handle(api: &Api, req: Request) -> ApiResult<Response> {
         (&Method::DELETE, false) => {
             verb_ok("deletecollection")?;
             let opts = DeleteOptions::parse(&parts.headers, &body, &p)?;
-            delete_collection(api, &t, &p, &opts, acc).await
+            delete_collection(api, &t, &p, &opts).await
         }
         _ => Err(ApiError::method_not_allowed(format!(
             "the server does not allow this method on the requested resource ({method} {})",
@@ -1057,7 +1057,7 @@ pub(crate) async fn delete(
             Some(rev) => {
                 meta::metadata_mut(&mut new)
                     .insert("resourceVersion".into(), json!(rev.to_string()));
-                return Ok((new, StatusCode::ACCEPTED.min(StatusCode::OK)));
+                return Ok((new, StatusCode::OK));
             }
             None => continue,
         }
@@ -1070,7 +1070,6 @@ async fn delete_collection(
     t: &Target,
     p: &Params,
     opts: &DeleteOptions,
-    acc: Accept,
 ) -> ApiResult<Response> {
     let labels = LabelSelector::parse(p.get("labelSelector").map_or("", String::as_str))?;
     let fields = FieldSelector::parse(p.get("fieldSelector").map_or("", String::as_str), t.def)?;
@@ -1105,7 +1104,6 @@ async fn delete_collection(
         "metadata": {},
         "items": deleted,
     });
-    let _ = acc;
     Ok(json_response(StatusCode::OK, &body, &[]))
 }
 
@@ -1499,7 +1497,8 @@ async fn watch(api: &Api, t: &Target, p: &Params, acc: Accept) -> ApiResult<Resp
                 _ = tx.closed() => return,
                 n = stream.next() => n,
             };
-            let lines: Vec<Bytes> = match next {
+            // The events to send, and whether the watch ends after them (after an ERROR).
+            let (lines, ends): (Vec<Bytes>, bool) = match next {
                 None => return,
                 Some(Err(StoreError::Compacted {
                     requested,
@@ -1509,37 +1508,38 @@ async fn watch(api: &Api, t: &Target, p: &Params, acc: Accept) -> ApiResult<Resp
                         "too old resource version: {} ({compacted})",
                         requested.saturating_sub(1)
                     ));
-                    vec![encode("ERROR", e.status(), &mut first)]
+                    (vec![encode("ERROR", e.status(), &mut first)], true)
                 }
                 Some(Err(e)) => {
                     let e: ApiError = e.into();
-                    vec![encode("ERROR", e.status(), &mut first)]
+                    (vec![encode("ERROR", e.status(), &mut first)], true)
                 }
                 Some(Ok(WatchEvent::Progress(rev))) => {
                     if !bookmarks {
                         continue;
                     }
-                    vec![encode("BOOKMARK", bookmark(rev, false), &mut first)]
+                    (
+                        vec![encode("BOOKMARK", bookmark(rev, false), &mut first)],
+                        false,
+                    )
                 }
                 Some(Ok(WatchEvent::Events(evs))) => {
                     let mut out = Vec::new();
+                    let mut failed = false;
                     for ev in &evs {
                         match watch_event(ev, &keep) {
                             Ok(Some((ty, obj))) => out.push(encode(ty, obj, &mut first)),
                             Ok(None) => {}
                             Err(e) => {
                                 out.push(encode("ERROR", e.status(), &mut first));
+                                failed = true;
                                 break;
                             }
                         }
                     }
-                    out
+                    (out, failed)
                 }
             };
-            let ends = lines.iter().any(|l| l.starts_with(b"{\"type\":\"ERROR\""))
-                || lines
-                    .last()
-                    .is_some_and(|l| l.windows(7).any(|w| w == b"\"ERROR\""));
             for l in lines {
                 if tx.send(l).await.is_err() {
                     return;

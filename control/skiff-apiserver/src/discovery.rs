@@ -64,25 +64,21 @@ pub fn group(name: &str) -> Option<Value> {
 }
 
 fn resource_entries(r: &ResourceDef) -> Vec<Value> {
-    let mut out = vec![json!({
+    let mut main = json!({
         "name": r.plural,
         "singularName": r.singular,
         "namespaced": r.namespaced,
         "kind": r.kind,
         "verbs": r.verbs,
-        "shortNames": r.short_names,
-        "categories": r.categories,
         "storageVersionHash": storage_hash(r),
-    })];
-    for e in out.iter_mut() {
-        let m = e.as_object_mut().unwrap_or_else(|| unreachable!());
-        if r.short_names.is_empty() {
-            m.remove("shortNames");
-        }
-        if r.categories.is_empty() {
-            m.remove("categories");
-        }
+    });
+    if !r.short_names.is_empty() {
+        main["shortNames"] = json!(r.short_names);
     }
+    if !r.categories.is_empty() {
+        main["categories"] = json!(r.categories);
+    }
+    let mut out = vec![main];
     for s in r.subresources {
         let mut e = json!({
             "name": format!("{}/{}", r.plural, s.name),

@@ -539,7 +539,6 @@ pub fn validate(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                 }
             }
         }
-        ("coordination.k8s.io", "Lease") | ("", "Node") | ("", "Namespace") => {}
         ("discovery.k8s.io", "EndpointSlice") => {
             let t = obj.get("addressType").and_then(Value::as_str).unwrap_or("");
             if !["IPv4", "IPv6", "FQDN"].contains(&t) {

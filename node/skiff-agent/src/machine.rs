@@ -66,18 +66,8 @@ fn statvfs(path: &Path) -> Result<(u64, u64)> {
     Ok((s.blocks() * frag, s.blocks_available() * frag))
 }
 
-/// Go's name of this architecture.
-pub fn go_arch() -> &'static str {
-    match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        "arm" => "arm",
-        "riscv64" => "riscv64",
-        "s390x" => "s390x",
-        "powerpc64" => "ppc64le",
-        _ => "unknown",
-    }
-}
+/// Go's name of this architecture (as images and Nodes use it).
+pub use skiff_runtime::arch as go_arch;
 
 impl Machine {
     /// Reads the facts; `data_dir` is where the agent keeps its state.

@@ -413,11 +413,11 @@ impl PodManager {
                     self.post_status(uid).await;
                     let code = container::wait(&self.ch, &id).await.unwrap_or(255);
                     let reason = if code == 0 { "Completed" } else { "Error" };
-                    let started_at = now();
+                    let finished_at = now();
                     self.set_container(uid, &c.name, |s| {
                         let st = s.state["running"]["startedAt"].clone();
                         s.state = json!({"terminated": {"exitCode": code, "reason": reason,
-                            "startedAt": st, "finishedAt": started_at,
+                            "startedAt": st, "finishedAt": finished_at,
                             "containerID": format!("containerd://{id}")}});
                         s.ready = false;
                     });
