@@ -384,3 +384,180 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn kubectl_exec_streams_stdio_exit_codes_and_a_terminal() {
+    if !privileged("kubectl_exec_streams_stdio_exit_codes_and_a_terminal") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let exec_dir = agent.run_dir.join("exec");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cp.ok(&[
+            "run",
+            "box",
+            "--image=busybox:1.36",
+            "--env=GREETING=hello",
+            "--",
+            "sleep",
+            "3600",
+        ]);
+        cp.eventually(90, "pod box Running", || {
+            jsonpath(&cp, &["pod", "box"], "{.status.phase}") == "Running"
+        });
+
+        // stdout and stderr kept apart, the container's environment, the exit code.
+        let out = cp.kubectl(&[
+            "exec",
+            "box",
+            "--",
+            "sh",
+            "-c",
+            "echo out; echo err >&2; echo $GREETING; exit 3",
+        ]);
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+        );
+        assert_eq!(
+            out.status.code(),
+            Some(3),
+            "stdout {stdout:?} stderr {stderr:?}"
+        );
+        assert_eq!(stdout, "out\nhello\n");
+        assert!(stderr.starts_with("err\n"), "{stderr:?}");
+        assert!(
+            stderr.contains("command terminated with exit code 3"),
+            "{stderr:?}"
+        );
+        assert_eq!(cp.ok(&["exec", "box", "--", "hostname"]), "box\n");
+
+        // stdin to its end: a MiB through cat comes back byte for byte.
+        let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 251) as u8).collect();
+        let mut child = cp
+            .kubectl_cmd(&["exec", "-i", "box", "--", "cat"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl exec -i");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let input = data.clone();
+        let writer = std::thread::spawn(move || stdin.write_all(&input));
+        let out = child.wait_with_output().expect("kubectl exec -i output");
+        writer.join().expect("writer").expect("write stdin");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.stdout == data, "{} bytes came back", out.stdout.len());
+
+        // kubectl cp (tar over exec) in both directions.
+        let local = cp.scratch().join("greeting.txt");
+        std::fs::write(&local, "copied\n").expect("write a local file");
+        cp.ok(&["cp", &local.display().to_string(), "box:/tmp/greeting.txt"]);
+        assert_eq!(
+            cp.ok(&["exec", "box", "--", "cat", "/tmp/greeting.txt"]),
+            "copied\n"
+        );
+        let back = cp.scratch().join("back.txt");
+        cp.ok(&["cp", "box:/tmp/greeting.txt", &back.display().to_string()]);
+        assert_eq!(
+            std::fs::read_to_string(&back).expect("copied back"),
+            "copied\n"
+        );
+
+        // A terminal of the client's size (kubectl under `script`, which gives it one).
+        let kubeconfig = cp.kubeconfig();
+        let shell = format!(
+            "stty cols 123 rows 45; kubectl --kubeconfig {} exec -it box -- sh -c 'tty; echo $TERM; stty size'",
+            kubeconfig.display()
+        );
+        // script's own input stays open: at its end kubectl would close the terminal's input,
+        // and a terminal whose input is closed goes away (as with containerd's CRI).
+        let mut child = std::process::Command::new("script")
+            .args(["-qec", &shell, "/dev/null"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("script");
+        let input = child.stdin.take();
+        let out = child.wait_with_output().expect("script output");
+        drop(input);
+        let text = String::from_utf8_lossy(&out.stdout).replace('\r', "");
+        assert!(out.status.success(), "{text}");
+        assert!(text.contains("/dev/pts/"), "{text:?}");
+        assert!(text.contains("xterm\n"), "{text:?}");
+        assert!(text.contains("45 123"), "{text:?}");
+
+        // Errors users see.
+        let err = cp.fails(&["exec", "box", "--", "no-such-command"]);
+        assert!(err.contains("no-such-command"), "{err}");
+        // ... also while input is arriving, which the agent reads to the end of the session.
+        let mut child = cp
+            .kubectl_cmd(&["exec", "-i", "box", "--", "no-such-command"])
+            .stdin(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("kubectl exec -i");
+        let mut stdin = child.stdin.take().expect("stdin");
+        let writer = std::thread::spawn(move || stdin.write_all(&vec![b'x'; 256 * 1024]));
+        let out = child.wait_with_output().expect("kubectl exec output");
+        let _ = writer.join();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success());
+        assert!(
+            err.contains("executable file not found") && !err.contains("1006"),
+            "{err}"
+        );
+        let err = cp.fails(&["exec", "box", "-c", "nope", "--", "true"]);
+        assert!(
+            err.contains("container nope is not valid for pod box"),
+            "{err}"
+        );
+        let err = cp.fails(&["exec", "missing", "--", "true"]);
+        assert!(err.contains("pods \"missing\" not found"), "{err}");
+
+        // A client that goes away takes its process with it.
+        let mut gone = cp
+            .kubectl_cmd(&["exec", "box", "--", "sleep", "300"])
+            .spawn()
+            .expect("kubectl exec");
+        cp.eventually(30, "the exec'd sleep to run", || {
+            cp.ok(&["exec", "box", "--", "ps"]).contains("sleep 300")
+        });
+        gone.kill().expect("kill kubectl");
+        let _ = gone.wait();
+        cp.eventually(30, "the exec'd sleep to end", || {
+            !cp.ok(&["exec", "box", "--", "ps"]).contains("sleep 300")
+        });
+
+        // Every exec was removed from containerd and left no FIFOs behind.
+        let leftovers = || -> Vec<std::ffi::OsString> {
+            std::fs::read_dir(&exec_dir)
+                .map(|d| d.filter_map(Result::ok).map(|e| e.file_name()).collect())
+                .unwrap_or_default()
+        };
+        cp.eventually(15, "exec sessions to be cleaned up", || {
+            leftovers().is_empty()
+        });
+        cp.ok(&["delete", "pod", "box", "--grace-period=1", "--timeout=60s"]);
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

@@ -230,6 +230,15 @@ pub async fn serve(State(api): State<Arc<Api>>, req: Request) -> Response {
 async fn handle(api: &Api, req: Request) -> ApiResult<Response> {
     let (parts, body) = req.into_parts();
     let t = parse_target(parts.uri.path())?;
+    if t.def.group.is_empty() && t.def.plural == "pods" && t.sub.as_deref() == Some("exec") {
+        if !matches!(parts.method, Method::GET | Method::POST) {
+            return Err(ApiError::method_not_allowed(format!(
+                "the server does not allow this method on the requested resource ({} pods/exec)",
+                parts.method
+            )));
+        }
+        return pod_exec(api, &t, parts).await;
+    }
     let p = params(&parts.uri);
     let acc = accept(&parts.headers)?;
     let body = axum::body::to_bytes(body, MAX_BODY_BYTES)
@@ -1212,22 +1221,6 @@ async fn subresource(
             ))
         }
         ("log", &Method::GET) => pod_log(api, t, p).await,
-        ("exec", _) => {
-            let pod = get(api, t).await?.obj;
-            let node = pod
-                .pointer("/spec/nodeName")
-                .and_then(Value::as_str)
-                .unwrap_or("");
-            if node.is_empty() {
-                return Err(ApiError::bad_request(format!(
-                    "pod {} does not have a host assigned",
-                    t.name()
-                )));
-            }
-            Err(ApiError::unavailable(format!(
-                "exec is not served by the agent of node {node:?} yet"
-            )))
-        }
         _ => Err(ApiError::method_not_allowed(format!(
             "the server does not allow this method on the requested resource ({method} {}/{sub})",
             t.def.qualified()
@@ -1235,8 +1228,13 @@ async fn subresource(
     }
 }
 
-/// `pods/log`: streamed from the agent of the pod's node.
-async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
+/// The pod's node agent and the container a `log`/`exec` request means: the one named, or the
+/// only one (upstream's messages when neither).
+async fn pod_container(
+    api: &Api,
+    t: &Target,
+    container: Option<&str>,
+) -> ApiResult<(Value, String, crate::proxy::AgentEndpoint, String)> {
     let pod = get(api, t).await?.obj;
     let node = pod
         .pointer("/spec/nodeName")
@@ -1258,8 +1256,8 @@ async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
                 .collect()
         })
         .unwrap_or_default();
-    let container = match p.get("container") {
-        Some(c) if names.contains(c) => c.clone(),
+    let container = match container.filter(|c| !c.is_empty()) {
+        Some(c) if names.iter().any(|n| n == c) => c.to_string(),
         Some(c) => {
             return Err(ApiError::bad_request(format!(
                 "container {c} is not valid for pod {}",
@@ -1284,6 +1282,13 @@ async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
             ApiError::unavailable(format!("node {node:?} of pod {} is gone", t.name()))
         })?;
     let ep = crate::proxy::endpoint(&node, &node_obj.obj)?;
+    Ok((pod, node, ep, container))
+}
+
+/// `pods/log`: streamed from the agent of the pod's node.
+async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
+    let (_, node, ep, container) =
+        pod_container(api, t, p.get("container").map(String::as_str)).await?;
     // Built in a block: the serializer is not Send and must not live across an await.
     let query = {
         let mut q = form_urlencoded::Serializer::new(String::new());
@@ -1301,7 +1306,8 @@ async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
         container,
         query
     );
-    let resp = crate::proxy::get(&ep, &path, &api.node_token).await?;
+    let resp =
+        crate::proxy::forward(&ep, Method::GET, &path, &api.node_token, &HeaderMap::new()).await?;
     let status = resp.status();
     if !status.is_success() {
         let bytes = http_body_util::BodyExt::collect(resp.into_body())
@@ -1318,6 +1324,77 @@ async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
     out.headers_mut()
         .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
     Ok(out)
+}
+
+/// `pods/exec`: the client's upgrade request goes to the agent of the pod's node (as the
+/// kubelet's `/exec/<ns>/<pod>/<container>`), and once the agent switches protocols the two
+/// connections are spliced byte for byte, so the WebSocket stream protocol runs end to end
+/// between kubectl and the agent. A refusal from the agent (a `Status`) is relayed as it is.
+async fn pod_exec(
+    api: &Api,
+    t: &Target,
+    mut parts: axum::http::request::Parts,
+) -> ApiResult<Response> {
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let container = form_urlencoded::parse(query.as_bytes())
+        .find(|(k, _)| k == "container")
+        .map(|(_, v)| v.into_owned());
+    let (pod, _, ep, container) = pod_container(api, t, container.as_deref()).await?;
+    if let Some(phase @ ("Succeeded" | "Failed")) =
+        pod.pointer("/status/phase").and_then(Value::as_str)
+    {
+        return Err(ApiError::bad_request(format!(
+            "cannot exec into a container in a completed pod; current phase is {phase}"
+        )));
+    }
+    let path = format!(
+        "/exec/{}/{}/{}?{}",
+        t.namespace.as_deref().unwrap_or(""),
+        t.name(),
+        container,
+        query
+    );
+    let mut resp = crate::proxy::forward(
+        &ep,
+        parts.method.clone(),
+        &path,
+        &api.node_token,
+        &parts.headers,
+    )
+    .await?;
+    if resp.status() != StatusCode::SWITCHING_PROTOCOLS {
+        let mut out = Response::builder().status(resp.status());
+        if let Some(ct) = resp.headers().get(header::CONTENT_TYPE) {
+            out = out.header(header::CONTENT_TYPE, ct);
+        }
+        return out
+            .body(Body::new(resp.into_body()))
+            .map_err(ApiError::internal);
+    }
+    let Some(client) = parts.extensions.remove::<hyper::upgrade::OnUpgrade>() else {
+        return Err(ApiError::bad_request(
+            "exec needs a connection that can be upgraded (HTTP/1.1 with Upgrade)",
+        ));
+    };
+    let mut out = Response::builder().status(StatusCode::SWITCHING_PROTOCOLS);
+    for (name, value) in resp.headers() {
+        if name != header::CONTENT_LENGTH && name != header::TRANSFER_ENCODING {
+            out = out.header(name, value);
+        }
+    }
+    let agent = hyper::upgrade::on(&mut resp);
+    tokio::spawn(async move {
+        let (Ok(client), Ok(agent)) = (client.await, agent.await) else {
+            tracing::debug!("an exec connection failed to switch protocols");
+            return;
+        };
+        let mut client = hyper_util::rt::TokioIo::new(client);
+        let mut agent = hyper_util::rt::TokioIo::new(agent);
+        if let Err(e) = tokio::io::copy_bidirectional(&mut client, &mut agent).await {
+            tracing::debug!(error = %e, "an exec connection ended with an error");
+        }
+    });
+    out.body(Body::empty()).map_err(ApiError::internal)
 }
 
 /// Binds a pod to a node (`pods/binding`): sets `spec.nodeName` once.

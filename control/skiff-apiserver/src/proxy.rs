@@ -121,13 +121,14 @@ pub fn endpoint(node_name: &str, node: &Value) -> ApiResult<AgentEndpoint> {
     })
 }
 
-/// GETs `path_and_query` from the agent at `ep` (HTTP/1.1 over TLS that trusts exactly the
-/// pinned certificate) with `token`; returns the response with its streaming body.
-pub async fn get(
+/// An HTTP/1.1 connection over TLS to the agent at `ep` that trusts exactly the pinned
+/// certificate (upgrades allowed); returns the sender and the `host:port` it reached.
+async fn connect(
     ep: &AgentEndpoint,
-    path_and_query: &str,
-    token: &str,
-) -> ApiResult<hyper::Response<hyper::body::Incoming>> {
+) -> ApiResult<(
+    hyper::client::conn::http1::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    String,
+)> {
     let unavailable = |e: &dyn std::fmt::Display| {
         ApiError::unavailable(format!("the node agent at {}: {e}", ep.base))
     };
@@ -150,6 +151,7 @@ pub async fn get(
     .await
     .map_err(|_| unavailable(&"connect timed out"))?
     .map_err(|e| unavailable(&e))?;
+    let _ = tcp.set_nodelay(true);
     let host = addr
         .rsplit_once(':')
         .map_or(addr.as_str(), |(h, _)| h)
@@ -159,16 +161,51 @@ pub async fn get(
         .connect(name, tcp)
         .await
         .map_err(|e| unavailable(&e))?;
-    let (mut send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+    let (send, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
         .await
         .map_err(|e| unavailable(&e))?;
     tokio::spawn(async move {
-        let _ = conn.await;
+        let _ = conn.with_upgrades().await;
     });
-    let req = hyper::Request::get(path_and_query)
+    Ok((send, addr))
+}
+
+/// Request headers an upgrade carries through the proxy.
+const UPGRADE_HEADERS: [&str; 7] = [
+    "connection",
+    "upgrade",
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "x-stream-protocol-version",
+];
+
+/// Sends `method path_and_query` to the agent at `ep` with `token`, carrying the client's
+/// upgrade headers from `headers` (none for a plain GET); returns the agent's response, whose
+/// body streams, or whose connection is handed over on `101 Switching Protocols`.
+pub async fn forward(
+    ep: &AgentEndpoint,
+    method: hyper::Method,
+    path_and_query: &str,
+    token: &str,
+    headers: &hyper::HeaderMap,
+) -> ApiResult<hyper::Response<hyper::body::Incoming>> {
+    let (mut send, addr) = connect(ep).await?;
+    let mut req = hyper::Request::builder()
+        .method(method)
+        .uri(path_and_query)
         .header(hyper::header::HOST, addr.as_str())
-        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"))
+        .header(hyper::header::AUTHORIZATION, format!("Bearer {token}"));
+    for name in UPGRADE_HEADERS {
+        for v in headers.get_all(name) {
+            req = req.header(name, v);
+        }
+    }
+    let req = req
         .body(http_body_util::Empty::<bytes::Bytes>::new())
         .map_err(ApiError::internal)?;
-    send.send_request(req).await.map_err(|e| unavailable(&e))
+    send.send_request(req)
+        .await
+        .map_err(|e| ApiError::unavailable(format!("the node agent at {}: {e}", ep.base)))
 }

@@ -8,6 +8,7 @@
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
 pub mod env;
+pub mod exec;
 pub mod machine;
 pub mod pods;
 pub mod register;

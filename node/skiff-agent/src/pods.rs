@@ -99,6 +99,17 @@ struct PodState {
     stopping: bool,
 }
 
+/// Why a pod's container cannot be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum LookupError {
+    /// This node runs no pod of that name.
+    #[error("pod not found ({0:?})")]
+    Pod(String),
+    /// The pod has no running container of that name.
+    #[error("container not found ({0:?})")]
+    Container(String),
+}
+
 /// Runs the pods of one node.
 pub struct PodManager {
     client: Client,
@@ -158,6 +169,35 @@ impl PodManager {
             net: Netlink::connect()?,
             pods: Mutex::new(HashMap::new()),
         }))
+    }
+
+    /// The containerd id of `container` in pod `namespace/name` while it runs.
+    pub fn running_container(
+        &self,
+        namespace: &str,
+        name: &str,
+        container: &str,
+    ) -> Result<String, LookupError> {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let pod = pods
+            .values()
+            .find(|p| p.namespace == namespace && p.name == name && !p.stopping)
+            .ok_or_else(|| LookupError::Pod(format!("{namespace}/{name}")))?;
+        pod.containers
+            .iter()
+            .find(|(n, c)| n == container && !c.id.is_empty() && c.state.get("running").is_some())
+            .map(|(_, c)| c.id.clone())
+            .ok_or_else(|| LookupError::Container(container.to_string()))
+    }
+
+    /// The containerd connection.
+    pub fn containerd(&self) -> &containerd_client::tonic::transport::Channel {
+        &self.ch
+    }
+
+    /// Where exec sessions keep their FIFOs.
+    pub fn exec_dir(&self) -> PathBuf {
+        self.cfg.run_dir.join("exec")
     }
 
     fn netns_dir(&self) -> PathBuf {

@@ -1,20 +1,30 @@
 //! The agent's HTTPS endpoint (the kubelet port): container logs for the API server's
-//! `pods/log` proxy.
+//! `pods/log` proxy and exec sessions for its `pods/exec` proxy.
 //!
 //! TLS: a serving certificate made at start (rcgen, ECDSA P-256); its SHA-256 fingerprint is
 //! published on the Node (`skiff.dev/serving-cert-sha256`), and the API server pins it, so only
 //! the holder of this node's credentials can impersonate it. Authentication: the caller must
 //! present this node's bearer token (which the control plane issued).
 //!
-//! `GET /containerLogs/<namespace>/<pod>/<container>?follow&tailLines&previous&limitBytes`.
+//! `GET /containerLogs/<namespace>/<pod>/<container>?follow&tailLines&previous&limitBytes`;
+//! `GET /exec/<namespace>/<pod>/<container>?command=…` (WebSocket, see [`crate::exec`]).
 
-use std::{convert::Infallible, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    convert::Infallible,
+    net::SocketAddr,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::Duration,
+};
 
 use anyhow::{Context, Result};
 use axum::{
     Router,
     body::{Body, Bytes},
-    extract::{Path, Query, State},
+    extract::{
+        Path, Query, RawQuery, State,
+        ws::{WebSocketUpgrade, rejection::WebSocketUpgradeRejection},
+    },
     http::{HeaderMap, StatusCode, header},
     response::{IntoResponse, Response},
     routing::get,
@@ -26,6 +36,8 @@ use hyper_util::{
 };
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::pods::PodManager;
 
 /// Node annotation carrying the serving certificate's SHA-256 fingerprint (hex).
 pub const FINGERPRINT_ANNOTATION: &str = "skiff.dev/serving-cert-sha256";
@@ -67,13 +79,25 @@ impl ServingCert {
     }
 }
 
-/// Where the agent's pods keep their logs, and the token callers must present.
-#[derive(Clone, Debug)]
-pub struct LogSource {
-    /// `<data-dir>/pods`.
+/// What the endpoint serves from.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// `<data-dir>/pods` (container logs).
     pub pods_dir: PathBuf,
     /// The bearer token callers must present.
     pub token: String,
+    /// The pod manager, once it runs (exec answers 503 before).
+    pub pods: OnceLock<Arc<PodManager>>,
+}
+
+impl Endpoint {
+    fn authorized(&self, headers: &HeaderMap) -> bool {
+        headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t.as_bytes() == self.token.as_bytes())
+    }
 }
 
 #[derive(Debug, serde::Deserialize)]
@@ -91,7 +115,7 @@ fn err(code: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 /// The log files of one container, oldest attempt first.
-fn attempts(src: &LogSource, ns: &str, pod: &str, container: &str) -> Vec<PathBuf> {
+fn attempts(src: &Endpoint, ns: &str, pod: &str, container: &str) -> Vec<PathBuf> {
     let prefix = format!("{ns}_{pod}_");
     let Ok(dirs) = std::fs::read_dir(&src.pods_dir) else {
         return Vec::new();
@@ -144,17 +168,12 @@ fn tail(data: &[u8], lines: usize) -> &[u8] {
 }
 
 async fn container_logs(
-    State(src): State<Arc<LogSource>>,
+    State(src): State<Arc<Endpoint>>,
     Path((ns, pod, container)): Path<(String, String, String)>,
     Query(q): Query<LogQuery>,
     headers: HeaderMap,
 ) -> Response {
-    let authorized = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|t| t.as_bytes() == src.token.as_bytes());
-    if !authorized {
+    if !src.authorized(&headers) {
         return err(StatusCode::UNAUTHORIZED, "Unauthorized");
     }
     let files = attempts(&src, &ns, &pod, &container);
@@ -239,14 +258,45 @@ async fn container_logs(
     (StatusCode::OK, [(header::CONTENT_TYPE, "text/plain")], body).into_response()
 }
 
+async fn exec(
+    State(ep): State<Arc<Endpoint>>,
+    Path(target): Path<(String, String, String)>,
+    RawQuery(query): RawQuery,
+    headers: HeaderMap,
+    ws: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    if !ep.authorized(&headers) {
+        return crate::exec::status_response(
+            StatusCode::UNAUTHORIZED,
+            "Unauthorized",
+            "Unauthorized",
+        );
+    }
+    let Some(pods) = ep.pods.get() else {
+        return crate::exec::status_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ServiceUnavailable",
+            "the node agent is not running pods yet",
+        );
+    };
+    crate::exec::handle(
+        pods,
+        target,
+        query.as_deref().unwrap_or(""),
+        &headers,
+        ws.ok(),
+    )
+}
+
 /// Serves the endpoint on `addr` until aborted.
-pub async fn serve(addr: SocketAddr, cert: &ServingCert, src: LogSource) -> Result<()> {
+pub async fn serve(addr: SocketAddr, cert: &ServingCert, src: Arc<Endpoint>) -> Result<()> {
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("bind the agent endpoint on {addr}"))?;
     let app = Router::new()
         .route("/containerLogs/{ns}/{pod}/{container}", get(container_logs))
-        .with_state(Arc::new(src));
+        .route("/exec/{ns}/{pod}/{container}", get(exec).post(exec))
+        .with_state(src);
     let tls = tokio_rustls::TlsAcceptor::from(cert.tls.clone());
     let mut conns = tokio::task::JoinSet::new();
     loop {
@@ -263,7 +313,7 @@ pub async fn serve(addr: SocketAddr, cert: &ServingCert, src: LogSource) -> Resu
                 return;
             };
             let _ = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), TowerToHyperService::new(app))
+                .serve_connection_with_upgrades(TokioIo::new(stream), TowerToHyperService::new(app))
                 .await;
         });
     }

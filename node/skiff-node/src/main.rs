@@ -242,11 +242,13 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     skiff_agent::server::FINGERPRINT_ANNOTATION.to_string(),
                     cert.fingerprint.clone(),
                 ));
-                let source = skiff_agent::server::LogSource {
+                let served = std::sync::Arc::new(skiff_agent::server::Endpoint {
                     pods_dir: cli.data_dir.join("pods"),
                     token: skiff_agent::token_from_kubeconfig(&kubeconfig)?,
-                };
+                    pods: std::sync::OnceLock::new(),
+                });
                 let endpoint = std::net::SocketAddr::from(([0, 0, 0, 0], cli.port));
+                let source = served.clone();
                 tokio::spawn(async move {
                     if let Err(e) = skiff_agent::server::serve(endpoint, &cert, source).await {
                         tracing::error!(error = format!("{e:#}"), "agent endpoint stopped");
@@ -267,6 +269,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     images,
                 )
                 .await?;
+                let _ = served.pods.set(pods.clone());
                 let pods_task = tokio::spawn(async move {
                     if let Err(e) = pods.run().await {
                         tracing::error!(error = format!("{e:#}"), "pod manager stopped");

@@ -13,13 +13,16 @@ use oci_spec::image::{
 use sha2::{Digest as _, Sha256};
 
 /// Applets linked in `/bin` (what tests and the demo use, and what a shell user expects).
+#[rustfmt::skip]
 const APPLETS: &[&str] = &[
     "sh", "ash", "ls", "cat", "echo", "sleep", "httpd", "wget", "true", "false", "env", "hostname",
     "ip", "ps", "id", "nc", "mkdir", "rm", "kill", "seq", "head", "tail", "grep", "date", "test",
     "[", "printf", "wc", "stat", "dd", "yes", "uname", "pwd", "touch", "ln", "cp", "mv", "chmod",
     "sync", "which", "nslookup", "ping", "tee", "sort", "uniq", "cut", "tr", "sed", "awk",
     "timeout", "mount", "df", "du", "find", "xargs", "expr", "basename", "dirname", "readlink",
-    "free", "top", "vi", "less", "watch", "ifconfig", "route", "netstat", "sh",
+    "free", "top", "vi", "less", "watch", "ifconfig", "route", "netstat", "tar", "gzip", "gunzip",
+    "zcat", "md5sum", "sha256sum", "base64", "od", "tty", "stty", "clear", "reset", "mktemp",
+    "rmdir", "whoami", "nproc", "uptime", "pidof", "killall", "diff", "more", "mkfifo", "tac",
 ];
 
 fn digest_of(data: &[u8]) -> Result<Digest> {
