@@ -561,3 +561,191 @@ fn kubectl_exec_streams_stdio_exit_codes_and_a_terminal() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn volumes_and_kubelet_managed_files_reach_containers() {
+    if !privileged("volumes_and_kubelet_managed_files_reach_containers") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let host_dir = cp.scratch().join("hostdir");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let manifest = format!(
+            r#"
+apiVersion: v1
+kind: ConfigMap
+metadata: {{name: settings}}
+data: {{mode: fast, app.conf: "port=8080\n"}}
+---
+apiVersion: v1
+kind: Secret
+metadata: {{name: creds}}
+stringData: {{password: s3cret}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: vols, labels: {{app: vols, tier: backend}}}}
+spec:
+  hostname: vol-host
+  hostAliases: [{{ip: 10.9.9.9, hostnames: [db.internal]}}]
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sh, -c, "echo hello > /cache/from-main; sleep 3600"]
+    resources: {{limits: {{memory: 64Mi}}}}
+    volumeMounts:
+    - {{name: settings, mountPath: /etc/settings}}
+    - {{name: creds, mountPath: /etc/creds}}
+    - {{name: info, mountPath: /etc/info}}
+    - {{name: cache, mountPath: /cache}}
+    - {{name: mem, mountPath: /mem}}
+    - {{name: host, mountPath: /host}}
+    - {{name: all, mountPath: /all}}
+    - {{name: settings, mountPath: /app.conf, subPath: app.conf}}
+  - name: side
+    image: busybox:1.36
+    command: [sleep, "3600"]
+    volumeMounts: [{{name: cache, mountPath: /shared, readOnly: true}}]
+  volumes:
+  - {{name: settings, configMap: {{name: settings}}}}
+  - {{name: creds, secret: {{secretName: creds, defaultMode: 0400}}}}
+  - name: info
+    downwardAPI:
+      items:
+      - {{path: labels, fieldRef: {{fieldPath: metadata.labels}}}}
+      - {{path: name, fieldRef: {{fieldPath: metadata.name}}}}
+      - {{path: mem_limit, resourceFieldRef: {{containerName: main, resource: limits.memory, divisor: 1Mi}}}}
+  - {{name: cache, emptyDir: {{}}}}
+  - {{name: mem, emptyDir: {{medium: Memory, sizeLimit: 16Mi}}}}
+  - {{name: host, hostPath: {{path: {host}, type: DirectoryOrCreate}}}}
+  - name: all
+    projected:
+      sources:
+      - configMap: {{name: settings, items: [{{key: mode, path: cfg/mode}}]}}
+      - secret: {{name: creds}}
+      - downwardAPI: {{items: [{{path: ns, fieldRef: {{fieldPath: metadata.namespace}}}}]}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: waiting}}
+spec:
+  containers:
+  - {{name: main, image: "busybox:1.36", command: [sleep, "3600"], volumeMounts: [{{name: c, mountPath: /c}}]}}
+  volumes: [{{name: c, configMap: {{name: later}}}}]
+"#,
+            host = host_dir.display()
+        );
+        cp.ok_stdin(&["apply", "-f", "-"], &manifest);
+        cp.eventually(90, "pod vols Running", || {
+            jsonpath(&cp, &["pod", "vols"], "{.status.phase}") == "Running"
+        });
+        let exec = |container: &str, cmd: &str| -> String {
+            cp.ok(&["exec", "vols", "-c", container, "--", "sh", "-c", cmd])
+        };
+        // configMap (whole and by subPath), secret with its mode, downward API, projected.
+        assert_eq!(exec("main", "cat /etc/settings/mode"), "fast");
+        assert_eq!(exec("main", "cat /app.conf"), "port=8080\n");
+        assert_eq!(exec("main", "cat /etc/creds/password"), "s3cret");
+        assert_eq!(exec("main", "stat -L -c %a /etc/creds/password"), "400\n");
+        assert_eq!(
+            exec("main", "cat /etc/info/labels"),
+            "app=\"vols\"\ntier=\"backend\"\n"
+        );
+        assert_eq!(exec("main", "cat /etc/info/name"), "vols");
+        assert_eq!(exec("main", "cat /etc/info/mem_limit"), "64");
+        assert_eq!(
+            exec("main", "cat /all/cfg/mode /all/password /all/ns"),
+            "fasts3cretdefault"
+        );
+        // Read-only where upstream makes them so.
+        let out = cp.kubectl(&[
+            "exec",
+            "vols",
+            "-c",
+            "main",
+            "--",
+            "touch",
+            "/etc/settings/x",
+        ]);
+        assert!(!out.status.success(), "configMap volumes are read-only");
+        // emptyDir shared between containers (read-only for one), tmpfs for medium Memory.
+        assert_eq!(exec("side", "cat /shared/from-main"), "hello\n");
+        let out = cp.kubectl(&["exec", "vols", "-c", "side", "--", "touch", "/shared/x"]);
+        assert!(!out.status.success(), "a readOnly mount is read-only");
+        let mounts = exec("main", "grep ' /mem ' /proc/mounts");
+        assert!(mounts.starts_with("tmpfs /mem tmpfs"), "{mounts}");
+        assert!(mounts.contains("size=16384k"), "{mounts}");
+        // hostPath, created as asked, shared with the node.
+        exec("main", "echo from-pod > /host/f");
+        assert_eq!(
+            std::fs::read_to_string(host_dir.join("f")).expect("hostPath file"),
+            "from-pod\n"
+        );
+        // The kubelet's files: hostname, /etc/hosts with the pod IP and aliases.
+        let ip = jsonpath(&cp, &["pod", "vols"], "{.status.podIP}");
+        assert_eq!(
+            exec("main", "hostname; cat /etc/hostname"),
+            "vol-host\nvol-host\n"
+        );
+        let hosts = exec("main", "cat /etc/hosts");
+        assert!(
+            hosts.starts_with("# Kubernetes-managed hosts file.\n"),
+            "{hosts}"
+        );
+        assert!(hosts.contains(&format!("{ip}\tvol-host\n")), "{hosts}");
+        assert!(hosts.contains("10.9.9.9\tdb.internal\n"), "{hosts}");
+
+        // A missing configMap keeps the pod ContainerCreating with the reason, until it exists.
+        cp.eventually(30, "the waiting pod's reason", || {
+            jsonpath(
+                &cp,
+                &["pod", "waiting"],
+                "{.status.containerStatuses[0].state.waiting.message}",
+            )
+            .contains("configmap \"later\" not found")
+        });
+        assert_eq!(
+            jsonpath(&cp, &["pod", "waiting"], "{.status.phase}"),
+            "Pending"
+        );
+        cp.ok(&["create", "configmap", "later", "--from-literal=k=v"]);
+        cp.eventually(90, "pod waiting Running", || {
+            jsonpath(&cp, &["pod", "waiting"], "{.status.phase}") == "Running"
+        });
+        assert_eq!(cp.ok(&["exec", "waiting", "--", "cat", "/c/k"]), "v");
+
+        // Deleting the pods unmounts and removes their volumes.
+        let uid = jsonpath(&cp, &["pod", "vols"], "{.metadata.uid}");
+        let root = agent.data_dir.join("podstate").join(&uid);
+        assert!(root.join("volumes/mem").is_dir());
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+        assert!(!root.exists(), "{} is left", root.display());
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        assert!(
+            !mounts.contains(&agent.data_dir.display().to_string()),
+            "mounts left: {mounts}"
+        );
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

@@ -82,8 +82,16 @@ async fn busybox_image_runs_containers_with_output_and_exit_status() {
         container::start(&ch, &ok, &img).await.expect("start ok");
         assert_eq!(container::wait(&ch, &ok.id).await.expect("wait"), 0);
         // stdout and stderr reach the file through separate pipes: each stream keeps its order,
-        // but how the two interleave is not defined.
-        let log = std::fs::read_to_string(&ok.log).expect("log");
+        // but how the two interleave is not defined, and the shim may still be copying the
+        // last of them when the exit status is reported.
+        let mut log = String::new();
+        for _ in 0..50 {
+            log = std::fs::read_to_string(&ok.log).expect("log");
+            if log.lines().count() >= 3 {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
         let stdout: Vec<&str> = log.lines().filter(|l| *l != "oops").collect();
         assert_eq!(stdout, ["hello from box", "/bin/httpd"], "{log}");
         assert_eq!(log.lines().filter(|l| *l == "oops").count(), 1, "{log}");

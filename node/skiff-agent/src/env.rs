@@ -1,22 +1,28 @@
 //! A container's environment, as the kubelet builds it: the service variables of the pod's
 //! namespace (`<SVC>_SERVICE_HOST`, `_SERVICE_PORT`, and the Docker-link style `<SVC>_PORT…`,
 //! when `enableServiceLinks` is on; the `kubernetes` Service's always), then `envFrom`, then
-//! `env` with `value`, `$(VAR)` expansion, and `valueFrom` (`fieldRef`, `configMapKeyRef`,
-//! `secretKeyRef`). A missing ConfigMap, Secret or key that is not optional is the container's
+//! `env` with `value`, `$(VAR)` expansion, and `valueFrom` (`fieldRef`, `resourceFieldRef`,
+//! `configMapKeyRef`, `secretKeyRef`). A missing ConfigMap, Secret or key that is not optional is the container's
 //! `CreateContainerConfigError`, retried.
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Pod, Secret, Service};
+use k8s_openapi::{
+    api::core::v1::{ConfigMap, Container, Pod, ResourceFieldSelector, Secret, Service},
+    apimachinery::pkg::api::resource::Quantity,
+};
 use kube::{Api, Client, ResourceExt, api::ListParams};
 
-/// What `fieldRef` can read beyond the Pod object itself.
+/// What `fieldRef` and `resourceFieldRef` can read beyond the Pod object itself.
 #[derive(Clone, Debug, Default)]
 pub struct Runtime {
     /// The pod's IP.
     pub pod_ip: String,
     /// The node's IP.
     pub host_ip: String,
+    /// The node's allocatable CPU (cores), memory and ephemeral storage (bytes): what an unset
+    /// limit means.
+    pub allocatable: (f64, f64, f64),
 }
 
 fn svc_name(name: &str) -> String {
@@ -95,7 +101,8 @@ pub fn expand(value: &str, vars: &BTreeMap<String, String>) -> String {
     out
 }
 
-fn field(pod: &Pod, rt: &Runtime, path: &str) -> Result<String, String> {
+/// The value of a downward API `fieldRef`.
+pub fn field(pod: &Pod, rt: &Runtime, path: &str) -> Result<String, String> {
     let meta = &pod.metadata;
     let spec = pod.spec.as_ref();
     Ok(match path {
@@ -124,6 +131,65 @@ fn field(pod: &Pod, rt: &Runtime, path: &str) -> Result<String, String> {
             }
         }
     })
+}
+
+/// The value of a `resourceFieldRef` (`limits.cpu`, `requests.memory`, …) of the named container
+/// (or `default_container`): the quantity divided by `divisor`, rounded up, as the kubelet
+/// reports it. An unset limit is the node's allocatable amount; an unset request is the limit
+/// if that is set (the API's defaulting), else 0.
+pub fn resource_field(
+    pod: &Pod,
+    rt: &Runtime,
+    sel: &ResourceFieldSelector,
+    default_container: Option<&str>,
+) -> Result<String, String> {
+    let name = sel
+        .container_name
+        .as_deref()
+        .filter(|n| !n.is_empty())
+        .or(default_container)
+        .ok_or_else(|| format!("resourceFieldRef {:?} names no container", sel.resource))?;
+    let c = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == name))
+        .ok_or_else(|| format!("resourceFieldRef: container {name:?} not found"))?;
+    let res = c.resources.clone().unwrap_or_default();
+    let get = |m: &Option<BTreeMap<String, Quantity>>, k: &str| -> Result<Option<f64>, String> {
+        m.as_ref()
+            .and_then(|m| m.get(k))
+            .map(|q| crate::quantity::parse(&q.0))
+            .transpose()
+    };
+    let (kind, which) = sel
+        .resource
+        .split_once('.')
+        .ok_or_else(|| format!("unsupported resourceFieldRef {:?}", sel.resource))?;
+    let node = match which {
+        "cpu" => rt.allocatable.0,
+        "memory" => rt.allocatable.1,
+        "ephemeral-storage" => rt.allocatable.2,
+        _ => return Err(format!("unsupported resourceFieldRef {:?}", sel.resource)),
+    };
+    let limit = get(&res.limits, which)?;
+    let value = match kind {
+        "limits" => limit.unwrap_or(node),
+        "requests" => get(&res.requests, which)?.or(limit).unwrap_or(0.0),
+        _ => return Err(format!("unsupported resourceFieldRef {:?}", sel.resource)),
+    };
+    let divisor = match &sel.divisor {
+        Some(q) => crate::quantity::parse(&q.0)?,
+        None => 1.0,
+    };
+    if divisor <= 0.0 {
+        return Err(format!(
+            "resourceFieldRef divisor {:?} must be positive",
+            sel.divisor
+        ));
+    }
+    // Rounded to 1e-9 first, so that 0.25 / 0.001 is 250, not 251.
+    let q = ((value / divisor) * 1e9).round() / 1e9;
+    Ok(format!("{}", q.ceil() as i64))
 }
 
 /// The environment of container `c` of `pod`, as `KEY=VALUE`; an error is the message of a
@@ -239,8 +305,9 @@ pub async fn build(
                     None if optional => continue,
                     None => return Err(format!("secret \"{}\" not found", r.name)),
                 }
+            } else if let Some(r) = from.resource_field_ref {
+                resource_field(pod, rt, &r, Some(&c.name))?
             } else {
-                // resourceFieldRef: not yet.
                 continue;
             }
         } else {
@@ -260,6 +327,36 @@ pub async fn build(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resource_fields_as_the_kubelet_reports_them() {
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [{"name": "c", "resources": {
+                "limits": {"cpu": "250m", "memory": "64Mi"}, "requests": {"memory": "32Mi"}}}]}
+        }))
+        .unwrap();
+        let rt = Runtime {
+            allocatable: (2.0, 8.0 * 1024.0 * 1024.0 * 1024.0, 1e12),
+            ..Default::default()
+        };
+        let get = |resource: &str, divisor: Option<&str>| {
+            let sel = ResourceFieldSelector {
+                container_name: None,
+                resource: resource.into(),
+                divisor: divisor.map(|d| Quantity(d.into())),
+            };
+            resource_field(&pod, &rt, &sel, Some("c"))
+        };
+        assert_eq!(get("limits.cpu", None).unwrap(), "1");
+        assert_eq!(get("limits.cpu", Some("1m")).unwrap(), "250");
+        assert_eq!(get("limits.memory", Some("1Mi")).unwrap(), "64");
+        assert_eq!(get("requests.memory", None).unwrap(), "33554432");
+        // An unset request is the limit; an unset limit is the node's allocatable.
+        assert_eq!(get("requests.cpu", Some("1m")).unwrap(), "250");
+        assert_eq!(get("limits.ephemeral-storage", Some("1G")).unwrap(), "1000");
+        assert!(get("limits.gpu", None).is_err());
+    }
 
     #[test]
     fn expansion_as_upstream() {

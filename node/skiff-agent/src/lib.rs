@@ -11,9 +11,11 @@ pub mod env;
 pub mod exec;
 pub mod machine;
 pub mod pods;
+pub mod quantity;
 pub mod register;
 pub mod routes;
 pub mod server;
+pub mod volumes;
 
 use std::path::Path;
 

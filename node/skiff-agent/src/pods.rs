@@ -36,6 +36,8 @@ use skiff_runtime::{
 };
 use tokio::task::JoinHandle;
 
+use crate::volumes::{self, PodVolumes};
+
 /// First back-off after a container exits (upstream's kubelet).
 const BACKOFF_START: Duration = Duration::from_secs(10);
 /// Longest back-off.
@@ -119,6 +121,8 @@ pub struct PodManager {
     ipam: Ipam,
     net: Netlink,
     pods: Mutex<HashMap<String, PodState>>,
+    /// The node's allocatable CPU (cores), memory and ephemeral storage (bytes).
+    allocatable: (f64, f64, f64),
 }
 
 impl std::fmt::Debug for PodManager {
@@ -160,6 +164,12 @@ impl PodManager {
             .into_iter()
             .map(|i| (normalize_image(&i.name), i))
             .collect();
+        let m = crate::machine::Machine::read(&cfg.data_dir)?;
+        #[allow(
+            clippy::cast_precision_loss,
+            reason = "machine sizes are far below 2^53"
+        )]
+        let allocatable = (m.cpus as f64, m.memory as f64, m.ephemeral_storage as f64);
         Ok(Arc::new(PodManager {
             client,
             cfg,
@@ -168,6 +178,7 @@ impl PodManager {
             ipam,
             net: Netlink::connect()?,
             pods: Mutex::new(HashMap::new()),
+            allocatable,
         }))
     }
 
@@ -327,19 +338,64 @@ impl PodManager {
             }
         }
         self.post_status(&uid).await;
+        let Some(volumes) = self.prepare_volumes(pod, &uid, ip).await else {
+            return Ok(());
+        };
         let log_dir = self.log_dir(pod);
         for c in &spec.containers {
             let me = self.clone();
             let (uid2, c, netns, log_dir) =
                 (uid.clone(), c.clone(), net.netns.clone(), log_dir.clone());
-            let pod2 = pod.clone();
-            let h = tokio::spawn(async move { me.supervise(&uid2, pod2, c, netns, log_dir).await });
+            let (pod2, volumes) = (pod.clone(), volumes.clone());
+            let h = tokio::spawn(async move {
+                me.supervise(&uid2, pod2, c, netns, log_dir, volumes).await;
+            });
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = pods.get_mut(&uid) {
                 s.workers.push(h);
             }
         }
         Ok(())
+    }
+
+    fn runtime(&self, uid: &str) -> crate::env::Runtime {
+        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        crate::env::Runtime {
+            pod_ip: pods
+                .get(uid)
+                .and_then(|s| s.ip)
+                .map(|ip| ip.to_string())
+                .unwrap_or_default(),
+            host_ip: self.cfg.node_ip.to_string(),
+            allocatable: self.allocatable,
+        }
+    }
+
+    /// Prepares the pod's volumes, retrying with back-off while one cannot be set up (the
+    /// containers wait in `ContainerCreating` with the reason); `None` if the pod went away
+    /// meanwhile.
+    async fn prepare_volumes(&self, pod: &Pod, uid: &str, ip: Ipv4Addr) -> Option<PodVolumes> {
+        let root = volumes::pod_root(&self.cfg.data_dir, uid);
+        let mut rt = self.runtime(uid);
+        rt.pod_ip = ip.to_string();
+        let mut backoff = Duration::from_millis(500);
+        loop {
+            let err = match volumes::prepare(&self.client, pod, &rt, &root).await {
+                Ok(v) => return Some(v),
+                Err(e) => e,
+            };
+            tracing::info!(pod = %pod.name_any(), error = %err, "volumes not ready");
+            {
+                let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                let s = pods.get_mut(uid).filter(|s| !s.stopping)?;
+                for (_, c) in &mut s.containers {
+                    c.state = json!({"waiting": {"reason": "ContainerCreating", "message": err}});
+                }
+            }
+            self.post_status(uid).await;
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
     }
 
     fn set_container(&self, uid: &str, name: &str, f: impl FnOnce(&mut ContainerStatus)) {
@@ -360,6 +416,7 @@ impl PodManager {
         c: Container,
         netns: PathBuf,
         log_dir: PathBuf,
+        volumes: PodVolumes,
     ) {
         let policy = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
@@ -406,18 +463,13 @@ impl PodManager {
                     .unwrap_or_default();
             }
             args.extend(c.args.clone().unwrap_or_default());
-            let rt = crate::env::Runtime {
-                pod_ip: {
-                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-                    pods.get(uid)
-                        .and_then(|s| s.ip)
-                        .map(|ip| ip.to_string())
-                        .unwrap_or_default()
-                },
-                host_ip: self.cfg.node_ip.to_string(),
+            let rt = self.runtime(uid);
+            let built = match crate::env::build(&self.client, &pod, &c, &rt).await {
+                Ok(env) => volumes.mounts(&c).map(|m| (env, m)),
+                Err(e) => Err(e),
             };
-            let env = match crate::env::build(&self.client, &pod, &c, &rt).await {
-                Ok(env) => env,
+            let (env, mounts) = match built {
+                Ok(x) => x,
                 Err(msg) => {
                     self.set_container(uid, &c.name, |s| {
                         s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": msg}});
@@ -433,13 +485,11 @@ impl PodManager {
                 args,
                 env,
                 cwd: c.working_dir.clone().unwrap_or_default(),
-                hostname: {
-                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-                    pods.get(uid).map(|s| s.name.clone()).unwrap_or_default()
-                },
+                hostname: volumes::hostname(&pod),
                 netns: Some(netns.clone()),
                 log: log_dir.join(&c.name).join(format!("{attempt}.log")),
                 runc_root: Some(self.cfg.run_dir.join("runc")),
+                mounts,
             };
             let started = tokio::time::Instant::now();
             match container::start(&self.ch, &cfg, &image).await {
@@ -625,6 +675,7 @@ impl PodManager {
                 tracing::warn!(container = %id, error = format!("{e:#}"), "removing a container failed");
             }
         }
+        volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
         if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
             tracing::warn!(uid, error = %e, "pod network teardown failed");
         }

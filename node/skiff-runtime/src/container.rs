@@ -49,6 +49,19 @@ pub struct ContainerConfig {
     /// runc's state directory (`--root`); `None` uses the shim's default
     /// (`/run/containerd/runc/<namespace>`), shared with every containerd on the machine.
     pub runc_root: Option<PathBuf>,
+    /// Bind mounts (volumes, `/etc/hosts` and the like), in order.
+    pub mounts: Vec<Mount>,
+}
+
+/// A bind mount into the container.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mount {
+    /// Path on the host (a directory or a file).
+    pub source: PathBuf,
+    /// Absolute path in the container.
+    pub destination: String,
+    /// Mounted read-only.
+    pub readonly: bool,
 }
 
 /// The runtime spec for `cfg` running `image`.
@@ -93,6 +106,18 @@ pub fn spec(cfg: &ContainerConfig, image: &ImageInfo) -> Result<Value> {
         &cfg.hostname
     });
     s["linux"]["cgroupsPath"] = json!(format!("/skiff/{}", cfg.id));
+    if let Some(list) = s["mounts"].as_array_mut() {
+        for m in &cfg.mounts {
+            // A later mount of the same destination replaces a default one (e.g. /dev/shm).
+            list.retain(|x| x["destination"] != m.destination.as_str());
+            list.push(json!({
+                "destination": m.destination,
+                "type": "bind",
+                "source": m.source.display().to_string(),
+                "options": ["rbind", "rprivate", if m.readonly { "ro" } else { "rw" }],
+            }));
+        }
+    }
     if let Some(ns) = &cfg.netns
         && let Some(list) = s["linux"]["namespaces"].as_array_mut()
     {

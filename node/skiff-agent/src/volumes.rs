@@ -1,0 +1,720 @@
+//! Pod volumes and the files the kubelet manages in every container.
+//!
+//! Per pod, under `<data-dir>/podstate/<uid>/`: `volumes/<name>/` for each volume, and `hosts`,
+//! `hostname`, `resolv.conf` bind-mounted over the container's `/etc/…`.
+//!
+//! - `emptyDir`: a directory, or a tmpfs (`medium: Memory`, sized by `sizeLimit`).
+//! - `hostPath`: the node's path, checked or created per `type`.
+//! - `configMap`, `secret`, `downwardAPI`, `projected`: files written the way the kubelet's
+//!   atomic writer lays them out — the payload in a `..<timestamp>` directory, `..data` a
+//!   symlink to it (swapped with a rename), and a symlink per top-level entry through `..data`
+//!   — mounted read-only. Modes from `defaultMode`/`mode` (0644 unless set).
+//!
+//! Containers mount volumes at `mountPath` (with `subPath`, read-only when asked). A missing
+//! ConfigMap or Secret that is not optional keeps the pod in `ContainerCreating` with the
+//! reason, retried, as upstream's `FailedMount`.
+
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    os::unix::fs::PermissionsExt,
+    path::{Component, Path, PathBuf},
+};
+
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, DownwardAPIVolumeFile, KeyToPath, Pod, Secret, Volume,
+};
+use kube::{Api, Client, ResourceExt};
+use skiff_runtime::container::Mount;
+
+/// The file mode of projected files unless set.
+const DEFAULT_MODE: u32 = 0o644;
+/// The cluster's DNS domain.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// Files of one volume: relative path → (content, mode).
+type Payload = BTreeMap<String, (Vec<u8>, u32)>;
+
+/// A pod's prepared volumes.
+#[derive(Clone, Debug, Default)]
+pub struct PodVolumes {
+    /// Volume name → host path and whether it is always read-only.
+    volumes: HashMap<String, (PathBuf, bool)>,
+    /// `/etc/hosts`, `/etc/hostname`, `/etc/resolv.conf` sources.
+    etc: Vec<(PathBuf, &'static str)>,
+}
+
+/// The pod's state directory.
+pub fn pod_root(data_dir: &Path, uid: &str) -> PathBuf {
+    data_dir.join("podstate").join(uid)
+}
+
+fn relative(path: &str) -> Result<PathBuf, String> {
+    let p = Path::new(path);
+    if path.is_empty()
+        || p.components()
+            .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(format!(
+            "invalid path {path:?}: must be relative and must not contain '..'"
+        ));
+    }
+    Ok(p.to_path_buf())
+}
+
+/// Writes `files` into `dir` with the kubelet's atomic-writer layout; a second call swaps the
+/// whole payload at once and removes what is no longer there.
+pub fn atomic_write(dir: &Path, files: &Payload) -> std::io::Result<()> {
+    let io = |e: String| std::io::Error::other(e);
+    std::fs::create_dir_all(dir)?;
+    let stamp = format!(
+        "..{}",
+        k8s_openapi::chrono::Utc::now().format("%Y_%m_%d_%H_%M_%S.%9f")
+    );
+    let payload = dir.join(&stamp);
+    std::fs::create_dir(&payload)?;
+    let mut tops = BTreeSet::new();
+    for (path, (data, mode)) in files {
+        let rel = relative(path).map_err(io)?;
+        if let Some(first) = rel.components().next() {
+            tops.insert(first.as_os_str().to_os_string());
+        }
+        let target = payload.join(&rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent)?;
+        }
+        std::fs::write(&target, data)?;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(*mode & 0o7777))?;
+    }
+    let tmp = dir.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(&stamp, &tmp)?;
+    std::fs::rename(&tmp, dir.join("..data"))?;
+    for top in &tops {
+        let link = dir.join(top);
+        if link.symlink_metadata().is_err() {
+            std::os::unix::fs::symlink(Path::new("..data").join(top), &link)?;
+        }
+    }
+    for entry in std::fs::read_dir(dir)?.filter_map(Result::ok) {
+        let name = entry.file_name();
+        let s = name.to_string_lossy();
+        if s == "..data" || s == stamp {
+            continue;
+        }
+        if s.starts_with("..") {
+            std::fs::remove_dir_all(entry.path())?;
+        } else if !tops.contains(&name) {
+            std::fs::remove_file(entry.path())?;
+        }
+    }
+    Ok(())
+}
+
+fn mode_of(m: Option<i32>, default: u32) -> u32 {
+    m.and_then(|m| u32::try_from(m).ok()).unwrap_or(default)
+}
+
+/// Keys of a ConfigMap or Secret as files: all of them, or the listed `items`.
+fn keys_to_files(
+    data: BTreeMap<String, Vec<u8>>,
+    items: Option<&Vec<KeyToPath>>,
+    mode: u32,
+    what: &str,
+    optional: bool,
+    out: &mut Payload,
+) -> Result<(), String> {
+    match items {
+        None => {
+            for (k, v) in data {
+                out.insert(k, (v, mode));
+            }
+        }
+        Some(items) => {
+            for it in items {
+                match data.get(&it.key) {
+                    Some(v) => {
+                        out.insert(it.path.clone(), (v.clone(), mode_of(it.mode, mode)));
+                    }
+                    None if optional => {}
+                    None => {
+                        return Err(format!(
+                            "configuration of {what}: key {:?} does not exist",
+                            it.key
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn config_map(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+    match Api::<ConfigMap>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(Some(cm)) => {
+            let mut data: BTreeMap<String, Vec<u8>> = cm
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.into_bytes()))
+                .collect();
+            for (k, v) in cm.binary_data.unwrap_or_default() {
+                data.insert(k, v.0);
+            }
+            Ok(Some(data))
+        }
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!("configmap {name:?} not found")),
+        Err(e) => Err(format!("configmap {name:?}: {e}")),
+    }
+}
+
+async fn secret(
+    client: &Client,
+    ns: &str,
+    name: &str,
+    optional: bool,
+) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+    match Api::<Secret>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await
+    {
+        Ok(Some(s)) => {
+            let mut data: BTreeMap<String, Vec<u8>> = s
+                .data
+                .unwrap_or_default()
+                .into_iter()
+                .map(|(k, v)| (k, v.0))
+                .collect();
+            for (k, v) in s.string_data.unwrap_or_default() {
+                data.insert(k, v.into_bytes());
+            }
+            Ok(Some(data))
+        }
+        Ok(None) if optional => Ok(None),
+        Ok(None) => Err(format!("secret {name:?} not found")),
+        Err(e) => Err(format!("secret {name:?}: {e}")),
+    }
+}
+
+/// `key="value"` lines, sorted, as the downward API writes labels and annotations.
+fn key_values(m: &BTreeMap<String, String>) -> String {
+    m.iter()
+        .map(|(k, v)| format!("{k}={}\n", serde_json::Value::String(v.clone())))
+        .collect()
+}
+
+fn downward_files(
+    pod: &Pod,
+    rt: &crate::env::Runtime,
+    items: &[DownwardAPIVolumeFile],
+    mode: u32,
+    out: &mut Payload,
+) -> Result<(), String> {
+    for it in items {
+        let value = if let Some(f) = &it.field_ref {
+            match f.field_path.as_str() {
+                "metadata.labels" => key_values(pod.labels()),
+                "metadata.annotations" => key_values(pod.annotations()),
+                p => crate::env::field(pod, rt, p)?,
+            }
+        } else if let Some(r) = &it.resource_field_ref {
+            crate::env::resource_field(pod, rt, r, None)?
+        } else {
+            return Err(format!("downward API file {:?} has no source", it.path));
+        };
+        out.insert(
+            it.path.clone(),
+            (value.into_bytes(), mode_of(it.mode, mode)),
+        );
+    }
+    Ok(())
+}
+
+/// The payload of a configMap, secret, downwardAPI or projected volume; `None` for other kinds.
+async fn payload(
+    client: &Client,
+    pod: &Pod,
+    rt: &crate::env::Runtime,
+    v: &Volume,
+) -> Result<Option<Payload>, String> {
+    let ns = pod.namespace().unwrap_or_default();
+    let mut out = Payload::new();
+    if let Some(cm) = &v.config_map {
+        let mode = mode_of(cm.default_mode, DEFAULT_MODE);
+        let optional = cm.optional == Some(true);
+        if let Some(data) = config_map(client, &ns, &cm.name, optional).await? {
+            let what = format!("configmap {:?}", cm.name);
+            keys_to_files(data, cm.items.as_ref(), mode, &what, optional, &mut out)?;
+        }
+    } else if let Some(s) = &v.secret {
+        let mode = mode_of(s.default_mode, DEFAULT_MODE);
+        let optional = s.optional == Some(true);
+        let name = s.secret_name.clone().unwrap_or_default();
+        if let Some(data) = secret(client, &ns, &name, optional).await? {
+            let what = format!("secret {name:?}");
+            keys_to_files(data, s.items.as_ref(), mode, &what, optional, &mut out)?;
+        }
+    } else if let Some(d) = &v.downward_api {
+        let mode = mode_of(d.default_mode, DEFAULT_MODE);
+        downward_files(pod, rt, d.items.as_deref().unwrap_or(&[]), mode, &mut out)?;
+    } else if let Some(p) = &v.projected {
+        let mode = mode_of(p.default_mode, DEFAULT_MODE);
+        for src in p.sources.as_deref().unwrap_or(&[]) {
+            if let Some(cm) = &src.config_map {
+                let optional = cm.optional == Some(true);
+                if let Some(data) = config_map(client, &ns, &cm.name, optional).await? {
+                    let what = format!("configmap {:?}", cm.name);
+                    keys_to_files(data, cm.items.as_ref(), mode, &what, optional, &mut out)?;
+                }
+            } else if let Some(s) = &src.secret {
+                let optional = s.optional == Some(true);
+                if let Some(data) = secret(client, &ns, &s.name, optional).await? {
+                    let what = format!("secret {:?}", s.name);
+                    keys_to_files(data, s.items.as_ref(), mode, &what, optional, &mut out)?;
+                }
+            } else if let Some(d) = &src.downward_api {
+                downward_files(pod, rt, d.items.as_deref().unwrap_or(&[]), mode, &mut out)?;
+            } else if src.service_account_token.is_some() {
+                return Err(
+                    "serviceAccountToken projections are not supported yet (skiff issues no \
+                     service account tokens)"
+                        .into(),
+                );
+            } else {
+                return Err("unsupported projected volume source".into());
+            }
+        }
+    } else {
+        return Ok(None);
+    }
+    Ok(Some(out))
+}
+
+fn host_path(path: &str, ty: &str) -> Result<PathBuf, String> {
+    use std::os::unix::fs::FileTypeExt;
+    let p = PathBuf::from(path);
+    let meta = std::fs::metadata(&p);
+    let fail = |what: &str| Err(format!("hostPath type check failed: {path} is not {what}"));
+    match ty {
+        "" => {}
+        "DirectoryOrCreate" => {
+            if meta.is_err() {
+                std::fs::create_dir_all(&p).map_err(|e| format!("create {path}: {e}"))?;
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755));
+            } else if !meta.as_ref().is_ok_and(|m| m.is_dir()) {
+                return fail("a directory");
+            }
+        }
+        "Directory" if !meta.as_ref().is_ok_and(|m| m.is_dir()) => return fail("a directory"),
+        "FileOrCreate" => {
+            if meta.is_err() {
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .truncate(false)
+                    .write(true)
+                    .open(&p)
+                    .map_err(|e| format!("create {path}: {e}"))?;
+                let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+            } else if !meta.as_ref().is_ok_and(|m| m.is_file()) {
+                return fail("a file");
+            }
+        }
+        "File" if !meta.as_ref().is_ok_and(|m| m.is_file()) => return fail("a file"),
+        "Socket" if !meta.as_ref().is_ok_and(|m| m.file_type().is_socket()) => {
+            return fail("a socket file");
+        }
+        "CharDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_char_device()) => {
+            return fail("a character device");
+        }
+        "BlockDevice" if !meta.as_ref().is_ok_and(|m| m.file_type().is_block_device()) => {
+            return fail("a block device");
+        }
+        "Directory" | "File" | "Socket" | "CharDevice" | "BlockDevice" => {}
+        other => return Err(format!("unsupported hostPath type {other:?}")),
+    }
+    Ok(p)
+}
+
+/// Quantity of bytes for a tmpfs `size=` option (`sizeLimit`), when set.
+fn tmpfs_size(
+    limit: Option<&k8s_openapi::apimachinery::pkg::api::resource::Quantity>,
+) -> Option<u64> {
+    limit
+        .and_then(|q| crate::quantity::parse(&q.0).ok())
+        .and_then(|v| {
+            let b = v.ceil();
+            (b >= 1.0).then_some(b as u64)
+        })
+}
+
+/// The pod's `/etc/hosts`, as the kubelet writes it.
+pub fn hosts_file(pod: &Pod, ip: &str) -> String {
+    let mut s = String::from(
+        "# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\nfe00::0\tip6-localnet\nfe00::0\tip6-mcastprefix\nfe00::1\tip6-allnodes\nfe00::2\tip6-allrouters\n",
+    );
+    let host = hostname(pod);
+    let spec = pod.spec.as_ref();
+    match spec
+        .and_then(|s| s.subdomain.clone())
+        .filter(|d| !d.is_empty())
+    {
+        Some(sub) => s.push_str(&format!(
+            "{ip}\t{host}.{sub}.{}.svc.{CLUSTER_DOMAIN}\t{host}\n",
+            pod.namespace().unwrap_or_default()
+        )),
+        None => s.push_str(&format!("{ip}\t{host}\n")),
+    }
+    let aliases = spec
+        .and_then(|s| s.host_aliases.clone())
+        .unwrap_or_default();
+    if !aliases.is_empty() {
+        s.push_str("\n# Entries added by HostAliases.\n");
+        for a in aliases {
+            s.push_str(&format!(
+                "{}\t{}\n",
+                a.ip,
+                a.hostnames.unwrap_or_default().join("\t")
+            ));
+        }
+    }
+    s
+}
+
+/// The pod's hostname: `spec.hostname`, else its name (at most 63 characters).
+pub fn hostname(pod: &Pod) -> String {
+    let h = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.hostname.clone())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| pod.name_any());
+    h.chars()
+        .take(63)
+        .collect::<String>()
+        .trim_end_matches(['-', '.'])
+        .to_string()
+}
+
+/// The node's resolver configuration for pods: `/etc/resolv.conf`, or systemd-resolved's
+/// upstream list when that names only its loopback stub (unreachable from a pod).
+pub fn node_resolv_conf() -> String {
+    let etc = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let stub_only = etc
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("nameserver"))
+        .all(|ns| ns.trim().starts_with("127."));
+    if stub_only && let Ok(up) = std::fs::read_to_string("/run/systemd/resolve/resolv.conf") {
+        return up;
+    }
+    etc
+}
+
+/// The pod's `/etc/resolv.conf` from the node's and the pod's `dnsPolicy`/`dnsConfig`. Until
+/// cluster DNS exists, `ClusterFirst` resolves as `Default` does (the kubelet's behaviour when
+/// no cluster DNS is configured).
+pub fn resolv_conf(pod: &Pod, node: &str) -> String {
+    let spec = pod.spec.as_ref();
+    let policy = spec
+        .and_then(|s| s.dns_policy.clone())
+        .unwrap_or_else(|| "ClusterFirst".into());
+    let (mut servers, mut searches, mut options) = (Vec::new(), Vec::new(), Vec::new());
+    if policy != "None" {
+        for line in node.lines() {
+            let mut w = line.split_whitespace();
+            match w.next() {
+                Some("nameserver") => servers.extend(w.map(str::to_string)),
+                Some("search" | "domain") => searches.extend(w.map(str::to_string)),
+                Some("options") => options.extend(w.map(str::to_string)),
+                _ => {}
+            }
+        }
+    }
+    if let Some(c) = spec.and_then(|s| s.dns_config.clone()) {
+        servers.extend(c.nameservers.unwrap_or_default());
+        searches.extend(c.searches.unwrap_or_default());
+        for o in c.options.unwrap_or_default() {
+            let Some(name) = o.name else { continue };
+            options.retain(|x: &String| x.split(':').next() != Some(name.as_str()));
+            options.push(match o.value {
+                Some(v) => format!("{name}:{v}"),
+                None => name,
+            });
+        }
+    }
+    let mut seen = BTreeSet::new();
+    servers.retain(|s| seen.insert(s.clone()));
+    servers.truncate(3);
+    let mut seen = BTreeSet::new();
+    searches.retain(|s| seen.insert(s.clone()));
+    searches.truncate(32);
+    let mut out = String::new();
+    if !searches.is_empty() {
+        out.push_str(&format!("search {}\n", searches.join(" ")));
+    }
+    for s in servers {
+        out.push_str(&format!("nameserver {s}\n"));
+    }
+    if !options.is_empty() {
+        out.push_str(&format!("options {}\n", options.join(" ")));
+    }
+    out
+}
+
+/// Prepares the pod's volumes and `/etc` files under `root`; an error is the user-facing
+/// reason (the pod stays `ContainerCreating` and this is retried).
+pub async fn prepare(
+    client: &Client,
+    pod: &Pod,
+    rt: &crate::env::Runtime,
+    root: &Path,
+) -> Result<PodVolumes, String> {
+    let io = |what: &Path, e: std::io::Error| format!("{}: {e}", what.display());
+    let vol_dir = root.join("volumes");
+    std::fs::create_dir_all(&vol_dir).map_err(|e| io(&vol_dir, e))?;
+    let mut out = PodVolumes::default();
+    for v in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default()
+    {
+        let failed = |e: String| format!("MountVolume.SetUp failed for volume {:?}: {e}", v.name);
+        let dir = vol_dir.join(&v.name);
+        if let Some(h) = &v.host_path {
+            let p = host_path(&h.path, h.type_.as_deref().unwrap_or("")).map_err(failed)?;
+            out.volumes.insert(v.name.clone(), (p, false));
+        } else if let Some(e) = &v.empty_dir {
+            std::fs::create_dir_all(&dir).map_err(|e| failed(io(&dir, e)))?;
+            if e.medium.as_deref() == Some("Memory") && !is_mountpoint(&dir) {
+                let opts = tmpfs_size(e.size_limit.as_ref())
+                    .map(|b| format!("size={b},mode=0777"))
+                    .unwrap_or_else(|| "mode=0777".into());
+                nix::mount::mount(
+                    Some("tmpfs"),
+                    &dir,
+                    Some("tmpfs"),
+                    nix::mount::MsFlags::MS_NOSUID | nix::mount::MsFlags::MS_NODEV,
+                    Some(opts.as_str()),
+                )
+                .map_err(|e| failed(format!("mount a tmpfs on {}: {e}", dir.display())))?;
+            } else {
+                let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777));
+            }
+            out.volumes.insert(v.name.clone(), (dir, false));
+        } else {
+            match payload(client, pod, rt, &v).await.map_err(failed)? {
+                Some(files) => {
+                    atomic_write(&dir, &files).map_err(|e| failed(io(&dir, e)))?;
+                    out.volumes.insert(v.name.clone(), (dir, true));
+                }
+                None => {
+                    return Err(failed(
+                        "this volume type is not supported by skiff yet (emptyDir, hostPath, \
+                         configMap, secret, downwardAPI and projected are)"
+                            .into(),
+                    ));
+                }
+            }
+        }
+    }
+    let ip = rt.pod_ip.as_str();
+    for (name, content, target) in [
+        ("hosts", hosts_file(pod, ip), "/etc/hosts"),
+        ("hostname", format!("{}\n", hostname(pod)), "/etc/hostname"),
+        (
+            "resolv.conf",
+            resolv_conf(pod, &node_resolv_conf()),
+            "/etc/resolv.conf",
+        ),
+    ] {
+        let p = root.join(name);
+        std::fs::write(&p, content).map_err(|e| io(&p, e))?;
+        let _ = std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o644));
+        out.etc.push((p, target));
+    }
+    Ok(out)
+}
+
+fn is_mountpoint(dir: &Path) -> bool {
+    mounts_under(dir).iter().any(|m| m == dir)
+}
+
+/// Mount points at or under `dir`, deepest first.
+fn mounts_under(dir: &Path) -> Vec<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let mut v: Vec<PathBuf> = info
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .map(|p| PathBuf::from(p.replace("\\040", " ")))
+        .filter(|p| p.starts_with(dir))
+        .collect();
+    v.sort_by_key(|p| std::cmp::Reverse(p.components().count()));
+    v
+}
+
+/// Unmounts what was mounted under the pod's `root` and removes it.
+pub fn teardown(root: &Path) {
+    for m in mounts_under(root) {
+        if let Err(e) = nix::mount::umount2(&m, nix::mount::MntFlags::MNT_DETACH) {
+            tracing::warn!(mount = %m.display(), error = %e, "unmounting a pod volume failed");
+        }
+    }
+    if let Err(e) = std::fs::remove_dir_all(root)
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::warn!(dir = %root.display(), error = %e, "removing a pod's state failed");
+    }
+}
+
+impl PodVolumes {
+    /// The bind mounts of container `c`: its volume mounts, then the `/etc` files it does not
+    /// mount itself.
+    pub fn mounts(&self, c: &Container) -> Result<Vec<Mount>, String> {
+        let mut out = Vec::new();
+        for m in c.volume_mounts.as_deref().unwrap_or(&[]) {
+            let (src, always_ro) = self.volumes.get(&m.name).ok_or_else(|| {
+                format!(
+                    "volume {:?} of mount {:?} is not defined",
+                    m.name, m.mount_path
+                )
+            })?;
+            let mut source = src.clone();
+            if let Some(sub) = m.sub_path.as_deref().filter(|s| !s.is_empty()) {
+                source = source.join(relative(sub)?);
+                if !*always_ro && std::fs::symlink_metadata(&source).is_err() {
+                    std::fs::create_dir_all(&source)
+                        .map_err(|e| format!("create subPath {}: {e}", source.display()))?;
+                }
+            }
+            out.push(Mount {
+                source,
+                destination: m.mount_path.clone(),
+                readonly: *always_ro || m.read_only == Some(true),
+            });
+        }
+        for (src, target) in &self.etc {
+            if !out.iter().any(|m| m.destination == *target) {
+                out.push(Mount {
+                    source: src.clone(),
+                    destination: (*target).to_string(),
+                    readonly: false,
+                });
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writer_layout_and_swap() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("v");
+        let mut files = Payload::new();
+        files.insert("a".into(), (b"1".to_vec(), 0o644));
+        files.insert("sub/b".into(), (b"2".to_vec(), 0o400));
+        atomic_write(&dir, &files).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("a")).unwrap(), "1");
+        assert_eq!(std::fs::read_to_string(dir.join("sub/b")).unwrap(), "2");
+        assert!(dir.join("a").symlink_metadata().unwrap().is_symlink());
+        let mode = std::fs::metadata(dir.join("sub/b"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o400);
+        // The new payload replaces the old one entirely.
+        let mut files = Payload::new();
+        files.insert("c".into(), (b"3".to_vec(), 0o644));
+        atomic_write(&dir, &files).unwrap();
+        assert!(dir.join("a").symlink_metadata().is_err());
+        assert!(dir.join("sub").symlink_metadata().is_err());
+        assert_eq!(std::fs::read_to_string(dir.join("c")).unwrap(), "3");
+        let stamps = std::fs::read_dir(&dir)
+            .unwrap()
+            .filter_map(Result::ok)
+            .filter(|e| e.file_name().to_string_lossy().starts_with("..2"))
+            .count();
+        assert_eq!(stamps, 1);
+        let mut bad = Payload::new();
+        bad.insert("../escape".into(), (b"x".to_vec(), 0o644));
+        assert!(atomic_write(&dir, &bad).is_err());
+    }
+
+    fn pod(json: serde_json::Value) -> Pod {
+        serde_json::from_value(json).unwrap()
+    }
+
+    #[test]
+    fn hosts_and_resolv_conf_as_the_kubelet_writes_them() {
+        let p = pod(serde_json::json!({
+            "metadata": {"name": "web-0", "namespace": "shop"},
+            "spec": {"containers": [], "hostname": "web-0", "subdomain": "web",
+                     "hostAliases": [{"ip": "10.1.2.3", "hostnames": ["db", "db.local"]}],
+                     "dnsConfig": {"searches": ["x.example"], "options": [{"name": "ndots", "value": "2"}]}}
+        }));
+        let h = hosts_file(&p, "10.244.0.5");
+        assert!(h.starts_with("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"));
+        assert!(h.contains("10.244.0.5\tweb-0.web.shop.svc.cluster.local\tweb-0\n"));
+        assert!(h.ends_with("# Entries added by HostAliases.\n10.1.2.3\tdb\tdb.local\n"));
+        let r = resolv_conf(
+            &p,
+            "nameserver 192.0.2.53\nsearch lan\noptions ndots:1 edns0\n",
+        );
+        assert_eq!(
+            r,
+            "search lan x.example\nnameserver 192.0.2.53\noptions edns0 ndots:2\n"
+        );
+        let none = pod(serde_json::json!({
+            "metadata": {"name": "p"},
+            "spec": {"containers": [], "dnsPolicy": "None",
+                     "dnsConfig": {"nameservers": ["1.1.1.1"]}}
+        }));
+        assert_eq!(
+            resolv_conf(&none, "nameserver 192.0.2.53\n"),
+            "nameserver 1.1.1.1\n"
+        );
+    }
+
+    #[test]
+    fn labels_are_written_as_key_quoted_value_lines() {
+        let mut m = BTreeMap::new();
+        m.insert("b".to_string(), "two \"2\"".to_string());
+        m.insert("a".to_string(), "1".to_string());
+        assert_eq!(key_values(&m), "a=\"1\"\nb=\"two \\\"2\\\"\"\n");
+    }
+
+    #[test]
+    fn host_path_types() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("made");
+        assert!(host_path(dir.to_str().unwrap(), "Directory").is_err());
+        host_path(dir.to_str().unwrap(), "DirectoryOrCreate").unwrap();
+        assert!(dir.is_dir());
+        let f = d.path().join("f");
+        host_path(f.to_str().unwrap(), "FileOrCreate").unwrap();
+        assert!(f.is_file());
+        assert!(host_path(f.to_str().unwrap(), "Directory").is_err());
+        assert!(host_path(dir.to_str().unwrap(), "File").is_err());
+        assert!(host_path("/nonexistent/x", "").is_ok());
+    }
+
+    #[test]
+    fn paths_must_stay_inside() {
+        assert!(relative("a/b").is_ok());
+        assert!(relative("../a").is_err());
+        assert!(relative("/etc").is_err());
+        assert!(relative("").is_err());
+    }
+}
