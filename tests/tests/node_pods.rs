@@ -749,3 +749,257 @@ spec:
         std::panic::resume_unwind(p);
     }
 }
+
+/// A container's cgroup v1 (or v2) file, from the host.
+fn cgroup_file(container_id: &str, v1: &str, v2: &str) -> String {
+    let id = container_id.trim_start_matches("containerd://");
+    std::fs::read_to_string(format!("/sys/fs/cgroup/{v1}"))
+        .or_else(|_| std::fs::read_to_string(format!("/sys/fs/cgroup/skiff/{id}/{v2}")))
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|e| panic!("cgroup file {v1} / {v2} of {id}: {e}"))
+}
+
+#[test]
+fn limits_reach_the_cgroup_and_an_oom_kill_is_reported() {
+    if !privileged("limits_reach_the_cgroup_and_an_oom_kill_is_reported") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cp.ok_stdin(
+            &["apply", "-f", "-"],
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: limited}
+spec:
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sleep, "3600"]
+    resources:
+      requests: {cpu: 250m, memory: 32Mi}
+      limits: {cpu: 500m, memory: 64Mi}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: hog}
+spec:
+  restartPolicy: Never
+  containers:
+  - name: hog
+    image: busybox:1.36
+    command: [tail, /dev/zero]
+    resources: {limits: {memory: 32Mi}}
+"#,
+        );
+        cp.eventually(90, "pod limited Running", || {
+            jsonpath(&cp, &["pod", "limited"], "{.status.phase}") == "Running"
+        });
+        assert_eq!(
+            jsonpath(&cp, &["pod", "limited"], "{.status.qosClass}"),
+            "Burstable"
+        );
+        let id = jsonpath(
+            &cp,
+            &["pod", "limited"],
+            "{.status.containerStatuses[0].containerID}",
+        );
+        let short = id.trim_start_matches("containerd://");
+        let memory = cgroup_file(
+            &id,
+            &format!("memory/skiff/{short}/memory.limit_in_bytes"),
+            "memory.max",
+        );
+        assert_eq!(memory, "67108864");
+        let quota = cgroup_file(
+            &id,
+            &format!("cpu/skiff/{short}/cpu.cfs_quota_us"),
+            "cpu.max",
+        );
+        assert!(quota == "50000" || quota == "50000 100000", "{quota}");
+        let shares =
+            std::fs::read_to_string(format!("/sys/fs/cgroup/cpu/skiff/{short}/cpu.shares"));
+        if let Ok(shares) = shares {
+            assert_eq!(shares.trim(), "256");
+        }
+
+        cp.eventually(90, "the hog to be OOM-killed", || {
+            jsonpath(&cp, &["pod", "hog"], "{.status.phase}") == "Failed"
+        });
+        let terminated = |f: &str| {
+            jsonpath(
+                &cp,
+                &["pod", "hog"],
+                &format!("{{.status.containerStatuses[0].state.terminated.{f}}}"),
+            )
+        };
+        assert_eq!(terminated("reason"), "OOMKilled");
+        assert_eq!(terminated("exitCode"), "137");
+        let pods = cp.ok(&["get", "pod", "hog"]);
+        assert!(pods.contains("OOMKilled"), "{pods}");
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+#[test]
+fn probes_restart_unhealthy_containers_and_gate_readiness() {
+    if !privileged("probes_restart_unhealthy_containers_and_gate_readiness") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cp.ok_stdin(
+            &["apply", "-f", "-"],
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: live}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sh, -c, "touch /tmp/healthy; sleep 2; rm /tmp/healthy; sleep 3600"]
+    livenessProbe:
+      exec: {command: [cat, /tmp/healthy]}
+      periodSeconds: 1
+      failureThreshold: 1
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sh, -c, "mkdir -p /www; exec httpd -f -p 8080 -h /www"]
+    ports: [{name: http, containerPort: 8080}]
+    startupProbe:
+      tcpSocket: {port: http}
+      periodSeconds: 1
+      failureThreshold: 30
+    livenessProbe:
+      tcpSocket: {port: 8080}
+      periodSeconds: 1
+    readinessProbe:
+      httpGet: {path: /ready, port: http}
+      periodSeconds: 1
+      failureThreshold: 1
+"#,
+        );
+        let ready = |pod: &str| {
+            jsonpath(
+                &cp,
+                &["pod", pod],
+                "{.status.conditions[?(@.type==\"Ready\")].status}",
+            )
+        };
+        // Readiness follows the HTTP probe; the startup and liveness TCP probes pass.
+        cp.eventually(90, "web Running and started", || {
+            jsonpath(
+                &cp,
+                &["pod", "web"],
+                "{.status.containerStatuses[0].started}",
+            ) == "true"
+        });
+        assert_eq!(ready("web"), "False");
+        cp.ok(&["exec", "web", "--", "sh", "-c", "echo ok > /www/ready"]);
+        cp.eventually(30, "web Ready", || ready("web") == "True");
+        assert_eq!(
+            jsonpath(&cp, &["pod", "web"], "{.status.containerStatuses[0].ready}"),
+            "true"
+        );
+        cp.ok(&["exec", "web", "--", "rm", "/www/ready"]);
+        cp.eventually(30, "web not Ready again", || ready("web") == "False");
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "web"],
+                "{.status.containerStatuses[0].restartCount}"
+            ),
+            "0"
+        );
+
+        // A failing liveness probe restarts the container, with the events upstream records.
+        cp.eventually(90, "live restarted", || {
+            jsonpath(
+                &cp,
+                &["pod", "live"],
+                "{.status.containerStatuses[0].restartCount}",
+            )
+            .parse::<u32>()
+            .is_ok_and(|n| n >= 1)
+        });
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "live"],
+                "{.status.containerStatuses[0].lastState.terminated.reason}"
+            ),
+            "Error"
+        );
+        let describe = cp.ok(&["describe", "pod", "live"]);
+        for want in [
+            "Liveness probe failed",
+            "failed liveness probe, will be restarted",
+            "Started container main",
+            "Created container main",
+        ] {
+            assert!(describe.contains(want), "{want:?} missing in\n{describe}");
+        }
+        let events = cp.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=web",
+        ]);
+        assert!(events.contains("Readiness probe failed"), "{events}");
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

@@ -8,9 +8,12 @@
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
 pub mod env;
+pub mod events;
 pub mod exec;
 pub mod machine;
 pub mod pods;
+pub mod probes;
+pub mod qos;
 pub mod quantity;
 pub mod register;
 pub mod routes;

@@ -36,7 +36,11 @@ use skiff_runtime::{
 };
 use tokio::task::JoinHandle;
 
-use crate::volumes::{self, PodVolumes};
+use crate::{
+    events::{Kind, Recorder},
+    probes::{self, Verdict},
+    volumes::{self, PodVolumes},
+};
 
 /// First back-off after a container exits (upstream's kubelet).
 const BACKOFF_START: Duration = Duration::from_secs(10);
@@ -85,6 +89,8 @@ struct ContainerStatus {
     state: Value,
     last_state: Value,
     ready: bool,
+    /// Running and past its startup probe.
+    started: bool,
     image: String,
     image_id: String,
 }
@@ -97,6 +103,9 @@ struct PodState {
     started: String,
     containers: Vec<(String, ContainerStatus)>,
     restart_policy: String,
+    qos_class: &'static str,
+    /// The pod as last seen (for events).
+    pod: Pod,
     workers: Vec<JoinHandle<()>>,
     stopping: bool,
 }
@@ -123,6 +132,9 @@ pub struct PodManager {
     pods: Mutex<HashMap<String, PodState>>,
     /// The node's allocatable CPU (cores), memory and ephemeral storage (bytes).
     allocatable: (f64, f64, f64),
+    /// The lowest `oom_score_adj` containers may get (the agent's own).
+    oom_floor: i32,
+    events: Recorder,
 }
 
 impl std::fmt::Debug for PodManager {
@@ -170,7 +182,9 @@ impl PodManager {
             reason = "machine sizes are far below 2^53"
         )]
         let allocatable = (m.cpus as f64, m.memory as f64, m.ephemeral_storage as f64);
+        let events = Recorder::new(client.clone(), cfg.node.clone());
         Ok(Arc::new(PodManager {
+            events,
             client,
             cfg,
             ch,
@@ -179,6 +193,7 @@ impl PodManager {
             net: Netlink::connect()?,
             pods: Mutex::new(HashMap::new()),
             allocatable,
+            oom_floor: crate::qos::own_oom_score_adj(),
         }))
     }
 
@@ -322,6 +337,8 @@ impl PodManager {
                     started: now(),
                     containers,
                     restart_policy,
+                    qos_class: crate::qos::qos_class(pod),
+                    pod: pod.clone(),
                     workers: Vec::new(),
                     stopping: false,
                 },
@@ -385,6 +402,8 @@ impl PodManager {
                 Err(e) => e,
             };
             tracing::info!(pod = %pod.name_any(), error = %err, "volumes not ready");
+            self.events
+                .pod(pod, None, Kind::Warning, "FailedMount", &err);
             {
                 let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
                 let s = pods.get_mut(uid).filter(|s| !s.stopping)?;
@@ -441,6 +460,13 @@ impl PodManager {
                     "image {:?} is not present on this node and no registry is configured",
                     c.image.clone().unwrap_or_default()
                 );
+                self.events.pod(
+                    &pod,
+                    Some(&c.name),
+                    Kind::Warning,
+                    "Failed",
+                    &format!("Failed to pull image: {msg}"),
+                );
                 self.set_container(uid, &c.name, |s| {
                     s.state = json!({"waiting": {"reason": reason, "message": msg}});
                 });
@@ -465,10 +491,13 @@ impl PodManager {
             args.extend(c.args.clone().unwrap_or_default());
             let rt = self.runtime(uid);
             let built = match crate::env::build(&self.client, &pod, &c, &rt).await {
-                Ok(env) => volumes.mounts(&c).map(|m| (env, m)),
+                Ok(env) => volumes.mounts(&c).and_then(|m| {
+                    crate::qos::resources(&pod, &c, self.allocatable.1, self.oom_floor)
+                        .map(|r| (env, m, r))
+                }),
                 Err(e) => Err(e),
             };
-            let (env, mounts) = match built {
+            let (env, mounts, resources) = match built {
                 Ok(x) => x,
                 Err(msg) => {
                     self.set_container(uid, &c.name, |s| {
@@ -490,19 +519,50 @@ impl PodManager {
                 log: log_dir.join(&c.name).join(format!("{attempt}.log")),
                 runc_root: Some(self.cfg.run_dir.join("runc")),
                 mounts,
+                resources,
             };
             let started = tokio::time::Instant::now();
+            if attempt == 0 {
+                self.events.pod(
+                    &pod,
+                    Some(&c.name),
+                    Kind::Normal,
+                    "Pulled",
+                    &format!(
+                        "Container image {:?} already present on machine",
+                        c.image.clone().unwrap_or_default()
+                    ),
+                );
+            }
             match container::start(&self.ch, &cfg, &image).await {
                 Ok(_) => {
+                    for (reason, verb) in [("Created", "Created"), ("Started", "Started")] {
+                        let msg = format!("{verb} container {}", c.name);
+                        self.events
+                            .pod(&pod, Some(&c.name), Kind::Normal, reason, &msg);
+                    }
+                    let past_startup = c.startup_probe.is_none();
+                    let ready = past_startup && c.readiness_probe.is_none();
                     self.set_container(uid, &c.name, |s| {
                         s.id = id.clone();
                         s.state = json!({"running": {"startedAt": now()}});
-                        s.ready = true;
+                        s.started = past_startup;
+                        s.ready = ready;
                         s.image_id = image.digest.clone();
                     });
                     self.post_status(uid).await;
+                    let prober = self.spawn_prober(uid, &pod, &c, &id);
                     let code = container::wait(&self.ch, &id).await.unwrap_or(255);
-                    let reason = if code == 0 { "Completed" } else { "Error" };
+                    if let Some(p) = prober {
+                        p.abort();
+                    }
+                    let reason = if container::oom_killed(&id) {
+                        "OOMKilled"
+                    } else if code == 0 {
+                        "Completed"
+                    } else {
+                        "Error"
+                    };
                     let finished_at = now();
                     self.set_container(uid, &c.name, |s| {
                         let st = s.state["running"]["startedAt"].clone();
@@ -510,6 +570,7 @@ impl PodManager {
                             "startedAt": st, "finishedAt": finished_at,
                             "containerID": format!("containerd://{id}")}});
                         s.ready = false;
+                        s.started = false;
                     });
                     let _ = container::remove(&self.ch, &id).await;
                     if started.elapsed() > BACKOFF_RESET {
@@ -534,6 +595,17 @@ impl PodManager {
                 }
             }
             // Back off before the next start, shown as CrashLoopBackOff.
+            self.events.pod(
+                &pod,
+                Some(&c.name),
+                Kind::Warning,
+                "BackOff",
+                &format!(
+                    "Back-off restarting failed container {} in pod {}",
+                    c.name,
+                    pod.name_any()
+                ),
+            );
             self.set_container(uid, &c.name, |s| {
                 s.last_state = s.state.clone();
                 s.restarts += 1;
@@ -544,6 +616,120 @@ impl PodManager {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
             attempt += 1;
+        }
+    }
+
+    /// Starts the probes of container `c` (running as `id`), if it has any.
+    fn spawn_prober(
+        self: &Arc<Self>,
+        uid: &str,
+        pod: &Pod,
+        c: &Container,
+        id: &str,
+    ) -> Option<JoinHandle<()>> {
+        if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
+            return None;
+        }
+        let pod_ip = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(uid).and_then(|s| s.ip)?
+        };
+        let target = probes::Target {
+            pod_ip,
+            container: c.clone(),
+            container_id: id.to_string(),
+            ch: self.ch.clone(),
+            exec_dir: self.exec_dir(),
+        };
+        let grace = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.termination_grace_period_seconds)
+            .unwrap_or(30);
+        let (me, uid, pod, c) = (self.clone(), uid.to_string(), pod.clone(), c.clone());
+        Some(tokio::spawn(async move {
+            me.probe(&uid, &pod, &c, &target, grace).await;
+        }))
+    }
+
+    /// Runs a container's probes: the startup probe until it passes (a failure restarts the
+    /// container), then liveness (a failure restarts it) and readiness (sets `ready`).
+    async fn probe(&self, uid: &str, pod: &Pod, c: &Container, t: &probes::Target, grace: i64) {
+        let unhealthy = |what: &str, e: &str| {
+            self.events.pod(
+                pod,
+                Some(&c.name),
+                Kind::Warning,
+                "Unhealthy",
+                &format!("{what} probe failed: {e}"),
+            );
+        };
+        let restart = |what: &str, p: &k8s_openapi::api::core::v1::Probe| {
+            let msg = format!(
+                "Container {} failed {what} probe, will be restarted",
+                c.name
+            );
+            self.events
+                .pod(pod, Some(&c.name), Kind::Normal, "Killing", &msg);
+            let grace = p.termination_grace_period_seconds.unwrap_or(grace);
+            self.kill_container(&t.container_id, grace)
+        };
+        if let Some(p) = &c.startup_probe {
+            let v = probes::Runner::new(p)
+                .next_change(t, |e| unhealthy("Startup", e))
+                .await;
+            if v != Verdict::Success {
+                restart("startup", p).await;
+                return;
+            }
+            let ready = c.readiness_probe.is_none();
+            self.set_container(uid, &c.name, |s| {
+                s.started = true;
+                s.ready = ready;
+            });
+            self.post_status(uid).await;
+        }
+        let liveness = async {
+            match &c.liveness_probe {
+                Some(p) => {
+                    let mut r = probes::Runner::new(p);
+                    while r.next_change(t, |e| unhealthy("Liveness", e)).await == Verdict::Success {
+                    }
+                    restart("liveness", p).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let readiness = async {
+            match &c.readiness_probe {
+                Some(p) => {
+                    let mut r = probes::Runner::new(p);
+                    loop {
+                        let v = r.next_change(t, |e| unhealthy("Readiness", e)).await;
+                        let ready = v == Verdict::Success;
+                        self.set_container(uid, &c.name, |s| s.ready = ready);
+                        self.post_status(uid).await;
+                    }
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = liveness => {}
+            () = readiness => {}
+        }
+    }
+
+    /// Stops a container so that its supervisor restarts it: SIGTERM, then SIGKILL after
+    /// `grace` seconds.
+    async fn kill_container(&self, id: &str, grace: i64) {
+        let _ = container::kill(&self.ch, id, 15).await;
+        let deadline = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
+        if tokio::time::timeout(deadline, container::wait(&self.ch, id))
+            .await
+            .is_err()
+        {
+            let _ = container::kill(&self.ch, id, 9).await;
         }
     }
 
@@ -558,7 +744,7 @@ impl PodManager {
                 let mut v = json!({
                     "name": name, "ready": c.ready, "restartCount": c.restarts,
                     "image": c.image, "imageID": c.image_id, "state": c.state,
-                    "started": c.state.get("running").is_some(),
+                    "started": c.started && c.state.get("running").is_some(),
                 });
                 if !c.id.is_empty() {
                     v["containerID"] = json!(format!("containerd://{}", c.id));
@@ -608,6 +794,7 @@ impl PodManager {
                 cond("PodScheduled", true),
             ],
             "containerStatuses": statuses,
+            "qosClass": s.qos_class,
         });
         if let Some(ip) = s.ip {
             st["podIP"] = json!(ip.to_string());
@@ -646,10 +833,22 @@ impl PodManager {
                     .map(|(_, c)| c.id.clone())
                     .filter(|i| !i.is_empty())
                     .collect();
-                (std::mem::take(&mut s.workers), ids, s.ip)
+                let names: Vec<String> = s
+                    .containers
+                    .iter()
+                    .filter(|(_, c)| c.state.get("running").is_some())
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                (
+                    std::mem::take(&mut s.workers),
+                    ids,
+                    s.ip,
+                    s.pod.clone(),
+                    names,
+                )
             })
         };
-        let Some((workers, ids, ip)) = taken else {
+        let Some((workers, ids, ip, pod, names)) = taken else {
             if let Some((ns, name)) = api {
                 self.delete_object(&ns, &name, uid).await;
             }
@@ -657,6 +856,15 @@ impl PodManager {
         };
         for w in &workers {
             w.abort();
+        }
+        for n in &names {
+            self.events.pod(
+                &pod,
+                Some(n),
+                Kind::Normal,
+                "Killing",
+                &format!("Stopping container {n}"),
+            );
         }
         for id in &ids {
             let _ = container::kill(&self.ch, id, 15).await;

@@ -51,6 +51,23 @@ pub struct ContainerConfig {
     pub runc_root: Option<PathBuf>,
     /// Bind mounts (volumes, `/etc/hosts` and the like), in order.
     pub mounts: Vec<Mount>,
+    /// cgroup limits and the OOM score.
+    pub resources: Resources,
+}
+
+/// A container's cgroup settings (what the kubelet derives from requests and limits).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Resources {
+    /// Memory limit in bytes, swap included (no swap); `None` is unlimited.
+    pub memory_limit: Option<i64>,
+    /// Relative CPU weight (cgroup v1 shares; runc maps them to a v2 weight).
+    pub cpu_shares: Option<u64>,
+    /// CPU time per period in microseconds; `None` is unlimited.
+    pub cpu_quota: Option<i64>,
+    /// The quota's period in microseconds.
+    pub cpu_period: Option<u64>,
+    /// The processes' `oom_score_adj`.
+    pub oom_score_adj: Option<i32>,
 }
 
 /// A bind mount into the container.
@@ -105,7 +122,33 @@ pub fn spec(cfg: &ContainerConfig, image: &ImageInfo) -> Result<Value> {
     } else {
         &cfg.hostname
     });
-    s["linux"]["cgroupsPath"] = json!(format!("/skiff/{}", cfg.id));
+    s["linux"]["cgroupsPath"] = json!(cgroup_path(&cfg.id));
+    let r = &cfg.resources;
+    let mut res = serde_json::Map::new();
+    if let Some(l) = r.memory_limit {
+        res.insert("memory".into(), json!({"limit": l, "swap": l}));
+    }
+    let mut cpu = serde_json::Map::new();
+    if let Some(sh) = r.cpu_shares {
+        cpu.insert("shares".into(), json!(sh));
+    }
+    if let Some(q) = r.cpu_quota {
+        cpu.insert("quota".into(), json!(q));
+        cpu.insert("period".into(), json!(r.cpu_period.unwrap_or(100_000)));
+    }
+    if !cpu.is_empty() {
+        res.insert("cpu".into(), Value::Object(cpu));
+    }
+    if !res.is_empty() {
+        let existing = s["linux"]["resources"].as_object_mut();
+        match existing {
+            Some(e) => e.extend(res),
+            None => s["linux"]["resources"] = Value::Object(res),
+        }
+    }
+    if let Some(adj) = r.oom_score_adj {
+        s["process"]["oomScoreAdj"] = json!(adj);
+    }
     if let Some(list) = s["mounts"].as_array_mut() {
         for m in &cfg.mounts {
             // A later mount of the same destination replaces a default one (e.g. /dev/shm).
@@ -339,6 +382,30 @@ pub async fn remove(ch: &Channel, id: &str) -> Result<()> {
         Err(e) if e.code() == Code::NotFound => Ok(()),
         Err(e) => Err(e).with_context(|| format!("remove the snapshot of container {id}")),
     }
+}
+
+/// The container's cgroup, relative to each hierarchy's root.
+pub fn cgroup_path(id: &str) -> String {
+    format!("/skiff/{id}")
+}
+
+/// Whether the kernel's OOM killer killed a process of the container (read before the
+/// container is removed, which removes its cgroup): `memory.events` on cgroup v2,
+/// `memory.oom_control` on v1.
+pub fn oom_killed(id: &str) -> bool {
+    let path = cgroup_path(id);
+    let read = |p: String| std::fs::read_to_string(p).unwrap_or_default();
+    let count = |text: String| {
+        text.lines()
+            .filter_map(|l| l.strip_prefix("oom_kill "))
+            .filter_map(|n| n.trim().parse::<u64>().ok())
+            .sum::<u64>()
+    };
+    count(read(format!("/sys/fs/cgroup{path}/memory.events")))
+        + count(read(format!(
+            "/sys/fs/cgroup/memory{path}/memory.oom_control"
+        )))
+        > 0
 }
 
 /// Where a container's log goes under `dir`.

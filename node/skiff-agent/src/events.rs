@@ -1,0 +1,165 @@
+//! Pod events as the kubelet records them (`Pulled`, `Created`, `Started`, `Killing`, `BackOff`,
+//! `Unhealthy`, `FailedMount`, …): core/v1 Events from component `kubelet` on this host, about
+//! the pod and, where it applies, one container (`spec.containers{name}`). A repeat of the same
+//! event (same object, reason and message) within ten minutes bumps `count` and
+//! `lastTimestamp` on the existing Event instead of creating another, as upstream's
+//! correlator does. Recording never blocks or fails the caller.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use k8s_openapi::{
+    api::core::v1::{Event, EventSource, ObjectReference, Pod},
+    apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
+    chrono::Utc,
+};
+use kube::{
+    Api, Client, ResourceExt,
+    api::{Patch, PatchParams, PostParams},
+};
+use serde_json::json;
+
+/// How long a repeated event is folded into the first one.
+const FOLD_WINDOW: Duration = Duration::from_secs(600);
+
+/// `Normal` or `Warning`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// Something expected happened.
+    Normal,
+    /// Something the user should look at.
+    Warning,
+}
+
+/// (object uid, field path, reason, message).
+type Key = (String, String, String, String);
+
+/// A recorded event (in its object's namespace): its name, count, and when it was first
+/// recorded.
+#[derive(Debug)]
+struct Recorded {
+    name: String,
+    count: i32,
+    first: Instant,
+}
+
+/// Records events for the pods of one node.
+#[derive(Clone)]
+pub struct Recorder {
+    client: Client,
+    node: String,
+    seen: Arc<Mutex<HashMap<Key, Recorded>>>,
+}
+
+impl std::fmt::Debug for Recorder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Recorder")
+            .field("node", &self.node)
+            .finish()
+    }
+}
+
+impl Recorder {
+    /// A recorder reporting as the kubelet of `node`.
+    pub fn new(client: Client, node: String) -> Recorder {
+        Recorder {
+            client,
+            node,
+            seen: Arc::new(Mutex::new(HashMap::new())),
+        }
+    }
+
+    /// Records an event about `pod` (and its `container`, if given), in the background.
+    pub fn pod(&self, pod: &Pod, container: Option<&str>, kind: Kind, reason: &str, message: &str) {
+        let involved = ObjectReference {
+            api_version: Some("v1".into()),
+            kind: Some("Pod".into()),
+            name: Some(pod.name_any()),
+            namespace: pod.namespace(),
+            uid: pod.uid(),
+            resource_version: pod.resource_version(),
+            field_path: container.map(|c| format!("spec.containers{{{c}}}")),
+        };
+        let me = self.clone();
+        let (reason, message) = (reason.to_string(), message.to_string());
+        tokio::spawn(async move { me.record(involved, kind, reason, message).await });
+    }
+
+    async fn record(&self, involved: ObjectReference, kind: Kind, reason: String, message: String) {
+        let ns = involved
+            .namespace
+            .clone()
+            .unwrap_or_else(|| "default".into());
+        let api: Api<Event> = Api::namespaced(self.client.clone(), &ns);
+        let key = (
+            involved.uid.clone().unwrap_or_default(),
+            involved.field_path.clone().unwrap_or_default(),
+            reason.clone(),
+            message.clone(),
+        );
+        let now = Time(Utc::now());
+        let repeat = {
+            let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+            seen.retain(|_, v| v.first.elapsed() < FOLD_WINDOW);
+            seen.get_mut(&key).map(|v| {
+                v.count += 1;
+                (v.name.clone(), v.count)
+            })
+        };
+        if let Some((name, count)) = repeat {
+            let patch = json!({"count": count, "lastTimestamp": now});
+            if api
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+                .is_ok()
+            {
+                return;
+            }
+        }
+        let name = format!(
+            "{}.{:x}",
+            involved.name.clone().unwrap_or_default(),
+            Utc::now().timestamp_nanos_opt().unwrap_or_default()
+        );
+        let ev = Event {
+            metadata: ObjectMeta {
+                name: Some(name.clone()),
+                namespace: Some(ns.clone()),
+                ..Default::default()
+            },
+            involved_object: involved,
+            reason: Some(reason),
+            message: Some(message),
+            type_: Some(match kind {
+                Kind::Normal => "Normal".into(),
+                Kind::Warning => "Warning".into(),
+            }),
+            count: Some(1),
+            first_timestamp: Some(now.clone()),
+            last_timestamp: Some(now),
+            source: Some(EventSource {
+                component: Some("kubelet".into()),
+                host: Some(self.node.clone()),
+            }),
+            reporting_component: Some("kubelet".into()),
+            reporting_instance: Some(self.node.clone()),
+            ..Default::default()
+        };
+        match api.create(&PostParams::default(), &ev).await {
+            Ok(_) => {
+                self.seen.lock().unwrap_or_else(|p| p.into_inner()).insert(
+                    key,
+                    Recorded {
+                        name,
+                        count: 1,
+                        first: Instant::now(),
+                    },
+                );
+            }
+            Err(e) => tracing::debug!(error = %e, "recording an event failed"),
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Container probes as the kubelet runs them: `exec` (a command in the container, exit 0),
+//! `httpGet` (a status from 200 to 399; HTTPS without certificate checks, as upstream), and
+//! `tcpSocket` (a connection), each bounded by `timeoutSeconds`; and the periodic loop with
+//! `initialDelaySeconds`, `periodSeconds`, `successThreshold` and `failureThreshold`.
+
+use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+
+use k8s_openapi::{
+    api::core::v1::{Container, Probe},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
+use skiff_runtime::exec::{Exec, ExecConfig};
+use tokio::io::AsyncReadExt;
+
+/// Where a container's probes go.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// The pod's IP (the default host of `httpGet` and `tcpSocket`).
+    pub pod_ip: Ipv4Addr,
+    /// The container, for `exec` and named ports.
+    pub container: Container,
+    /// Its containerd id.
+    pub container_id: String,
+    /// containerd.
+    pub ch: containerd_client::tonic::transport::Channel,
+    /// Where exec FIFOs go.
+    pub exec_dir: PathBuf,
+}
+
+/// Output kept from an exec probe (for the event message).
+const MAX_OUTPUT: usize = 10 * 1024;
+
+fn port(t: &Target, p: &IntOrString) -> Result<u16, String> {
+    match p {
+        IntOrString::Int(n) => u16::try_from(*n).map_err(|_| format!("port {n} is out of range")),
+        IntOrString::String(name) => {
+            if let Ok(n) = name.parse::<u16>() {
+                return Ok(n);
+            }
+            t.container
+                .ports
+                .iter()
+                .flatten()
+                .find(|cp| cp.name.as_deref() == Some(name.as_str()))
+                .and_then(|cp| u16::try_from(cp.container_port).ok())
+                .ok_or_else(|| format!("port {name:?} is not a named port of the container"))
+        }
+    }
+}
+
+fn host(t: &Target, h: Option<&String>) -> String {
+    h.filter(|h| !h.is_empty())
+        .cloned()
+        .unwrap_or_else(|| t.pod_ip.to_string())
+}
+
+/// Runs `p` once; `Err` carries the failure's description.
+pub async fn check(p: &Probe, t: &Target) -> Result<(), String> {
+    let timeout =
+        Duration::from_secs(u64::try_from(p.timeout_seconds.unwrap_or(1).max(1)).unwrap_or(1));
+    let run = async {
+        if let Some(e) = &p.exec {
+            exec(t, e.command.clone().unwrap_or_default()).await
+        } else if let Some(h) = &p.http_get {
+            let port = port(t, &h.port)?;
+            let host = host(t, h.host.as_ref());
+            let path = h
+                .path
+                .clone()
+                .filter(|p| !p.is_empty())
+                .unwrap_or_else(|| "/".into());
+            let https = h.scheme.as_deref() == Some("HTTPS");
+            let headers: Vec<(String, String)> = h
+                .http_headers
+                .iter()
+                .flatten()
+                .map(|x| (x.name.clone(), x.value.clone()))
+                .collect();
+            http_get(&host, port, &path, https, &headers).await
+        } else if let Some(s) = &p.tcp_socket {
+            let port = port(t, &s.port)?;
+            let host = host(t, s.host.as_ref());
+            tokio::net::TcpStream::connect((host.as_str(), port))
+                .await
+                .map(drop)
+                .map_err(|e| format!("dial tcp {host}:{port}: {e}"))
+        } else if p.grpc.is_some() {
+            Err("gRPC probes are not supported by skiff yet".into())
+        } else {
+            Err("the probe has no handler".into())
+        }
+    };
+    match tokio::time::timeout(timeout, run).await {
+        Ok(r) => r,
+        Err(_) => Err(format!(
+            "timeout: the probe took longer than {}s",
+            timeout.as_secs()
+        )),
+    }
+}
+
+async fn exec(t: &Target, args: Vec<String>) -> Result<(), String> {
+    if args.is_empty() {
+        return Err("the exec probe has no command".into());
+    }
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let id = format!(
+        "probe-{}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let cfg = ExecConfig {
+        container_id: t.container_id.clone(),
+        args: args.clone(),
+        tty: false,
+        stdin: false,
+        stdout: true,
+        stderr: true,
+        console_size: None,
+        fifo_dir: t.exec_dir.join(id),
+    };
+    let mut e = Exec::start(&t.ch, &cfg).await.map_err(|e| e.to_string())?;
+    // Removed however this ends (a timeout drops the future).
+    struct Cleanup(Option<Exec>);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            if let Some(mut e) = self.0.take() {
+                tokio::spawn(async move { e.cleanup().await });
+            }
+        }
+    }
+    let (mut out, mut err) = (e.stdout.take(), e.stderr.take());
+    let control = e.control();
+    let _guard = Cleanup(Some(e));
+    let read = |r: Option<tokio::net::unix::pipe::Receiver>| async move {
+        let mut buf = Vec::new();
+        if let Some(r) = r {
+            let _ = r.take(MAX_OUTPUT as u64).read_to_end(&mut buf).await;
+        }
+        buf
+    };
+    let (code, o, e2) = tokio::join!(control.wait(), read(out.take()), read(err.take()));
+    match code {
+        Ok(0) => Ok(()),
+        Ok(n) => {
+            let mut text = String::from_utf8_lossy(&o).into_owned();
+            text.push_str(&String::from_utf8_lossy(&e2));
+            Err(format!(
+                "command {args:?} exited with {n}: {}",
+                text.trim_end()
+            ))
+        }
+        Err(e) => Err(format!("{e:#}")),
+    }
+}
+
+async fn http_get(
+    host: &str,
+    port: u16,
+    path: &str,
+    https: bool,
+    headers: &[(String, String)],
+) -> Result<(), String> {
+    let url = format!(
+        "{}://{host}:{port}{path}",
+        if https { "https" } else { "http" }
+    );
+    let fail = |e: &dyn std::fmt::Display| format!("Get {url:?}: {e}");
+    let tcp = tokio::net::TcpStream::connect((host, port))
+        .await
+        .map_err(|e| fail(&e))?;
+    let mut req = hyper::Request::get(path)
+        .header(hyper::header::HOST, format!("{host}:{port}"))
+        .header(hyper::header::USER_AGENT, "kube-probe/1.32")
+        .header(hyper::header::ACCEPT, "*/*")
+        .header(hyper::header::CONNECTION, "close");
+    for (k, v) in headers {
+        req = req.header(k.as_str(), v.as_str());
+    }
+    let req = req
+        .body(http_body_util::Empty::<bytes::Bytes>::new())
+        .map_err(|e| fail(&e))?;
+    let status = if https {
+        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| fail(&e))?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
+        .with_no_client_auth();
+        let name =
+            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| fail(&e))?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+            .connect(name, tcp)
+            .await
+            .map_err(|e| fail(&e))?;
+        send(hyper_util::rt::TokioIo::new(tls), req).await
+    } else {
+        send(hyper_util::rt::TokioIo::new(tcp), req).await
+    }
+    .map_err(|e| fail(&e))?;
+    if (200..400).contains(&status) {
+        Ok(())
+    } else {
+        Err(format!("HTTP probe failed with statuscode: {status}"))
+    }
+}
+
+async fn send<T>(
+    io: T,
+    req: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> Result<u16, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    let resp = sender.send_request(req).await?;
+    Ok(resp.status().as_u16())
+}
+
+/// HTTPS probes do not verify certificates (as upstream's).
+#[derive(Debug)]
+struct AnyCertificate;
+
+impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        _message: &[u8],
+        _cert: &rustls::pki_types::CertificateDer<'_>,
+        _dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        rustls::crypto::ring::default_provider()
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
+
+/// Outcome of a probe after its thresholds.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Verdict {
+    /// `successThreshold` consecutive successes.
+    Success,
+    /// `failureThreshold` consecutive failures; the last failure's description.
+    Failure(String),
+}
+
+/// Runs a probe periodically (after `initialDelaySeconds`, every `periodSeconds`) and reports
+/// each change of verdict after the thresholds.
+#[derive(Debug)]
+pub struct Runner {
+    probe: Probe,
+    period: Duration,
+    initial: Option<Duration>,
+    success_threshold: i32,
+    failure_threshold: i32,
+    successes: i32,
+    failures: i32,
+    verdict: Option<Verdict>,
+}
+
+impl Runner {
+    /// A runner for `p`.
+    pub fn new(p: &Probe) -> Runner {
+        let secs = |v: Option<i32>, d: i32| {
+            Duration::from_secs(u64::try_from(v.unwrap_or(d).max(0)).unwrap_or(0))
+        };
+        Runner {
+            probe: p.clone(),
+            period: secs(p.period_seconds, 10).max(Duration::from_secs(1)),
+            initial: Some(secs(p.initial_delay_seconds, 0)),
+            success_threshold: p.success_threshold.unwrap_or(1).max(1),
+            failure_threshold: p.failure_threshold.unwrap_or(3).max(1),
+            successes: 0,
+            failures: 0,
+            verdict: None,
+        }
+    }
+
+    /// Probes until the verdict changes (the first verdict is a change) and returns it;
+    /// `on_failure` sees every single failure (for events).
+    pub async fn next_change(&mut self, t: &Target, mut on_failure: impl FnMut(&str)) -> Verdict {
+        if let Some(d) = self.initial.take() {
+            tokio::time::sleep(d).await;
+        } else {
+            tokio::time::sleep(self.period).await;
+        }
+        loop {
+            let started = tokio::time::Instant::now();
+            let next = match check(&self.probe, t).await {
+                Ok(()) => {
+                    self.failures = 0;
+                    self.successes += 1;
+                    (self.successes >= self.success_threshold).then_some(Verdict::Success)
+                }
+                Err(e) => {
+                    on_failure(&e);
+                    self.successes = 0;
+                    self.failures += 1;
+                    (self.failures >= self.failure_threshold).then_some(Verdict::Failure(e))
+                }
+            };
+            if let Some(v) = next {
+                let changed = !matches!(
+                    (&self.verdict, &v),
+                    (Some(Verdict::Success), Verdict::Success)
+                        | (Some(Verdict::Failure(_)), Verdict::Failure(_))
+                );
+                self.verdict = Some(v.clone());
+                if changed {
+                    return v;
+                }
+            }
+            tokio::time::sleep(self.period.saturating_sub(started.elapsed())).await;
+        }
+    }
+}
