@@ -207,6 +207,8 @@ pub struct NodeAgent {
     pub run_dir: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    kubeconfig: PathBuf,
+    images: Vec<PathBuf>,
 }
 
 impl NodeAgent {
@@ -221,18 +223,63 @@ impl NodeAgent {
         let data_dir = scratch.join(format!("{name}-data"));
         let run_dir = PathBuf::from(format!("/tmp/{}", unique_name("skn")));
         let log = scratch.join(format!("{name}.log"));
+        let child = Self::spawn(node, &name, kubeconfig, &data_dir, &run_dir, &log, images);
+        NodeAgent {
+            child,
+            name,
+            data_dir,
+            run_dir,
+            log,
+            kubeconfig: kubeconfig.to_path_buf(),
+            images: images.to_vec(),
+        }
+    }
+
+    /// Kills the agent with SIGKILL, as a crash would (its containers keep running).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the agent again with the same name, directories and arguments (its log grows).
+    pub fn restart(&mut self, node: &NodeNs) {
+        self.child = Self::spawn(
+            node,
+            &self.name,
+            &self.kubeconfig,
+            &self.data_dir,
+            &self.run_dir,
+            &self.log,
+            &self.images,
+        );
+    }
+
+    fn spawn(
+        node: &NodeNs,
+        name: &str,
+        kubeconfig: &Path,
+        data_dir: &Path,
+        run_dir: &Path,
+        log: &Path,
+        images: &[PathBuf],
+    ) -> Child {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("agent log");
         let mut cmd = Command::new(bin("skiff-node"));
-        cmd.args(["--node-name", &name])
+        cmd.args(["--node-name", name])
             .arg("--kubeconfig")
             .arg(kubeconfig)
             .arg("--data-dir")
-            .arg(&data_dir)
+            .arg(data_dir)
             .arg("--run-dir")
-            .arg(&run_dir)
+            .arg(run_dir)
             .args(["--node-ip", &node.node_ip.to_string()])
             .env("RUST_LOG", "info,skiff_agent=debug")
             .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).expect("agent log"));
+            .stderr(log);
         for i in images {
             cmd.arg("--import-image").arg(i);
         }
@@ -247,14 +294,7 @@ impl NodeAgent {
                 Ok(())
             });
         }
-        let child = cmd.spawn().expect("start skiff-node");
-        NodeAgent {
-            child,
-            name,
-            data_dir,
-            run_dir,
-            log,
-        }
+        cmd.spawn().expect("start skiff-node")
     }
 
     /// The agent's log so far.

@@ -1003,3 +1003,124 @@ spec:
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn an_agent_restart_keeps_pods_running_and_collects_what_is_gone() {
+    if !privileged("an_agent_restart_keeps_pods_running_and_collects_what_is_gone") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        cp.ok(&[
+            "run",
+            "web",
+            "--image=busybox:1.36",
+            "--",
+            "httpd",
+            "-f",
+            "-p",
+            "8080",
+            "-h",
+            "/var/www",
+        ]);
+        cp.ok(&[
+            "run",
+            "doomed",
+            "--image=busybox:1.36",
+            "--",
+            "sleep",
+            "3600",
+        ]);
+        for p in ["web", "doomed"] {
+            cp.eventually(90, "both pods Running", || {
+                jsonpath(&cp, &["pod", p], "{.status.phase}") == "Running"
+            });
+        }
+        let field = |pod: &str, path: &str| jsonpath(&cp, &["pod", pod], path);
+        let web_id = field("web", "{.status.containerStatuses[0].containerID}");
+        let web_ip = field("web", "{.status.podIP}");
+        let doomed_uid = field("doomed", "{.metadata.uid}");
+        let doomed_ip = field("doomed", "{.status.podIP}");
+        let fetch = || {
+            let addr: SocketAddrV4 = format!("{web_ip}:8080").parse().expect("addr");
+            node_ns
+                .ns
+                .run(move || -> std::io::Result<String> {
+                    let mut c = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(5))?;
+                    c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut out = String::new();
+                    c.read_to_string(&mut out)?;
+                    Ok(out)
+                })
+                .expect("enter the node")
+        };
+
+        // The agent crashes; its containers keep serving.
+        agent.kill();
+        assert!(fetch().expect("web answers").contains("hello from skiff"));
+        // A pod force-deleted meanwhile leaves its container, network and address behind.
+        cp.ok(&["delete", "pod", "doomed", "--force", "--grace-period=0"]);
+
+        agent.restart(&node_ns);
+        let runc_list = || {
+            std::process::Command::new("runc")
+                .arg("--root")
+                .arg(agent.run_dir.join("runc/k8s.io"))
+                .args(["list", "-q"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+        };
+        let netns = agent.run_dir.join(format!("netns/pod-{doomed_uid}"));
+        let address = agent.data_dir.join(format!("ipam/{doomed_ip}"));
+        cp.eventually(60, "the doomed pod's leftovers collected", || {
+            !netns.exists() && !address.exists() && !runc_list().contains(&doomed_uid[..8])
+        });
+        // The web pod was adopted: the same container, no restart, still serving, reachable
+        // through the new agent.
+        cp.eventually(30, "exec into the adopted container", || {
+            cp.kubectl(&["exec", "web", "--", "true"]).status.success()
+        });
+        assert_eq!(
+            field("web", "{.status.containerStatuses[0].containerID}"),
+            web_id
+        );
+        assert_eq!(
+            field("web", "{.status.containerStatuses[0].restartCount}"),
+            "0"
+        );
+        assert_eq!(field("web", "{.status.phase}"), "Running");
+        assert_eq!(field("web", "{.status.podIP}"), web_ip);
+        assert!(fetch().expect("web answers").contains("hello from skiff"));
+        let log = agent.log();
+        assert!(
+            log.contains("adopted a container of an earlier run"),
+            "{log}"
+        );
+        // The crashed agent's containerd ended with it (its death signal); the new one
+        // reconnected to the running containers.
+        assert!(!log.contains("reusing the containerd"), "{log}");
+
+        // And it is still managed: deleting it removes it.
+        let web_uid = field("web", "{.metadata.uid}");
+        cp.ok(&["delete", "pod", "web", "--grace-period=1", "--timeout=60s"]);
+        assert!(!agent.run_dir.join(format!("netns/pod-{web_uid}")).exists());
+        assert!(!runc_list().contains(&web_uid[..8]));
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

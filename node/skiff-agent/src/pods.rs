@@ -10,7 +10,7 @@
 //! `ImagePullBackOff`.
 
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     net::Ipv4Addr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -48,6 +48,13 @@ const BACKOFF_START: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
 /// A container that ran this long resets its back-off.
 const BACKOFF_RESET: Duration = Duration::from_secs(600);
+
+/// Container labels: how an agent finds the containers of an earlier run again.
+const LABEL_POD_UID: &str = "io.kubernetes.pod.uid";
+const LABEL_POD_NAME: &str = "io.kubernetes.pod.name";
+const LABEL_POD_NAMESPACE: &str = "io.kubernetes.pod.namespace";
+const LABEL_CONTAINER: &str = "io.kubernetes.container.name";
+const LABEL_ATTEMPT: &str = "skiff.dev/attempt";
 
 /// Where things live on this node.
 #[derive(Clone, Debug)]
@@ -244,6 +251,9 @@ impl PodManager {
         let api: Api<Pod> = Api::all(self.client.clone());
         let cfg = watcher::Config::default().fields(&format!("spec.nodeName={}", self.cfg.node));
         let mut events = watcher(api, cfg).default_backoff().boxed();
+        // The pods of the current full list: after it, whatever this node holds for other
+        // pods (deleted while the agent was down or the watch was broken) goes.
+        let mut listed: HashSet<String> = HashSet::new();
         while let Some(ev) = events.next().await {
             let ev = match ev {
                 Ok(e) => e,
@@ -253,7 +263,11 @@ impl PodManager {
                 }
             };
             match ev {
-                watcher::Event::Apply(p) | watcher::Event::InitApply(p) => self.clone().observe(p),
+                watcher::Event::Apply(p) => self.clone().observe(p),
+                watcher::Event::InitApply(p) => {
+                    listed.extend(p.uid());
+                    self.clone().observe(p);
+                }
                 watcher::Event::Delete(p) => {
                     // Force-deleted: stop what runs for it.
                     if let Some(uid) = p.uid() {
@@ -261,7 +275,22 @@ impl PodManager {
                         tokio::spawn(async move { me.stop(&uid, 0, None).await });
                     }
                 }
-                watcher::Event::Init | watcher::Event::InitDone => {}
+                watcher::Event::Init => listed.clear(),
+                watcher::Event::InitDone => {
+                    let gone: Vec<String> = {
+                        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                        pods.keys()
+                            .filter(|u| !listed.contains(*u))
+                            .cloned()
+                            .collect()
+                    };
+                    for uid in gone {
+                        let me = self.clone();
+                        tokio::spawn(async move { me.stop(&uid, 0, None).await });
+                    }
+                    let (me, listed) = (self.clone(), listed.clone());
+                    tokio::spawn(async move { me.collect_orphans(&listed).await });
+                }
             }
         }
         Ok(())
@@ -309,20 +338,47 @@ impl PodManager {
             .restart_policy
             .clone()
             .unwrap_or_else(|| "Always".into());
+        // What the API already shows (restart counts, the last termination) carries over: an
+        // agent that restarts continues where the previous one left off.
+        let previous = |name: &str| {
+            pod.status
+                .as_ref()
+                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|cs| cs.iter().find(|c| c.name == name))
+                .and_then(|c| serde_json::to_value(c).ok())
+                .unwrap_or_default()
+        };
         let containers: Vec<(String, ContainerStatus)> = spec
             .containers
             .iter()
             .map(|c| {
+                let prev = previous(&c.name);
+                let running = prev.pointer("/state/running").is_some();
                 (
                     c.name.clone(),
                     ContainerStatus {
                         image: c.image.clone().unwrap_or_default(),
-                        state: json!({"waiting": {"reason": "ContainerCreating"}}),
+                        restarts: prev["restartCount"]
+                            .as_u64()
+                            .and_then(|n| u32::try_from(n).ok())
+                            .unwrap_or(0),
+                        last_state: prev.get("lastState").cloned().unwrap_or_default(),
+                        image_id: prev["imageID"].as_str().unwrap_or_default().to_string(),
+                        state: if running {
+                            prev["state"].clone()
+                        } else {
+                            json!({"waiting": {"reason": "ContainerCreating"}})
+                        },
                         ..Default::default()
                     },
                 )
             })
             .collect();
+        let started = pod
+            .status
+            .as_ref()
+            .and_then(|s| s.start_time.as_ref())
+            .map_or_else(now, |t| t.0.to_rfc3339_opts(SecondsFormat::Secs, true));
         {
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if pods.contains_key(&uid) {
@@ -334,7 +390,7 @@ impl PodManager {
                     namespace: pod.namespace().unwrap_or_default(),
                     name: pod.name_any(),
                     ip: None,
-                    started: now(),
+                    started,
                     containers,
                     restart_policy,
                     qos_class: crate::qos::qos_class(pod),
@@ -345,9 +401,15 @@ impl PodManager {
             );
         }
         let ip = self.ipam.allocate(&uid)?;
-        let net = podnet::setup(&self.net, None, &self.netns_dir(), &uid, ip)
-            .await
-            .with_context(|| format!("pod network of {}", pod.name_any()))?;
+        let net = match podnet::adopt(&self.net, &self.netns_dir(), &uid, ip).await {
+            Some(net) => {
+                tracing::info!(pod = %pod.name_any(), %ip, "kept the pod network of an earlier run");
+                net
+            }
+            None => podnet::setup(&self.net, None, &self.netns_dir(), &uid, ip)
+                .await
+                .with_context(|| format!("pod network of {}", pod.name_any()))?,
+        };
         {
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = pods.get_mut(&uid) {
@@ -444,111 +506,141 @@ impl PodManager {
                 .unwrap_or_default()
         };
         let mut backoff = BACKOFF_START;
-        let mut attempt: u32 = 0;
+        // A container of an earlier run of the agent that still runs is adopted, not restarted.
+        let (mut adopted, mut attempt) = self.adoptable(uid, &c.name).await;
         loop {
-            let image = self
-                .images
-                .get(&normalize_image(c.image.as_deref().unwrap_or("")))
-                .cloned();
-            let Some(image) = image else {
-                let reason = if attempt == 0 {
-                    "ErrImagePull"
-                } else {
-                    "ImagePullBackOff"
+            let (id, image_id, launched) = if let Some(id) = adopted.take() {
+                let image_id = {
+                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                    pods.get(uid)
+                        .and_then(|s| s.containers.iter().find(|(n, _)| *n == c.name))
+                        .map(|(_, s)| s.image_id.clone())
+                        .unwrap_or_default()
                 };
-                let msg = format!(
-                    "image {:?} is not present on this node and no registry is configured",
-                    c.image.clone().unwrap_or_default()
-                );
-                self.events.pod(
-                    &pod,
-                    Some(&c.name),
-                    Kind::Warning,
-                    "Failed",
-                    &format!("Failed to pull image: {msg}"),
-                );
-                self.set_container(uid, &c.name, |s| {
-                    s.state = json!({"waiting": {"reason": reason, "message": msg}});
-                });
-                self.post_status(uid).await;
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(BACKOFF_MAX);
-                attempt += 1;
-                continue;
-            };
-            let id = format!("{}-{}-{attempt}", short(uid), c.name);
-            let mut args: Vec<String> = c.command.clone().unwrap_or_default();
-            if args.is_empty() && c.args.is_some() {
-                args = image.config["Entrypoint"]
-                    .as_array()
-                    .map(|a| {
-                        a.iter()
-                            .filter_map(|x| x.as_str().map(str::to_string))
-                            .collect()
-                    })
-                    .unwrap_or_default();
-            }
-            args.extend(c.args.clone().unwrap_or_default());
-            let rt = self.runtime(uid);
-            let built = match crate::env::build(&self.client, &pod, &c, &rt).await {
-                Ok(env) => volumes.mounts(&c).and_then(|m| {
-                    crate::qos::resources(&pod, &c, self.allocatable.1, self.oom_floor)
-                        .map(|r| (env, m, r))
-                }),
-                Err(e) => Err(e),
-            };
-            let (env, mounts, resources) = match built {
-                Ok(x) => x,
-                Err(msg) => {
+                tracing::info!(pod = %pod.name_any(), container = %c.name, %id, "adopted a container of an earlier run");
+                (id, image_id, Ok(false))
+            } else {
+                let image = self
+                    .images
+                    .get(&normalize_image(c.image.as_deref().unwrap_or("")))
+                    .cloned();
+                let Some(image) = image else {
+                    let reason = if attempt == 0 {
+                        "ErrImagePull"
+                    } else {
+                        "ImagePullBackOff"
+                    };
+                    let msg = format!(
+                        "image {:?} is not present on this node and no registry is configured",
+                        c.image.clone().unwrap_or_default()
+                    );
+                    self.events.pod(
+                        &pod,
+                        Some(&c.name),
+                        Kind::Warning,
+                        "Failed",
+                        &format!("Failed to pull image: {msg}"),
+                    );
                     self.set_container(uid, &c.name, |s| {
-                        s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": msg}});
+                        s.state = json!({"waiting": {"reason": reason, "message": msg}});
                     });
                     self.post_status(uid).await;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(BACKOFF_MAX);
+                    attempt += 1;
                     continue;
+                };
+                let id = format!("{}-{}-{attempt}", short(uid), c.name);
+                let labels = [
+                    (LABEL_POD_UID, uid.to_string()),
+                    (LABEL_POD_NAME, pod.name_any()),
+                    (LABEL_POD_NAMESPACE, pod.namespace().unwrap_or_default()),
+                    (LABEL_CONTAINER, c.name.clone()),
+                    (LABEL_ATTEMPT, attempt.to_string()),
+                ]
+                .into_iter()
+                .map(|(k, v)| (k.to_string(), v))
+                .collect();
+                let mut args: Vec<String> = c.command.clone().unwrap_or_default();
+                if args.is_empty() && c.args.is_some() {
+                    args = image.config["Entrypoint"]
+                        .as_array()
+                        .map(|a| {
+                            a.iter()
+                                .filter_map(|x| x.as_str().map(str::to_string))
+                                .collect()
+                        })
+                        .unwrap_or_default();
                 }
-            };
-            let cfg = ContainerConfig {
-                id: id.clone(),
-                args,
-                env,
-                cwd: c.working_dir.clone().unwrap_or_default(),
-                hostname: volumes::hostname(&pod),
-                netns: Some(netns.clone()),
-                log: log_dir.join(&c.name).join(format!("{attempt}.log")),
-                runc_root: Some(self.cfg.run_dir.join("runc")),
-                mounts,
-                resources,
+                args.extend(c.args.clone().unwrap_or_default());
+                let rt = self.runtime(uid);
+                let built = match crate::env::build(&self.client, &pod, &c, &rt).await {
+                    Ok(env) => volumes.mounts(&c).and_then(|m| {
+                        crate::qos::resources(&pod, &c, self.allocatable.1, self.oom_floor)
+                            .map(|r| (env, m, r))
+                    }),
+                    Err(e) => Err(e),
+                };
+                let (env, mounts, resources) = match built {
+                    Ok(x) => x,
+                    Err(msg) => {
+                        self.set_container(uid, &c.name, |s| {
+                        s.state = json!({"waiting": {"reason": "CreateContainerConfigError", "message": msg}});
+                    });
+                        self.post_status(uid).await;
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
+                };
+                let cfg = ContainerConfig {
+                    id: id.clone(),
+                    args,
+                    env,
+                    cwd: c.working_dir.clone().unwrap_or_default(),
+                    hostname: volumes::hostname(&pod),
+                    netns: Some(netns.clone()),
+                    log: log_dir.join(&c.name).join(format!("{attempt}.log")),
+                    runc_root: Some(self.cfg.run_dir.join("runc")),
+                    mounts,
+                    resources,
+                    labels,
+                };
+                if attempt == 0 {
+                    self.events.pod(
+                        &pod,
+                        Some(&c.name),
+                        Kind::Normal,
+                        "Pulled",
+                        &format!(
+                            "Container image {:?} already present on machine",
+                            c.image.clone().unwrap_or_default()
+                        ),
+                    );
+                }
+                let launched = container::start(&self.ch, &cfg, &image).await.map(|_| true);
+                (id, image.digest.clone(), launched)
             };
             let started = tokio::time::Instant::now();
-            if attempt == 0 {
-                self.events.pod(
-                    &pod,
-                    Some(&c.name),
-                    Kind::Normal,
-                    "Pulled",
-                    &format!(
-                        "Container image {:?} already present on machine",
-                        c.image.clone().unwrap_or_default()
-                    ),
-                );
-            }
-            match container::start(&self.ch, &cfg, &image).await {
-                Ok(_) => {
-                    for (reason, verb) in [("Created", "Created"), ("Started", "Started")] {
-                        let msg = format!("{verb} container {}", c.name);
-                        self.events
-                            .pod(&pod, Some(&c.name), Kind::Normal, reason, &msg);
+            match launched {
+                Ok(fresh) => {
+                    if fresh {
+                        for (reason, verb) in [("Created", "Created"), ("Started", "Started")] {
+                            let msg = format!("{verb} container {}", c.name);
+                            self.events
+                                .pod(&pod, Some(&c.name), Kind::Normal, reason, &msg);
+                        }
                     }
                     let past_startup = c.startup_probe.is_none();
                     let ready = past_startup && c.readiness_probe.is_none();
                     self.set_container(uid, &c.name, |s| {
                         s.id = id.clone();
-                        s.state = json!({"running": {"startedAt": now()}});
+                        if fresh || s.state.get("running").is_none() {
+                            s.state = json!({"running": {"startedAt": now()}});
+                        }
                         s.started = past_startup;
                         s.ready = ready;
-                        s.image_id = image.digest.clone();
+                        s.image_id = image_id.clone();
                     });
                     self.post_status(uid).await;
                     let prober = self.spawn_prober(uid, &pod, &c, &id);
@@ -616,6 +708,104 @@ impl PodManager {
             tokio::time::sleep(backoff).await;
             backoff = (backoff * 2).min(BACKOFF_MAX);
             attempt += 1;
+        }
+    }
+
+    /// The container of an earlier run for container `name` of pod `uid` (the newest attempt
+    /// that has a task: running, or exited while no agent watched, so that its exit counts),
+    /// and the attempt number to use next; other leftovers of it are removed.
+    async fn adoptable(&self, uid: &str, name: &str) -> (Option<String>, u32) {
+        let Ok(listed) = container::list(&self.ch).await else {
+            return (None, 0);
+        };
+        let mine: Vec<(u32, &container::Listed)> = listed
+            .iter()
+            .filter(|l| {
+                l.labels.get(LABEL_POD_UID).map(String::as_str) == Some(uid)
+                    && l.labels.get(LABEL_CONTAINER).map(String::as_str) == Some(name)
+            })
+            .map(|l| {
+                let a = l
+                    .labels
+                    .get(LABEL_ATTEMPT)
+                    .and_then(|a| a.parse().ok())
+                    .unwrap_or(0);
+                (a, l)
+            })
+            .collect();
+        let next = mine.iter().map(|(a, _)| a + 1).max().unwrap_or(0);
+        let keep = mine
+            .iter()
+            .filter(|(_, l)| l.has_task)
+            .max_by_key(|(a, _)| *a)
+            .map(|(_, l)| l.id.clone());
+        for (_, l) in &mine {
+            if Some(&l.id) != keep.as_ref() {
+                let _ = container::kill(&self.ch, &l.id, 9).await;
+                let _ = container::remove(&self.ch, &l.id).await;
+            }
+        }
+        (keep, next)
+    }
+
+    /// Removes whatever this node holds for pod `uid` without in-memory state (a pod deleted
+    /// while the agent was down, or one it never started): containers, network, address,
+    /// volumes.
+    async fn cleanup_uid(&self, uid: &str) {
+        if let Ok(listed) = container::list(&self.ch).await {
+            for l in listed
+                .iter()
+                .filter(|l| l.labels.get(LABEL_POD_UID).map(String::as_str) == Some(uid))
+            {
+                let _ = container::kill(&self.ch, &l.id, 9).await;
+                let _ =
+                    tokio::time::timeout(Duration::from_secs(5), container::wait(&self.ch, &l.id))
+                        .await;
+                if let Err(e) = container::remove(&self.ch, &l.id).await {
+                    tracing::warn!(container = %l.id, error = format!("{e:#}"), "removing a container failed");
+                }
+            }
+        }
+        volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
+        if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
+            tracing::warn!(uid, error = %e, "pod network teardown failed");
+        }
+        if let Ok(Some(ip)) = self.ipam.lookup(uid) {
+            let _ = self.ipam.release(ip);
+        }
+    }
+
+    /// After the first full list of this node's pods: removes what earlier runs left for pods
+    /// that no longer exist (containers, networks, addresses, volumes).
+    async fn collect_orphans(&self, listed: &HashSet<String>) {
+        let alive = |uid: &str| {
+            listed.contains(uid)
+                || self
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .contains_key(uid)
+        };
+        let mut orphans: HashSet<String> = HashSet::new();
+        if let Ok(all) = container::list(&self.ch).await {
+            orphans.extend(
+                all.iter()
+                    .filter_map(|l| l.labels.get(LABEL_POD_UID).cloned()),
+            );
+        }
+        orphans.extend(podnet::existing(&self.netns_dir()));
+        if let Ok(a) = self.ipam.allocations() {
+            orphans.extend(a.into_iter().map(|(_, owner)| owner));
+        }
+        if let Ok(d) = std::fs::read_dir(self.cfg.data_dir.join("podstate")) {
+            orphans.extend(
+                d.filter_map(Result::ok)
+                    .map(|e| e.file_name().to_string_lossy().into_owned()),
+            );
+        }
+        for uid in orphans.iter().filter(|u| !alive(u)) {
+            tracing::info!(uid = %uid, "collecting what an earlier run left for a pod that is gone");
+            self.cleanup_uid(uid).await;
         }
     }
 
@@ -849,6 +1039,7 @@ impl PodManager {
             })
         };
         let Some((workers, ids, ip, pod, names)) = taken else {
+            self.cleanup_uid(uid).await;
             if let Some((ns, name)) = api {
                 self.delete_object(&ns, &name, uid).await;
             }

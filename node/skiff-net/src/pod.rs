@@ -115,6 +115,29 @@ pub async fn setup(
     })
 }
 
+/// The network of pod `uid` as an earlier run of the agent left it, when it is whole (the
+/// namespace is mounted and the host interface exists): its running containers keep it. The
+/// host route to `ip` is put back if it went missing.
+pub async fn adopt(
+    node: &Netlink,
+    netns_dir: &Path,
+    uid: &str,
+    ip: Ipv4Addr,
+) -> Option<PodNetwork> {
+    let netns = netns_dir.join(netns_name(uid));
+    let host = host_if(uid);
+    if !netns.exists() || node.mac(&host).await.is_err() {
+        return None;
+    }
+    // Already there is the usual case; a real failure shows when the pod is unreachable.
+    let _ = node.add_route(ip, 32, &host, None).await;
+    Some(PodNetwork {
+        netns,
+        ip,
+        host_if: host,
+    })
+}
+
 /// Removes the network of pod `uid`: the veth pair (its route goes with it) and the namespace.
 /// Missing parts are fine.
 pub async fn teardown(node: &Netlink, netns_dir: &Path, uid: &str) -> Result<(), NetError> {

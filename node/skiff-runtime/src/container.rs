@@ -8,7 +8,8 @@ use anyhow::{Context, Result};
 use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
-        DeleteTaskRequest, KillRequest, StartRequest, WaitRequest,
+        DeleteTaskRequest, KillRequest, ListContainersRequest, ListTasksRequest, StartRequest,
+        WaitRequest,
         container::Runtime,
         containers_client::ContainersClient,
         snapshots::{
@@ -53,6 +54,52 @@ pub struct ContainerConfig {
     pub mounts: Vec<Mount>,
     /// cgroup limits and the OOM score.
     pub resources: Resources,
+    /// Labels on the container record (how an agent finds its containers again).
+    pub labels: std::collections::HashMap<String, String>,
+}
+
+/// A container containerd knows, with its labels and whether its task runs.
+#[derive(Clone, Debug)]
+pub struct Listed {
+    /// Container id.
+    pub id: String,
+    /// Its labels.
+    pub labels: std::collections::HashMap<String, String>,
+    /// Its task is running.
+    pub running: bool,
+    /// It has a task (running, or exited and not yet deleted: its exit status can be had).
+    pub has_task: bool,
+}
+
+/// Every container in skiff's containerd namespace.
+pub async fn list(ch: &Channel) -> Result<Vec<Listed>> {
+    let containers = ContainersClient::new(ch.clone())
+        .list(with_namespace!(ListContainersRequest::default(), NAMESPACE))
+        .await
+        .context("list containers")?
+        .into_inner()
+        .containers;
+    let tasks = TasksClient::new(ch.clone())
+        .list(with_namespace!(ListTasksRequest::default(), NAMESPACE))
+        .await
+        .context("list tasks")?
+        .into_inner()
+        .tasks;
+    let running = |id: &str| {
+        tasks.iter().any(|t| {
+            (t.container_id == id || t.id == id)
+                && t.status == containerd_client::types::v1::Status::Running as i32
+        })
+    };
+    Ok(containers
+        .into_iter()
+        .map(|c| Listed {
+            running: running(&c.id),
+            has_task: tasks.iter().any(|t| t.container_id == c.id || t.id == c.id),
+            id: c.id,
+            labels: c.labels,
+        })
+        .collect())
 }
 
 /// A container's cgroup settings (what the kubelet derives from requests and limits).
@@ -220,6 +267,7 @@ async fn create(
         }),
         snapshotter: SNAPSHOTTER.into(),
         snapshot_key: cfg.id.clone(),
+        labels: cfg.labels.clone(),
         ..Default::default()
     };
     ContainersClient::new(ch.clone())

@@ -8,6 +8,7 @@
 
 use std::{
     fs,
+    os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -34,7 +35,8 @@ const MAX_SOCKET_PATH: usize = 107;
 /// A containerd daemon this process started; stopped (by PID, SIGTERM then SIGKILL) on drop.
 #[derive(Debug)]
 pub struct Supervised {
-    child: Child,
+    /// `None` when a containerd of an earlier run of this agent was still answering.
+    child: Option<Child>,
     socket: PathBuf,
 }
 
@@ -81,24 +83,57 @@ impl Supervised {
                 socket.display()
             );
         }
+        // One left by an earlier run (its agent was killed before the death signal reached it):
+        // keep using it rather than fail on its locks.
+        if socket.exists()
+            && let Ok(Ok(ch)) = tokio::time::timeout(Duration::from_secs(2), connect(&socket)).await
+            && version(&ch).await.is_ok()
+        {
+            tracing::warn!(socket = %socket.display(), "reusing the containerd that is already running");
+            return Ok(Supervised {
+                child: None,
+                socket,
+            });
+        }
         let cfg_path = state.join("config.toml");
         fs::write(&cfg_path, config(&root, &state, &socket))
             .with_context(|| format!("write {}", cfg_path.display()))?;
         let log_path = state.join("containerd.log");
         let log = fs::File::create(&log_path)
             .with_context(|| format!("create {}", log_path.display()))?;
-        let child = Command::new(binary)
-            .arg("--config")
+        let mut cmd = Command::new(binary);
+        cmd.arg("--config")
             .arg(&cfg_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        // containerd ends with the agent, however the agent ends (containers keep running in
+        // their shims, and the next agent's containerd reconnects to them).
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe. The death signal follows the spawning thread, which is
+        // the agent's main thread here.
+        unsafe {
+            cmd.pre_exec(|| {
+                nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGTERM)
+                    .map_err(std::io::Error::from)
+            });
+        }
+        let child = cmd
             .spawn()
             .with_context(|| format!("start {}", binary.display()))?;
-        let mut sup = Supervised { child, socket };
+        let mut sup = Supervised {
+            child: Some(child),
+            socket,
+        };
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(status) = sup.child.try_wait()? {
+            if let Some(status) = sup
+                .child
+                .as_mut()
+                .map(Child::try_wait)
+                .transpose()?
+                .flatten()
+            {
                 bail!(
                     "containerd exited during start ({status}); its log {}:\n{}",
                     log_path.display(),
@@ -128,23 +163,29 @@ impl Supervised {
 
     /// Whether it is still running.
     pub fn running(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
+        match &mut self.child {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => self.socket.exists(),
+        }
     }
 }
 
 impl Drop for Supervised {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let Some(child) = self.child.as_mut() else {
+            return;
+        };
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
+            if let Ok(Some(_)) = child.try_wait() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = child.kill();
+        let _ = child.wait();
     }
 }
 
