@@ -209,6 +209,7 @@ pub struct NodeAgent {
     pub log: PathBuf,
     kubeconfig: PathBuf,
     images: Vec<PathBuf>,
+    extra: Vec<String>,
 }
 
 impl NodeAgent {
@@ -219,11 +220,25 @@ impl NodeAgent {
         scratch: &Path,
         images: &[PathBuf],
     ) -> NodeAgent {
+        Self::start_with(node, kubeconfig, scratch, images, &[])
+    }
+
+    /// [`NodeAgent::start`] with extra `skiff-node` arguments.
+    pub fn start_with(
+        node: &NodeNs,
+        kubeconfig: &Path,
+        scratch: &Path,
+        images: &[PathBuf],
+        extra: &[&str],
+    ) -> NodeAgent {
+        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
         let name = unique_name("node");
         let data_dir = scratch.join(format!("{name}-data"));
         let run_dir = PathBuf::from(format!("/tmp/{}", unique_name("skn")));
         let log = scratch.join(format!("{name}.log"));
-        let child = Self::spawn(node, &name, kubeconfig, &data_dir, &run_dir, &log, images);
+        let child = Self::spawn(
+            node, &name, kubeconfig, &data_dir, &run_dir, &log, images, &extra,
+        );
         NodeAgent {
             child,
             name,
@@ -232,6 +247,7 @@ impl NodeAgent {
             log,
             kubeconfig: kubeconfig.to_path_buf(),
             images: images.to_vec(),
+            extra,
         }
     }
 
@@ -251,9 +267,14 @@ impl NodeAgent {
             &self.run_dir,
             &self.log,
             &self.images,
+            &self.extra,
         );
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one place that builds the command line"
+    )]
     fn spawn(
         node: &NodeNs,
         name: &str,
@@ -262,6 +283,7 @@ impl NodeAgent {
         run_dir: &Path,
         log: &Path,
         images: &[PathBuf],
+        extra: &[String],
     ) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -280,6 +302,7 @@ impl NodeAgent {
             .env("RUST_LOG", "info,skiff_agent=debug")
             .stdout(Stdio::null())
             .stderr(log);
+        cmd.args(extra);
         for i in images {
             cmd.arg("--import-image").arg(i);
         }

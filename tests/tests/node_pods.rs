@@ -233,7 +233,7 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
 
         // An image the node does not have.
         cp.ok(&["run", "missing", "--image=nosuch/image:1"]);
-        cp.eventually(30, "ErrImagePull", || {
+        cp.eventually(60, "ErrImagePull", || {
             let r = jsonpath(
                 &cp,
                 &["pod", "missing"],
@@ -1114,6 +1114,191 @@ fn an_agent_restart_keeps_pods_running_and_collects_what_is_gone() {
         cp.ok(&["delete", "pod", "web", "--grace-period=1", "--timeout=60s"]);
         assert!(!agent.run_dir.join(format!("netns/pod-{web_uid}")).exists());
         assert!(!runc_list().contains(&web_uid[..8]));
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}
+
+/// Debian's `docker-registry` (distribution) serving on `addr` from `dir`, ended by PID on drop.
+struct Registry {
+    child: std::process::Child,
+}
+
+impl Registry {
+    fn start(addr: &str, dir: &Path) -> Registry {
+        let config = dir.join("registry.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n",
+                dir.join("data").display()
+            ),
+        )
+        .expect("registry config");
+        let child = std::process::Command::new("docker-registry")
+            .arg("serve")
+            .arg(&config)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(dir.join("registry.log")).expect("registry log"))
+            .spawn()
+            .expect("start docker-registry (installed by `cargo xtask setup`)");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(addr).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the registry did not start"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Registry { child }
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        skiff_tests::stop_child(&mut self.child, Duration::from_secs(5));
+    }
+}
+
+#[test]
+fn images_are_pulled_from_a_registry_per_pull_policy() {
+    if !privileged("images_are_pulled_from_a_registry_per_pull_policy") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    // The registry listens on the host side of the node's link, where the agent reaches it.
+    let port = std::net::TcpListener::bind((node_ns.host_ip, 0))
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    let registry = format!("{}:{port}", node_ns.host_ip);
+    let reg_dir = cp.scratch().join("registry");
+    std::fs::create_dir_all(&reg_dir).expect("registry dir");
+    let _server = Registry::start(&registry, &reg_dir);
+    let pushed = std::process::Command::new("skopeo")
+        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+        .arg(format!("oci-archive:{}", archive.display()))
+        .arg(format!("docker://{registry}/tools/busybox:1.36"))
+        .output()
+        .expect("run skopeo");
+    assert!(
+        pushed.status.success(),
+        "skopeo copy: {}",
+        String::from_utf8_lossy(&pushed.stderr)
+    );
+    // No image imported: everything comes from the registry.
+    let mut agent = NodeAgent::start_with(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[],
+        &["--insecure-registry", &registry],
+    );
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let image = format!("{registry}/tools/busybox:1.36");
+        cp.ok(&[
+            "run",
+            "pulled",
+            &format!("--image={image}"),
+            "--",
+            "sleep",
+            "3600",
+        ]);
+        cp.eventually(90, "pod pulled Running", || {
+            jsonpath(&cp, &["pod", "pulled"], "{.status.phase}") == "Running"
+        });
+        let image_id = jsonpath(
+            &cp,
+            &["pod", "pulled"],
+            "{.status.containerStatuses[0].imageID}",
+        );
+        assert!(image_id.starts_with("sha256:"), "{image_id}");
+        assert_eq!(
+            cp.ok(&["exec", "pulled", "--", "echo", "from", "the", "registry"]),
+            "from the registry\n"
+        );
+        let events = cp.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=pulled",
+        ]);
+        assert!(
+            events.contains(&format!("Pulling image \"{image}\"")),
+            "{events}"
+        );
+        assert!(events.contains("Successfully pulled image"), "{events}");
+
+        // A second pod with IfNotPresent uses what is there.
+        cp.ok(&[
+            "run",
+            "again",
+            &format!("--image={image}"),
+            "--image-pull-policy=IfNotPresent",
+            "--",
+            "sleep",
+            "3600",
+        ]);
+        cp.eventually(60, "pod again Running", || {
+            jsonpath(&cp, &["pod", "again"], "{.status.phase}") == "Running"
+        });
+        let events = cp.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=again",
+        ]);
+        assert!(events.contains("already present on machine"), "{events}");
+
+        // A tag the registry lacks, and an absent image with pull policy Never.
+        cp.ok(&[
+            "run",
+            "lacking",
+            &format!("--image={registry}/tools/busybox:9.9"),
+        ]);
+        cp.eventually(60, "lacking ErrImagePull", || {
+            let r = jsonpath(
+                &cp,
+                &["pod", "lacking"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            );
+            r == "ErrImagePull" || r == "ImagePullBackOff"
+        });
+        let events = cp.ok(&[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=lacking",
+        ]);
+        assert!(events.contains("Failed to pull image"), "{events}");
+        cp.ok(&[
+            "run",
+            "never",
+            "--image=absent/image:1",
+            "--image-pull-policy=Never",
+        ]);
+        cp.eventually(60, "never ErrImageNeverPull", || {
+            jsonpath(
+                &cp,
+                &["pod", "never"],
+                "{.status.containerStatuses[0].state.waiting.reason}",
+            ) == "ErrImageNeverPull"
+        });
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
     }));
     if outcome.is_err() {
         eprintln!("agent log:\n{}", agent.log());

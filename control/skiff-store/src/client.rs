@@ -247,6 +247,7 @@ pub struct StoreClient {
 impl StoreClient {
     /// A client for the member listening at `addr`.
     pub fn new(addr: SocketAddr) -> StoreClient {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         StoreClient {
             http: reqwest::Client::builder()
                 .tcp_nodelay(true)

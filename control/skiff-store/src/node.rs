@@ -368,6 +368,7 @@ impl StoreNode {
         }
         .validate()
         .map_err(|e| StoreError::Invalid(format!("raft config: {e}")))?;
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let http = reqwest::Client::builder()
             .pool_max_idle_per_host(64)
             .tcp_nodelay(true)

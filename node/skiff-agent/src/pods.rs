@@ -33,6 +33,7 @@ use skiff_net::{Netlink, ipam::Ipam, pod as podnet};
 use skiff_runtime::{
     container::{self, ContainerConfig},
     image::ImageInfo,
+    pull,
 };
 use tokio::task::JoinHandle;
 
@@ -67,6 +68,8 @@ pub struct PodConfig {
     pub data_dir: PathBuf,
     /// Agent runtime state (pod netns, runc state).
     pub run_dir: PathBuf,
+    /// Registries (`host:port`) reached over plain HTTP.
+    pub insecure_registries: Vec<String>,
 }
 
 /// Normalises an image reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
@@ -133,7 +136,8 @@ pub struct PodManager {
     client: Client,
     cfg: PodConfig,
     ch: containerd_client::tonic::transport::Channel,
-    images: HashMap<String, ImageInfo>,
+    /// Images known to be in containerd, by normalised name.
+    images: Mutex<HashMap<String, ImageInfo>>,
     ipam: Ipam,
     net: Netlink,
     pods: Mutex<HashMap<String, PodState>>,
@@ -195,7 +199,7 @@ impl PodManager {
             client,
             cfg,
             ch,
-            images,
+            images: Mutex::new(images),
             ipam,
             net: Netlink::connect()?,
             pods: Mutex::new(HashMap::new()),
@@ -520,35 +524,32 @@ impl PodManager {
                 tracing::info!(pod = %pod.name_any(), container = %c.name, %id, "adopted a container of an earlier run");
                 (id, image_id, Ok(false))
             } else {
-                let image = self
-                    .images
-                    .get(&normalize_image(c.image.as_deref().unwrap_or("")))
-                    .cloned();
-                let Some(image) = image else {
-                    let reason = if attempt == 0 {
-                        "ErrImagePull"
-                    } else {
-                        "ImagePullBackOff"
-                    };
-                    let msg = format!(
-                        "image {:?} is not present on this node and no registry is configured",
-                        c.image.clone().unwrap_or_default()
-                    );
-                    self.events.pod(
-                        &pod,
-                        Some(&c.name),
-                        Kind::Warning,
-                        "Failed",
-                        &format!("Failed to pull image: {msg}"),
-                    );
-                    self.set_container(uid, &c.name, |s| {
-                        s.state = json!({"waiting": {"reason": reason, "message": msg}});
-                    });
-                    self.post_status(uid).await;
-                    tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(BACKOFF_MAX);
-                    attempt += 1;
-                    continue;
+                let image = match self.ensure_image(&pod, &c).await {
+                    Ok(i) => i,
+                    Err((reason, msg)) => {
+                        self.set_container(uid, &c.name, |s| {
+                            s.state = json!({"waiting": {"reason": reason, "message": msg}});
+                        });
+                        self.post_status(uid).await;
+                        if reason == "ErrImagePull" {
+                            // As the kubelet: the failure first, then the back-off before the
+                            // next pull.
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                            let msg = format!(
+                                "Back-off pulling image {:?}",
+                                c.image.clone().unwrap_or_default()
+                            );
+                            self.events
+                                .pod(&pod, Some(&c.name), Kind::Normal, "BackOff", &msg);
+                            self.set_container(uid, &c.name, |s| {
+                                s.state = json!({"waiting": {"reason": "ImagePullBackOff", "message": msg}});
+                            });
+                            self.post_status(uid).await;
+                        }
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(BACKOFF_MAX);
+                        continue;
+                    }
                 };
                 let id = format!("{}-{}-{attempt}", short(uid), c.name);
                 let labels = [
@@ -606,18 +607,6 @@ impl PodManager {
                     resources,
                     labels,
                 };
-                if attempt == 0 {
-                    self.events.pod(
-                        &pod,
-                        Some(&c.name),
-                        Kind::Normal,
-                        "Pulled",
-                        &format!(
-                            "Container image {:?} already present on machine",
-                            c.image.clone().unwrap_or_default()
-                        ),
-                    );
-                }
                 let launched = container::start(&self.ch, &cfg, &image).await.map(|_| true);
                 (id, image.digest.clone(), launched)
             };
@@ -709,6 +698,126 @@ impl PodManager {
             backoff = (backoff * 2).min(BACKOFF_MAX);
             attempt += 1;
         }
+    }
+
+    /// The image of container `c` per its pull policy: what containerd has (`IfNotPresent`,
+    /// `Never`), else pulled from its registry with the pod's `imagePullSecrets`; `Err` is the
+    /// waiting reason and message.
+    async fn ensure_image(
+        &self,
+        pod: &Pod,
+        c: &Container,
+    ) -> Result<ImageInfo, (&'static str, String)> {
+        let raw = c.image.clone().unwrap_or_default();
+        let name = normalize_image(&raw);
+        let policy = c.image_pull_policy.clone().unwrap_or_else(|| {
+            if name.ends_with(":latest") {
+                "Always"
+            } else {
+                "IfNotPresent"
+            }
+            .to_string()
+        });
+        if policy != "Always" {
+            let known = self
+                .images
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&name)
+                .cloned();
+            let present = match known {
+                Some(i) => Some(i),
+                None => skiff_runtime::image::local(&self.ch, &name)
+                    .await
+                    .ok()
+                    .flatten(),
+            };
+            if let Some(i) = present {
+                self.images
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, i.clone());
+                let msg = format!("Container image {raw:?} already present on machine");
+                self.events
+                    .pod(pod, Some(&c.name), Kind::Normal, "Pulled", &msg);
+                return Ok(i);
+            }
+            if policy == "Never" {
+                let msg =
+                    format!("Container image {raw:?} is not present with pull policy of Never");
+                self.events
+                    .pod(pod, Some(&c.name), Kind::Warning, "ErrImageNeverPull", &msg);
+                return Err(("ErrImageNeverPull", msg));
+            }
+        }
+        self.events.pod(
+            pod,
+            Some(&c.name),
+            Kind::Normal,
+            "Pulling",
+            &format!("Pulling image {raw:?}"),
+        );
+        let auth = self.pull_auth(pod, &name).await;
+        let t0 = std::time::Instant::now();
+        match pull::pull(&self.ch, &name, &auth, &self.cfg.insecure_registries).await {
+            Ok(i) => {
+                self.images
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(name, i.clone());
+                let msg = format!(
+                    "Successfully pulled image {raw:?} in {:.3}s",
+                    t0.elapsed().as_secs_f64()
+                );
+                self.events
+                    .pod(pod, Some(&c.name), Kind::Normal, "Pulled", &msg);
+                Ok(i)
+            }
+            Err(e) => {
+                let msg = format!("failed to pull and unpack image {raw:?}: {e:#}");
+                tracing::info!(pod = %pod.name_any(), error = %msg, "image pull failed");
+                self.events.pod(
+                    pod,
+                    Some(&c.name),
+                    Kind::Warning,
+                    "Failed",
+                    &format!("Failed to pull image {raw:?}: {msg}"),
+                );
+                Err(("ErrImagePull", msg))
+            }
+        }
+    }
+
+    /// Registry credentials for `image` from the pod's `imagePullSecrets`
+    /// (`kubernetes.io/dockerconfigjson`, or the older `kubernetes.io/dockercfg`).
+    async fn pull_auth(&self, pod: &Pod, image: &str) -> pull::RegistryAuth {
+        let registry = pull::registry_of(image);
+        let ns = pod.namespace().unwrap_or_default();
+        let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+            Api::namespaced(self.client.clone(), &ns);
+        let names = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.image_pull_secrets.clone())
+            .unwrap_or_default();
+        for r in names {
+            let Ok(Some(secret)) = secrets.get_opt(&r.name).await else {
+                continue;
+            };
+            let data = secret.data.unwrap_or_default();
+            let doc = if let Some(d) = data.get(".dockerconfigjson") {
+                d.0.clone()
+            } else if let Some(d) = data.get(".dockercfg") {
+                let auths: Value = serde_json::from_slice(&d.0).unwrap_or_default();
+                serde_json::to_vec(&json!({ "auths": auths })).unwrap_or_default()
+            } else {
+                continue;
+            };
+            if let Some(a) = pull::auth_from_docker_config(&doc, &registry) {
+                return a;
+            }
+        }
+        pull::RegistryAuth::Anonymous
     }
 
     /// The container of an earlier run for container `name` of pod `uid` (the newest attempt

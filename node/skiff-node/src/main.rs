@@ -69,6 +69,11 @@ struct Cli {
     #[arg(long = "import-image", value_name = "ARCHIVE")]
     import_images: Vec<PathBuf>,
 
+    /// A registry (`host:port`) to reach over plain HTTP instead of HTTPS (repeatable);
+    /// loopback registries always are.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -264,6 +269,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         node_ip: cfg.internal_ip,
                         data_dir: cli.data_dir.clone(),
                         run_dir: cli.run_dir.clone(),
+                        insecure_registries: cli.insecure_registries.clone(),
                     },
                     ch,
                     images,

@@ -8,8 +8,8 @@ use std::{collections::HashMap, io::Read, path::Path};
 use anyhow::{Context, Result, bail};
 use containerd_client::{
     services::v1::{
-        ApplyRequest, CreateImageRequest, GetImageRequest, Image, UpdateImageRequest, WriteAction,
-        WriteContentRequest,
+        ApplyRequest, CreateImageRequest, GetImageRequest, Image, ReadContentRequest,
+        UpdateImageRequest, WriteAction, WriteContentRequest,
         content_client::ContentClient,
         diff_client::DiffClient,
         images_client::ImagesClient,
@@ -166,29 +166,107 @@ async fn snapshot_exists(ch: &Channel, key: &str) -> Result<bool> {
 /// Imports the OCI layout archive at `path` as image `name`, and unpacks it.
 pub async fn import_oci_archive(ch: &Channel, path: &Path, name: &str) -> Result<ImageInfo> {
     let files = read_archive(path)?;
+    import_layout(ch, &files, &path.display().to_string(), name).await
+}
+
+/// Imports the files of an OCI layout (`index.json` naming one manifest, `blobs/sha256/…`)
+/// from `origin` (for messages) as image `name`.
+pub(crate) async fn import_layout(
+    ch: &Channel,
+    files: &HashMap<String, Vec<u8>>,
+    origin: &str,
+    name: &str,
+) -> Result<ImageInfo> {
     let lease = create_lease(ch).await?;
-    let r = import_under_lease(ch, &files, path, name, &lease).await;
+    let r = import_under_lease(ch, files, origin, name, &lease).await;
     delete_lease(ch, &lease).await;
     r
+}
+
+/// The image `name` as containerd already has it (e.g. pulled by an earlier run of the agent),
+/// if its manifest, configuration and unpacked layers are all there.
+pub async fn local(ch: &Channel, name: &str) -> Result<Option<ImageInfo>> {
+    let image = match ImagesClient::new(ch.clone())
+        .get(with_namespace!(
+            GetImageRequest { name: name.into() },
+            NAMESPACE
+        ))
+        .await
+    {
+        Ok(r) => r.into_inner().image,
+        Err(e) if e.code() == Code::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("look up image {name}")),
+    };
+    let Some(target) = image.and_then(|i| i.target) else {
+        return Ok(None);
+    };
+    let read = |digest: String| async move {
+        let mut stream = ContentClient::new(ch.clone())
+            .read(with_namespace!(
+                ReadContentRequest {
+                    digest,
+                    ..Default::default()
+                },
+                NAMESPACE
+            ))
+            .await?
+            .into_inner();
+        let mut data = Vec::new();
+        while let Some(chunk) = stream.message().await? {
+            data.extend(chunk.data);
+        }
+        Ok::<_, containerd_client::tonic::Status>(data)
+    };
+    let Ok(manifest) = read(target.digest.clone()).await else {
+        return Ok(None);
+    };
+    let manifest: Value = serde_json::from_slice(&manifest).context("manifest")?;
+    let Some(config_digest) = manifest["config"]["digest"].as_str() else {
+        return Ok(None);
+    };
+    let Ok(config) = read(config_digest.to_string()).await else {
+        return Ok(None);
+    };
+    let config: Value = serde_json::from_slice(&config).context("image config")?;
+    let diff_ids: Vec<String> = config["rootfs"]["diff_ids"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|d| d.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default();
+    let Some(top) = chain_ids(&diff_ids).pop() else {
+        return Ok(None);
+    };
+    if !snapshot_exists(ch, &top).await? {
+        return Ok(None);
+    }
+    Ok(Some(ImageInfo {
+        name: name.to_string(),
+        digest: target.digest,
+        chain_id: top,
+        config: config["config"].clone(),
+    }))
 }
 
 async fn import_under_lease(
     ch: &Channel,
     files: &HashMap<String, Vec<u8>>,
-    path: &Path,
+    origin: &str,
     name: &str,
     lease: &str,
 ) -> Result<ImageInfo> {
     let index: Value = serde_json::from_slice(
         files
             .get("index.json")
-            .with_context(|| format!("{} is not an OCI layout: no index.json", path.display()))?,
+            .with_context(|| format!("{origin} is not an OCI layout: no index.json"))?,
     )
     .context("index.json")?;
     let manifest_desc = index["manifests"]
         .get(0)
         .cloned()
-        .with_context(|| format!("{}: index.json lists no manifest", path.display()))?;
+        .with_context(|| format!("{origin}: index.json lists no manifest"))?;
     let mdesc = descriptor(&manifest_desc)?;
     let manifest_bytes = blob(files, &mdesc.digest)?;
     let manifest: Value = serde_json::from_slice(manifest_bytes).context("manifest")?;

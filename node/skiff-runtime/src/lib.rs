@@ -12,6 +12,7 @@ pub mod containerd;
 pub mod exec;
 pub mod image;
 pub mod oci_layout;
+pub mod pull;
 
 /// Go's name of this architecture, as images and Nodes use it.
 pub fn arch() -> &'static str {
