@@ -1309,3 +1309,143 @@ fn images_are_pulled_from_a_registry_per_pull_policy() {
         std::panic::resume_unwind(p);
     }
 }
+
+#[test]
+fn init_containers_run_in_order_and_lifecycle_hooks_run() {
+    if !privileged("init_containers_run_in_order_and_lifecycle_hooks_run") {
+        return;
+    }
+    let node_ns = NodeNs::new();
+    let cp = ControlPlane::start_on(node_ns.host_ip);
+    let archive = busybox_archive(&cp);
+    let mut agent = NodeAgent::start(
+        &node_ns,
+        &cp.scratch().join("data/node.kubeconfig"),
+        cp.scratch(),
+        &[archive],
+    );
+    let hooks = cp.scratch().join("hooks");
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let manifest = format!(
+            r#"
+apiVersion: v1
+kind: Pod
+metadata: {{name: initialized}}
+spec:
+  terminationGracePeriodSeconds: 10
+  initContainers:
+  - {{name: prepare, image: "busybox:1.36", command: [sh, -c, "echo prepared > /work/state"], volumeMounts: [{{name: work, mountPath: /work}}]}}
+  - {{name: second, image: "busybox:1.36", command: [sh, -c, "echo second >> /work/state"], volumeMounts: [{{name: work, mountPath: /work}}]}}
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sh, -c, "trap 'exit 0' TERM; while true; do sleep 1; done"]
+    volumeMounts: [{{name: work, mountPath: /work}}, {{name: host, mountPath: /host}}]
+    lifecycle:
+      postStart: {{exec: {{command: [sh, -c, "echo started >> /work/state"]}}}}
+      preStop: {{exec: {{command: [sh, -c, "cat /work/state > /host/prestop; echo stopping >> /host/prestop"]}}}}
+  volumes:
+  - {{name: work, emptyDir: {{}}}}
+  - {{name: host, hostPath: {{path: {hooks}, type: DirectoryOrCreate}}}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: failing-init}}
+spec:
+  restartPolicy: Never
+  initContainers: [{{name: boom, image: "busybox:1.36", command: [sh, -c, "exit 7"]}}]
+  containers: [{{name: main, image: "busybox:1.36", command: [sleep, "3600"]}}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {{name: retrying-init}}
+spec:
+  initContainers: [{{name: flaky, image: "busybox:1.36", command: [sh, -c, "exit 1"]}}]
+  containers: [{{name: main, image: "busybox:1.36", command: [sleep, "3600"]}}]
+"#,
+            hooks = hooks.display()
+        );
+        cp.ok_stdin(&["apply", "-f", "-"], &manifest);
+        cp.eventually(90, "pod initialized Running", || {
+            jsonpath(&cp, &["pod", "initialized"], "{.status.phase}") == "Running"
+        });
+        // The init containers ran in order, to completion, before main (and its postStart).
+        cp.eventually(30, "the postStart hook's line", || {
+            cp.kubectl(&["exec", "initialized", "--", "cat", "/work/state"])
+                .stdout
+                == b"prepared\nsecond\nstarted\n"
+        });
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "initialized"],
+                "{.status.initContainerStatuses[*].state.terminated.reason}"
+            ),
+            "Completed Completed"
+        );
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "initialized"],
+                "{.status.conditions[?(@.type==\"Initialized\")].status}"
+            ),
+            "True"
+        );
+
+        // restartPolicy Never: a failed init container fails the pod; main never starts.
+        cp.eventually(60, "failing-init Failed", || {
+            jsonpath(&cp, &["pod", "failing-init"], "{.status.phase}") == "Failed"
+        });
+        let row = cp.ok(&["get", "pod", "failing-init"]);
+        assert!(row.contains("Init:Error"), "{row}");
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "failing-init"],
+                "{.status.containerStatuses[0].state.waiting.reason}"
+            ),
+            "PodInitializing"
+        );
+        // Otherwise it is retried with back-off, the pod Pending meanwhile.
+        cp.eventually(60, "retrying-init restarted", || {
+            jsonpath(
+                &cp,
+                &["pod", "retrying-init"],
+                "{.status.initContainerStatuses[0].restartCount}",
+            )
+            .parse::<u32>()
+            .is_ok_and(|n| n >= 1)
+        });
+        assert_eq!(
+            jsonpath(&cp, &["pod", "retrying-init"], "{.status.phase}"),
+            "Pending"
+        );
+        let row = cp.ok(&["get", "pod", "retrying-init"]);
+        assert!(
+            row.contains("Init:CrashLoopBackOff") || row.contains("Init:Error"),
+            "{row}"
+        );
+
+        // Deleting runs preStop before SIGTERM.
+        cp.ok(&["delete", "pod", "initialized", "--timeout=60s"]);
+        assert_eq!(
+            std::fs::read_to_string(hooks.join("prestop")).expect("the preStop hook's file"),
+            "prepared\nsecond\nstarted\nstopping\n"
+        );
+        cp.ok(&[
+            "delete",
+            "pods",
+            "--all",
+            "--grace-period=1",
+            "--timeout=60s",
+        ]);
+    }));
+    if outcome.is_err() {
+        eprintln!("agent log:\n{}", agent.log());
+    }
+    agent.stop();
+    drop(agent);
+    if let Err(p) = outcome {
+        std::panic::resume_unwind(p);
+    }
+}

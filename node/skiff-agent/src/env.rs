@@ -152,7 +152,12 @@ pub fn resource_field(
     let c = pod
         .spec
         .as_ref()
-        .and_then(|s| s.containers.iter().find(|c| c.name == name))
+        .and_then(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .find(|c| c.name == name)
+        })
         .ok_or_else(|| format!("resourceFieldRef: container {name:?} not found"))?;
     let res = c.resources.clone().unwrap_or_default();
     let get = |m: &Option<BTreeMap<String, Quantity>>, k: &str| -> Result<Option<f64>, String> {

@@ -112,6 +112,7 @@ struct PodState {
     ip: Option<Ipv4Addr>,
     started: String,
     containers: Vec<(String, ContainerStatus)>,
+    init_containers: Vec<(String, ContainerStatus)>,
     restart_policy: String,
     qos_class: &'static str,
     /// The pod as last seen (for events).
@@ -129,6 +130,16 @@ pub enum LookupError {
     /// The pod has no running container of that name.
     #[error("container not found ({0:?})")]
     Container(String),
+}
+
+/// What a pod's containers run with.
+#[derive(Clone, Debug)]
+struct PodRun {
+    uid: String,
+    pod: Pod,
+    netns: PathBuf,
+    log_dir: PathBuf,
+    volumes: PodVolumes,
 }
 
 /// Runs the pods of one node.
@@ -344,40 +355,55 @@ impl PodManager {
             .unwrap_or_else(|| "Always".into());
         // What the API already shows (restart counts, the last termination) carries over: an
         // agent that restarts continues where the previous one left off.
-        let previous = |name: &str| {
+        let previous = |name: &str, init: bool| {
             pod.status
                 .as_ref()
-                .and_then(|s| s.container_statuses.as_ref())
+                .and_then(|s| {
+                    if init {
+                        s.init_container_statuses.as_ref()
+                    } else {
+                        s.container_statuses.as_ref()
+                    }
+                })
                 .and_then(|cs| cs.iter().find(|c| c.name == name))
                 .and_then(|c| serde_json::to_value(c).ok())
                 .unwrap_or_default()
         };
-        let containers: Vec<(String, ContainerStatus)> = spec
-            .containers
-            .iter()
-            .map(|c| {
-                let prev = previous(&c.name);
-                let running = prev.pointer("/state/running").is_some();
-                (
-                    c.name.clone(),
-                    ContainerStatus {
-                        image: c.image.clone().unwrap_or_default(),
-                        restarts: prev["restartCount"]
-                            .as_u64()
-                            .and_then(|n| u32::try_from(n).ok())
-                            .unwrap_or(0),
-                        last_state: prev.get("lastState").cloned().unwrap_or_default(),
-                        image_id: prev["imageID"].as_str().unwrap_or_default().to_string(),
-                        state: if running {
-                            prev["state"].clone()
-                        } else {
-                            json!({"waiting": {"reason": "ContainerCreating"}})
+        let has_init = spec.init_containers.as_ref().is_some_and(|i| !i.is_empty());
+        let statuses = |list: &[Container], init: bool| -> Vec<(String, ContainerStatus)> {
+            list.iter()
+                .map(|c| {
+                    let prev = previous(&c.name, init);
+                    let running = prev.pointer("/state/running").is_some();
+                    // A finished init container stays finished.
+                    let done =
+                        init && prev.pointer("/state/terminated/exitCode") == Some(&json!(0));
+                    (
+                        c.name.clone(),
+                        ContainerStatus {
+                            image: c.image.clone().unwrap_or_default(),
+                            restarts: prev["restartCount"]
+                                .as_u64()
+                                .and_then(|n| u32::try_from(n).ok())
+                                .unwrap_or(0),
+                            last_state: prev.get("lastState").cloned().unwrap_or_default(),
+                            image_id: prev["imageID"].as_str().unwrap_or_default().to_string(),
+                            state: if running || done {
+                                prev["state"].clone()
+                            } else if has_init {
+                                json!({"waiting": {"reason": "PodInitializing"}})
+                            } else {
+                                json!({"waiting": {"reason": "ContainerCreating"}})
+                            },
+                            ready: done,
+                            ..Default::default()
                         },
-                        ..Default::default()
-                    },
-                )
-            })
-            .collect();
+                    )
+                })
+                .collect()
+        };
+        let containers = statuses(&spec.containers, false);
+        let init_containers = statuses(spec.init_containers.as_deref().unwrap_or(&[]), true);
         let started = pod
             .status
             .as_ref()
@@ -396,6 +422,7 @@ impl PodManager {
                     ip: None,
                     started,
                     containers,
+                    init_containers,
                     restart_policy,
                     qos_class: crate::qos::qos_class(pod),
                     pod: pod.clone(),
@@ -424,21 +451,53 @@ impl PodManager {
         let Some(volumes) = self.prepare_volumes(pod, &uid, ip).await else {
             return Ok(());
         };
-        let log_dir = self.log_dir(pod);
-        for c in &spec.containers {
-            let me = self.clone();
-            let (uid2, c, netns, log_dir) =
-                (uid.clone(), c.clone(), net.netns.clone(), log_dir.clone());
-            let (pod2, volumes) = (pod.clone(), volumes.clone());
-            let h = tokio::spawn(async move {
-                me.supervise(&uid2, pod2, c, netns, log_dir, volumes).await;
-            });
-            let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(s) = pods.get_mut(&uid) {
-                s.workers.push(h);
+        let run = PodRun {
+            uid: uid.clone(),
+            pod: pod.clone(),
+            netns: net.netns.clone(),
+            log_dir: self.log_dir(pod),
+            volumes,
+        };
+        let h = tokio::spawn(self.clone().run_pod(run));
+        self.add_worker(&uid, h);
+        Ok(())
+    }
+
+    fn add_worker(&self, uid: &str, h: JoinHandle<()>) {
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        match pods.get_mut(uid) {
+            Some(s) => s.workers.push(h),
+            None => h.abort(),
+        }
+    }
+
+    /// Runs the pod's init containers one after another, each to success (retried with
+    /// back-off unless `restartPolicy` is `Never`, when a failure fails the pod), then its
+    /// containers.
+    async fn run_pod(self: Arc<Self>, run: PodRun) {
+        let spec = run.pod.spec.clone().unwrap_or_default();
+        for c in spec.init_containers.iter().flatten() {
+            let done = {
+                let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                pods.get(&run.uid)
+                    .and_then(|s| s.init_containers.iter().find(|(n, _)| *n == c.name))
+                    .is_some_and(|(_, st)| st.state["terminated"]["exitCode"] == 0)
+            };
+            if done {
+                continue;
+            }
+            let code = self.clone().supervise(&run, c.clone(), true).await;
+            if code != 0 {
+                return;
             }
         }
-        Ok(())
+        for c in &spec.containers {
+            let (me, each, c) = (self.clone(), run.clone(), c.clone());
+            let h = tokio::spawn(async move {
+                me.supervise(&each, c, false).await;
+            });
+            self.add_worker(&run.uid, h);
+        }
     }
 
     fn runtime(&self, uid: &str) -> crate::env::Runtime {
@@ -485,29 +544,38 @@ impl PodManager {
 
     fn set_container(&self, uid: &str, name: &str, f: impl FnOnce(&mut ContainerStatus)) {
         let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(c) = pods
-            .get_mut(uid)
-            .and_then(|s| s.containers.iter_mut().find(|(n, _)| n == name))
-        {
+        if let Some(c) = pods.get_mut(uid).and_then(|s| {
+            s.containers
+                .iter_mut()
+                .chain(s.init_containers.iter_mut())
+                .find(|(n, _)| n == name)
+        }) {
             f(&mut c.1);
         }
     }
 
-    /// Runs one container for as long as its pod lives, restarting it per `restartPolicy`.
-    async fn supervise(
-        self: Arc<Self>,
-        uid: &str,
-        pod: Pod,
-        c: Container,
-        netns: PathBuf,
-        log_dir: PathBuf,
-        volumes: PodVolumes,
-    ) {
+    /// Runs one container for as long as its pod lives, restarting it per `restartPolicy` (an
+    /// init container only after a failure); returns its last exit code once it is not
+    /// restarted.
+    async fn supervise(self: Arc<Self>, run: &PodRun, c: Container, init: bool) -> u32 {
+        let (uid, pod, netns, log_dir, volumes) = (
+            run.uid.as_str(),
+            run.pod.clone(),
+            &run.netns,
+            &run.log_dir,
+            &run.volumes,
+        );
         let policy = {
             let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            pods.get(uid)
+            let p = pods
+                .get(uid)
                 .map(|s| s.restart_policy.clone())
-                .unwrap_or_default()
+                .unwrap_or_default();
+            if init && p != "Never" {
+                "OnFailure".to_string()
+            } else {
+                p
+            }
         };
         let mut backoff = BACKOFF_START;
         // A container of an earlier run of the agent that still runs is adopted, not restarted.
@@ -517,7 +585,12 @@ impl PodManager {
                 let image_id = {
                     let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
                     pods.get(uid)
-                        .and_then(|s| s.containers.iter().find(|(n, _)| *n == c.name))
+                        .and_then(|s| {
+                            s.containers
+                                .iter()
+                                .chain(s.init_containers.iter())
+                                .find(|(n, _)| *n == c.name)
+                        })
                         .map(|(_, s)| s.image_id.clone())
                         .unwrap_or_default()
                 };
@@ -632,6 +705,21 @@ impl PodManager {
                         s.image_id = image_id.clone();
                     });
                     self.post_status(uid).await;
+                    if fresh
+                        && let Some(h) = c.lifecycle.as_ref().and_then(|l| l.post_start.as_ref())
+                        && let Some(t) = self.target(uid, &c, &id)
+                        && let Err(e) = probes::hook(h, &t, Duration::from_secs(120)).await
+                    {
+                        let msg = format!("PostStartHook failed: {e}");
+                        self.events.pod(
+                            &pod,
+                            Some(&c.name),
+                            Kind::Warning,
+                            "FailedPostStartHook",
+                            &msg,
+                        );
+                        let _ = container::kill(&self.ch, &id, 9).await;
+                    }
                     let prober = self.spawn_prober(uid, &pod, &c, &id);
                     let code = container::wait(&self.ch, &id).await.unwrap_or(255);
                     if let Some(p) = prober {
@@ -664,7 +752,7 @@ impl PodManager {
                     };
                     if !restart {
                         self.post_status(uid).await;
-                        return;
+                        return code;
                     }
                 }
                 Err(e) => {
@@ -673,6 +761,10 @@ impl PodManager {
                     self.set_container(uid, &c.name, |s| {
                         s.state = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": msg}});
                     });
+                    if policy == "Never" {
+                        self.post_status(uid).await;
+                        return 128;
+                    }
                 }
             }
             // Back off before the next start, shown as CrashLoopBackOff.
@@ -918,6 +1010,75 @@ impl PodManager {
         }
     }
 
+    /// Where probes and hooks of container `c` (running as `id`) of pod `uid` go.
+    fn target(&self, uid: &str, c: &Container, id: &str) -> Option<probes::Target> {
+        let pod_ip = {
+            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+            pods.get(uid).and_then(|s| s.ip)?
+        };
+        Some(probes::Target {
+            pod_ip,
+            container: c.clone(),
+            container_id: id.to_string(),
+            ch: self.ch.clone(),
+            exec_dir: self.exec_dir(),
+        })
+    }
+
+    /// Runs the `preStop` hook of container `c` (running as `id`) within `grace`; returns what
+    /// is left of the grace period for SIGTERM.
+    async fn pre_stop(
+        &self,
+        uid: &str,
+        pod: &Pod,
+        c: &Container,
+        id: &str,
+        grace: Duration,
+    ) -> Duration {
+        let Some(h) = c.lifecycle.as_ref().and_then(|l| l.pre_stop.as_ref()) else {
+            return grace;
+        };
+        let Some(t) = self.target(uid, c, id) else {
+            return grace;
+        };
+        let t0 = tokio::time::Instant::now();
+        let failed = match tokio::time::timeout(grace, probes::hook(h, &t, grace)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(format!("PreStopHook failed: {e}")),
+            Err(_) => Some(format!(
+                "PreStopHook did not finish within the grace period ({}s)",
+                grace.as_secs()
+            )),
+        };
+        if let Some(msg) = failed {
+            self.events
+                .pod(pod, Some(&c.name), Kind::Warning, "FailedPreStopHook", &msg);
+        }
+        grace.saturating_sub(t0.elapsed())
+    }
+
+    /// Restarts a container whose startup or liveness probe failed: the `Killing` event, its
+    /// `preStop` hook, SIGTERM, SIGKILL after `grace` seconds (the probe's, else the pod's).
+    async fn restart_unhealthy(
+        &self,
+        uid: &str,
+        pod: &Pod,
+        c: &Container,
+        id: &str,
+        what: &str,
+        grace: i64,
+    ) {
+        let msg = format!(
+            "Container {} failed {what} probe, will be restarted",
+            c.name
+        );
+        self.events
+            .pod(pod, Some(&c.name), Kind::Normal, "Killing", &msg);
+        let total = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
+        let left = self.pre_stop(uid, pod, c, id, total).await;
+        self.kill_container(id, left).await;
+    }
+
     /// Starts the probes of container `c` (running as `id`), if it has any.
     fn spawn_prober(
         self: &Arc<Self>,
@@ -929,17 +1090,7 @@ impl PodManager {
         if c.startup_probe.is_none() && c.liveness_probe.is_none() && c.readiness_probe.is_none() {
             return None;
         }
-        let pod_ip = {
-            let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-            pods.get(uid).and_then(|s| s.ip)?
-        };
-        let target = probes::Target {
-            pod_ip,
-            container: c.clone(),
-            container_id: id.to_string(),
-            ch: self.ch.clone(),
-            exec_dir: self.exec_dir(),
-        };
+        let target = self.target(uid, c, id)?;
         let grace = pod
             .spec
             .as_ref()
@@ -963,15 +1114,15 @@ impl PodManager {
                 &format!("{what} probe failed: {e}"),
             );
         };
-        let restart = |what: &str, p: &k8s_openapi::api::core::v1::Probe| {
-            let msg = format!(
-                "Container {} failed {what} probe, will be restarted",
-                c.name
-            );
-            self.events
-                .pod(pod, Some(&c.name), Kind::Normal, "Killing", &msg);
-            let grace = p.termination_grace_period_seconds.unwrap_or(grace);
-            self.kill_container(&t.container_id, grace)
+        let restart = |what: &'static str, p: &k8s_openapi::api::core::v1::Probe| {
+            self.restart_unhealthy(
+                uid,
+                pod,
+                c,
+                &t.container_id,
+                what,
+                p.termination_grace_period_seconds.unwrap_or(grace),
+            )
         };
         if let Some(p) = &c.startup_probe {
             let v = probes::Runner::new(p)
@@ -1021,10 +1172,9 @@ impl PodManager {
 
     /// Stops a container so that its supervisor restarts it: SIGTERM, then SIGKILL after
     /// `grace` seconds.
-    async fn kill_container(&self, id: &str, grace: i64) {
+    async fn kill_container(&self, id: &str, grace: Duration) {
         let _ = container::kill(&self.ch, id, 15).await;
-        let deadline = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
-        if tokio::time::timeout(deadline, container::wait(&self.ch, id))
+        if tokio::time::timeout(grace, container::wait(&self.ch, id))
             .await
             .is_err()
         {
@@ -1036,24 +1186,31 @@ impl PodManager {
     fn status(&self, uid: &str) -> Option<(String, String, Value)> {
         let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
         let s = pods.get(uid)?;
-        let statuses: Vec<Value> = s
-            .containers
+        let status_of = |(name, c): &(String, ContainerStatus)| {
+            let mut v = json!({
+                "name": name, "ready": c.ready, "restartCount": c.restarts,
+                "image": c.image, "imageID": c.image_id, "state": c.state,
+                "started": c.started && c.state.get("running").is_some(),
+            });
+            if !c.id.is_empty() {
+                v["containerID"] = json!(format!("containerd://{}", c.id));
+            }
+            if !c.last_state.is_null() {
+                v["lastState"] = c.last_state.clone();
+            }
+            v
+        };
+        let statuses: Vec<Value> = s.containers.iter().map(status_of).collect();
+        let init_statuses: Vec<Value> = s.init_containers.iter().map(status_of).collect();
+        let init_exit = |c: &ContainerStatus| c.state["terminated"]["exitCode"].as_i64();
+        let initialized = s
+            .init_containers
             .iter()
-            .map(|(name, c)| {
-                let mut v = json!({
-                    "name": name, "ready": c.ready, "restartCount": c.restarts,
-                    "image": c.image, "imageID": c.image_id, "state": c.state,
-                    "started": c.started && c.state.get("running").is_some(),
-                });
-                if !c.id.is_empty() {
-                    v["containerID"] = json!(format!("containerd://{}", c.id));
-                }
-                if !c.last_state.is_null() {
-                    v["lastState"] = c.last_state.clone();
-                }
-                v
-            })
-            .collect();
+            .all(|(_, c)| init_exit(c) == Some(0));
+        let init_failed = s.restart_policy == "Never"
+            && s.init_containers
+                .iter()
+                .any(|(_, c)| init_exit(c).is_some_and(|e| e != 0));
         let all_ready = s.containers.iter().all(|(_, c)| c.ready);
         let terminated: Vec<i64> = s
             .containers
@@ -1063,7 +1220,11 @@ impl PodManager {
         let all_done = terminated.len() == s.containers.len()
             && (s.restart_policy == "Never"
                 || (s.restart_policy == "OnFailure" && terminated.iter().all(|c| *c == 0)));
-        let phase = if all_done {
+        let phase = if init_failed {
+            "Failed"
+        } else if !initialized {
+            "Pending"
+        } else if all_done {
             if terminated.iter().all(|c| *c == 0) {
                 "Succeeded"
             } else {
@@ -1087,7 +1248,7 @@ impl PodManager {
             "startTime": s.started,
             "conditions": [
                 cond("PodReadyToStartContainers", s.ip.is_some()),
-                cond("Initialized", true),
+                cond("Initialized", initialized),
                 cond("Ready", all_ready && phase == "Running"),
                 cond("ContainersReady", all_ready),
                 cond("PodScheduled", true),
@@ -1095,6 +1256,9 @@ impl PodManager {
             "containerStatuses": statuses,
             "qosClass": s.qos_class,
         });
+        if !init_statuses.is_empty() {
+            st["initContainerStatuses"] = json!(init_statuses);
+        }
         if let Some(ip) = s.ip {
             st["podIP"] = json!(ip.to_string());
             st["podIPs"] = json!([{"ip": ip.to_string()}]);
@@ -1129,25 +1293,27 @@ impl PodManager {
                 let ids: Vec<String> = s
                     .containers
                     .iter()
+                    .chain(s.init_containers.iter())
                     .map(|(_, c)| c.id.clone())
                     .filter(|i| !i.is_empty())
                     .collect();
-                let names: Vec<String> = s
+                let running: Vec<(String, String)> = s
                     .containers
                     .iter()
-                    .filter(|(_, c)| c.state.get("running").is_some())
-                    .map(|(n, _)| n.clone())
+                    .chain(s.init_containers.iter())
+                    .filter(|(_, c)| c.state.get("running").is_some() && !c.id.is_empty())
+                    .map(|(n, c)| (n.clone(), c.id.clone()))
                     .collect();
                 (
                     std::mem::take(&mut s.workers),
                     ids,
                     s.ip,
                     s.pod.clone(),
-                    names,
+                    running,
                 )
             })
         };
-        let Some((workers, ids, ip, pod, names)) = taken else {
+        let Some((workers, ids, ip, pod, running)) = taken else {
             self.cleanup_uid(uid).await;
             if let Some((ns, name)) = api {
                 self.delete_object(&ns, &name, uid).await;
@@ -1157,7 +1323,7 @@ impl PodManager {
         for w in &workers {
             w.abort();
         }
-        for n in &names {
+        for (n, _) in &running {
             self.events.pod(
                 &pod,
                 Some(n),
@@ -1166,10 +1332,23 @@ impl PodManager {
                 &format!("Stopping container {n}"),
             );
         }
+        // preStop hooks of the running containers, together, within the grace period.
+        let total = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
+        let t0 = tokio::time::Instant::now();
+        let spec = pod.spec.clone().unwrap_or_default();
+        let hooks = running.iter().filter_map(|(name, id)| {
+            let c = spec
+                .containers
+                .iter()
+                .chain(spec.init_containers.iter().flatten())
+                .find(|c| &c.name == name)?;
+            Some(self.pre_stop(uid, &pod, c, id, total))
+        });
+        futures::future::join_all(hooks).await;
         for id in &ids {
             let _ = container::kill(&self.ch, id, 15).await;
         }
-        let deadline = Duration::from_secs(u64::try_from(grace.max(0)).unwrap_or(0));
+        let deadline = total.saturating_sub(t0.elapsed());
         for id in &ids {
             if tokio::time::timeout(deadline, container::wait(&self.ch, id))
                 .await

@@ -6,7 +6,7 @@
 use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
 
 use k8s_openapi::{
-    api::core::v1::{Container, Probe},
+    api::core::v1::{Container, LifecycleHandler, Probe},
     apimachinery::pkg::util::intstr::IntOrString,
 };
 use skiff_runtime::exec::{Exec, ExecConfig};
@@ -261,6 +261,26 @@ impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
             .signature_verification_algorithms
             .supported_schemes()
     }
+}
+
+/// Runs a lifecycle hook (`postStart`, `preStop`): `exec`, `httpGet` or `sleep`, bounded by
+/// `limit`; `Err` describes the failure.
+pub async fn hook(h: &LifecycleHandler, t: &Target, limit: Duration) -> Result<(), String> {
+    if let Some(sl) = &h.sleep {
+        let d = Duration::from_secs(u64::try_from(sl.seconds.max(0)).unwrap_or(0));
+        tokio::time::sleep(d.min(limit)).await;
+        return Ok(());
+    }
+    if h.tcp_socket.is_some() {
+        return Err("tcpSocket lifecycle handlers are not supported (as upstream)".into());
+    }
+    let as_probe = Probe {
+        exec: h.exec.clone(),
+        http_get: h.http_get.clone(),
+        timeout_seconds: Some(i32::try_from(limit.as_secs().max(1)).unwrap_or(i32::MAX)),
+        ..Default::default()
+    };
+    check(&as_probe, t).await
 }
 
 /// Outcome of a probe after its thresholds.
