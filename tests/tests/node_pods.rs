@@ -144,6 +144,39 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
         let _ = follow.wait();
         let err = cp.fails(&["logs", "talker", "-c", "nope"]);
         assert!(err.contains("container nope is not valid"), "{err}");
+        // Both streams, a line longer than one log record, timestamps, --since, --limit-bytes.
+        cp.ok(&[
+            "run",
+            "chatty",
+            "--image=busybox:1.36",
+            "--",
+            "sh",
+            "-c",
+            "echo out; sleep 0.2; echo err >&2; sleep 0.2; head -c 20000 /dev/zero | tr '\\0' x; echo; sleep 600",
+        ]);
+        let long = "x".repeat(20000);
+        let want = format!("out\nerr\n{long}\n");
+        cp.eventually(60, "chatty's output", || {
+            cp.kubectl(&["logs", "chatty"]).stdout == want.as_bytes()
+        });
+        let stamped = cp.ok(&["logs", "chatty", "--timestamps"]);
+        let lines: Vec<&str> = stamped.lines().collect();
+        assert_eq!(lines.len(), 3, "{stamped:.200}");
+        for (line, content) in lines.iter().zip(["out", "err", long.as_str()]) {
+            let (ts, rest) = line.split_once(' ').expect("a timestamp");
+            assert!(
+                ts.len() >= 20 && ts.ends_with('Z') && ts.contains('T'),
+                "{ts}"
+            );
+            assert_eq!(rest, content);
+        }
+        assert_eq!(cp.ok(&["logs", "chatty", "--since=1h"]), want);
+        assert_eq!(
+            cp.ok(&["logs", "chatty", "--since-time=2099-01-01T00:00:00Z"]),
+            ""
+        );
+        assert_eq!(cp.ok(&["logs", "chatty", "--tail=1"]), format!("{long}\n"));
+        assert_eq!(cp.ok(&["logs", "chatty", "--limit-bytes=5"]), "out\ne");
 
         // The environment: configMap and secret keys, the downward API, service variables; a
         // missing configMap is CreateContainerConfigError.

@@ -1292,7 +1292,15 @@ async fn pod_log(api: &Api, t: &Target, p: &Params) -> ApiResult<Response> {
     // Built in a block: the serializer is not Send and must not live across an await.
     let query = {
         let mut q = form_urlencoded::Serializer::new(String::new());
-        for key in ["follow", "tailLines", "previous", "limitBytes"] {
+        for key in [
+            "follow",
+            "tailLines",
+            "previous",
+            "limitBytes",
+            "timestamps",
+            "sinceSeconds",
+            "sinceTime",
+        ] {
             if let Some(v) = p.get(key) {
                 q.append_pair(key, v);
             }

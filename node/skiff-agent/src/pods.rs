@@ -156,6 +156,8 @@ pub struct PodManager {
     allocatable: (f64, f64, f64),
     /// The lowest `oom_score_adj` containers may get (the agent's own).
     oom_floor: i32,
+    /// This executable, the logging binary the shim runs with each container.
+    log_driver: Option<PathBuf>,
     events: Recorder,
 }
 
@@ -216,6 +218,7 @@ impl PodManager {
             pods: Mutex::new(HashMap::new()),
             allocatable,
             oom_floor: crate::qos::own_oom_score_adj(),
+            log_driver: std::env::current_exe().ok(),
         }))
     }
 
@@ -675,6 +678,7 @@ impl PodManager {
                     hostname: volumes::hostname(&pod),
                     netns: Some(netns.clone()),
                     log: log_dir.join(&c.name).join(format!("{attempt}.log")),
+                    log_driver: self.log_driver.clone(),
                     runc_root: Some(self.cfg.run_dir.join("runc")),
                     mounts,
                     resources,

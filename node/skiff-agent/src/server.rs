@@ -34,6 +34,7 @@ use hyper_util::{
     server::conn::auto,
     service::TowerToHyperService,
 };
+use k8s_openapi::chrono::{DateTime, TimeDelta, Utc};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
@@ -108,6 +109,55 @@ struct LogQuery {
     previous: Option<bool>,
     #[serde(rename = "limitBytes")]
     limit_bytes: Option<usize>,
+    timestamps: Option<bool>,
+    #[serde(rename = "sinceSeconds")]
+    since_seconds: Option<i64>,
+    #[serde(rename = "sinceTime")]
+    since_time: Option<String>,
+}
+
+/// Turns stored log lines (CRI records; raw lines from before the agent wrote records pass
+/// through) into what `kubectl logs` prints: the content, with its timestamp if asked, from
+/// `since` on.
+#[derive(Debug, Default)]
+struct Render {
+    timestamps: bool,
+    since: Option<DateTime<Utc>>,
+    /// The previous record was partial: this one continues its line.
+    continuing: bool,
+}
+
+impl Render {
+    /// Appends the output for the complete lines in `data` to `out`; returns how many bytes of
+    /// `data` it consumed (up to the last line end).
+    fn lines(&mut self, data: &[u8], out: &mut Vec<u8>) -> usize {
+        let mut used = 0;
+        while let Some(n) = data[used..].iter().position(|b| *b == b'\n') {
+            self.line(&data[used..used + n], out);
+            used += n + 1;
+        }
+        used
+    }
+
+    fn line(&mut self, raw: &[u8], out: &mut Vec<u8>) {
+        let Some(r) = skiff_runtime::crilog::parse(raw) else {
+            out.extend_from_slice(raw);
+            out.push(b'\n');
+            return;
+        };
+        let continuing = std::mem::replace(&mut self.continuing, r.partial);
+        if self.since.is_some_and(|s| r.time < s) {
+            return;
+        }
+        if self.timestamps && !continuing {
+            out.extend_from_slice(r.time_text.as_bytes());
+            out.push(b' ');
+        }
+        out.extend_from_slice(r.content);
+        if !r.partial {
+            out.push(b'\n');
+        }
+    }
 }
 
 fn err(code: StatusCode, msg: impl Into<String>) -> Response {
@@ -200,13 +250,33 @@ async fn container_logs(
         Ok(d) => d,
         Err(e) => return err(StatusCode::NOT_FOUND, format!("log of {container}: {e}")),
     };
-    let mut first = match q.tail_lines {
-        Some(n) => tail(&data, n).to_vec(),
-        None => data.clone(),
+    let since = match (q.since_seconds, q.since_time.as_deref()) {
+        (Some(secs), _) => Some(Utc::now() - TimeDelta::seconds(secs.max(0))),
+        (None, Some(t)) => match DateTime::parse_from_rfc3339(t) {
+            Ok(t) => Some(t.with_timezone(&Utc)),
+            Err(e) => {
+                return err(
+                    StatusCode::BAD_REQUEST,
+                    format!("sinceTime {t:?} is not an RFC 3339 time: {e}"),
+                );
+            }
+        },
+        (None, None) => None,
     };
-    if let Some(limit) = q.limit_bytes {
-        first.truncate(limit);
-    }
+    let mut render = Render {
+        timestamps: q.timestamps == Some(true),
+        since,
+        continuing: false,
+    };
+    let mut rendered = Vec::with_capacity(data.len());
+    let used = render.lines(&data, &mut rendered);
+    let mut first = match q.tail_lines {
+        Some(n) => tail(&rendered, n).to_vec(),
+        None => rendered,
+    };
+    let mut budget = q.limit_bytes.unwrap_or(usize::MAX);
+    first.truncate(budget);
+    budget -= first.len();
     if q.follow != Some(true) || q.previous == Some(true) {
         return (
             StatusCode::OK,
@@ -218,7 +288,7 @@ async fn container_logs(
     // Follow: what is there, then new output until the container is restarted (a newer attempt
     // appears) or its pod goes.
     let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(16);
-    let offset = data.len() as u64;
+    let offset = used as u64;
     let src2 = src.clone();
     tokio::spawn(async move {
         if tx.send(Bytes::from(first)).await.is_err() {
@@ -231,7 +301,12 @@ async fn container_logs(
             return;
         }
         let mut buf = vec![0u8; 64 * 1024];
+        // Bytes read but not yet a whole line.
+        let mut pending: Vec<u8> = Vec::new();
         loop {
+            if budget == 0 {
+                return;
+            }
             match f.read(&mut buf).await {
                 Ok(0) => {
                     let now = attempts(&src2, &ns, &pod, &container);
@@ -244,7 +319,13 @@ async fn container_logs(
                     }
                 }
                 Ok(n) => {
-                    if tx.send(Bytes::copy_from_slice(&buf[..n])).await.is_err() {
+                    pending.extend_from_slice(&buf[..n]);
+                    let mut out = Vec::new();
+                    let used = render.lines(&pending, &mut out);
+                    pending.drain(..used);
+                    out.truncate(budget);
+                    budget -= out.len();
+                    if !out.is_empty() && tx.send(Bytes::from(out)).await.is_err() {
                         return;
                     }
                 }

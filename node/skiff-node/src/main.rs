@@ -93,6 +93,13 @@ enum Command {
     /// Inspect the node's eBPF data path.
     #[command(subcommand)]
     Bpf(BpfCommand),
+    /// The logging binary the runc shim starts with each container (not for direct use):
+    /// writes the container's stdout and stderr (descriptors 3 and 4) to PATH as CRI records.
+    #[command(name = "container-log", hide = true)]
+    ContainerLog {
+        /// The log file.
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -108,6 +115,9 @@ enum BpfCommand {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::ContainerLog { path }) = &cli.command {
+        return skiff_runtime::crilog::run_driver(path);
+    }
     init_logging(cli.log_format);
     let node = match &cli.node_name {
         Some(n) => n.clone(),
@@ -126,6 +136,7 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Some(Command::ContainerLog { .. }) => unreachable!("handled before logging starts"),
         Some(Command::Bpf(BpfCommand::Unpin)) => {
             let pins = PinDir::open(&cli.bpffs, &node)?;
             let path = pins.path().to_owned();

@@ -45,8 +45,11 @@ pub struct ContainerConfig {
     pub hostname: String,
     /// The network namespace to join (the pod's); `None` gives the container its own.
     pub netns: Option<PathBuf>,
-    /// Where stdout and stderr go (the runc shim writes a `file://` log URI for both streams).
+    /// Where stdout and stderr go: CRI-format records written by `log_driver` when set, else
+    /// the raw streams (the runc shim writes a `file://` URI itself).
     pub log: PathBuf,
+    /// The logging binary for CRI-format logs (see [`crate::crilog`]).
+    pub log_driver: Option<PathBuf>,
     /// runc's state directory (`--root`); `None` uses the shim's default
     /// (`/run/containerd/runc/<namespace>`), shared with every containerd on the machine.
     pub runc_root: Option<PathBuf>,
@@ -298,17 +301,21 @@ async fn start_task(ch: &Channel, cfg: &ContainerConfig) -> Result<u32> {
     if let Some(d) = cfg.log.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
+    let log_uri = match &cfg.log_driver {
+        Some(bin) => crate::crilog::binary_uri(bin, &cfg.log),
+        None => format!("file://{}", cfg.log.display()),
+    };
     let mut tasks = TasksClient::new(ch.clone());
     tasks
         .create(with_namespace!(
             CreateTaskRequest {
                 container_id: cfg.id.clone(),
                 rootfs: mounts,
-                // The runc shim writes the file itself (a `file://` log URI takes both
-                // streams), so output survives agent restarts. Both fields must be set: the
-                // 1.6 shim crashes copying a stream whose URI is empty.
-                stdout: format!("file://{}", cfg.log.display()),
-                stderr: format!("file://{}", cfg.log.display()),
+                // The runc shim writes the log itself, or runs the logging binary (one URI takes
+                // both streams), so output survives agent restarts. Both fields must be set:
+                // the 1.6 shim crashes copying a stream whose URI is empty.
+                stdout: log_uri.clone(),
+                stderr: log_uri,
                 options: cfg.runc_root.as_deref().map(runc_options),
                 ..Default::default()
             },

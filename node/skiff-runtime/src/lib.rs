@@ -9,6 +9,7 @@
 
 pub mod container;
 pub mod containerd;
+pub mod crilog;
 pub mod exec;
 pub mod image;
 pub mod oci_layout;
