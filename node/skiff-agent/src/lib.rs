@@ -18,6 +18,7 @@ pub mod quantity;
 pub mod register;
 pub mod routes;
 pub mod server;
+pub mod simulate;
 pub mod volumes;
 
 use std::path::Path;

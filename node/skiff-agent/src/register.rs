@@ -212,7 +212,7 @@ async fn post_status(api: &Api<Node>, name: &str, st: &Value) -> Result<()> {
     Ok(())
 }
 
-async fn renew_lease(client: &Client, name: &str) -> Result<()> {
+pub(crate) async fn renew_lease(client: &Client, name: &str) -> Result<()> {
     let api: Api<Lease> = Api::namespaced(client.clone(), "kube-node-lease");
     let now = MicroTime(Utc::now());
     let lease = json!({

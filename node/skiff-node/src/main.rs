@@ -74,6 +74,16 @@ struct Cli {
     #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
     insecure_registries: Vec<String>,
 
+    /// The simulated runtime, for scale tests: register N nodes named `<node-name>-<i>` (label
+    /// `skiff.dev/simulated=true`) and drive their pods through their phases without
+    /// containers. Needs --kubeconfig; nothing else runs.
+    #[arg(long, value_name = "N")]
+    simulate: Option<usize>,
+
+    /// Simulated pods become Running this long after they are bound (`500ms`, `2s`, …).
+    #[arg(long, default_value = "1s", value_parser = parse_duration)]
+    simulate_start_delay: std::time::Duration,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -187,7 +197,44 @@ fn join_config(cli: &Cli, node: &str) -> Result<skiff_agent::register::NodeConfi
     })
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    skiff_agent::simulate::parse_duration(s)
+        .ok_or_else(|| format!("{s:?} is not a duration like 500ms, 30s, 5m or 1h"))
+}
+
+/// `--simulate N`: simulated nodes only.
+fn run_simulated(cli: &Cli, node: &str, n: usize) -> Result<()> {
+    let kubeconfig = cli
+        .kubeconfig
+        .clone()
+        .context("--simulate needs --kubeconfig (the node kubeconfig of skiff-control)")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let client = skiff_agent::client_from_kubeconfig(&kubeconfig).await?;
+        let cfg = skiff_agent::simulate::SimConfig {
+            nodes: n,
+            prefix: node.to_string(),
+            start_delay: cli.simulate_start_delay,
+            cpus: 32,
+            memory_gib: 256,
+            max_pods: 110,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = skiff_agent::simulate::run(client, cfg) => r,
+            _ = tokio::signal::ctrl_c() => Ok(()),
+            _ = term.recv() => Ok(()),
+        }
+    })
+}
+
 fn run_agent(cli: &Cli, node: &str) -> Result<()> {
+    if let Some(n) = cli.simulate {
+        return run_simulated(cli, node, n);
+    }
     let (bpffs, uplinks) = (&cli.bpffs, &cli.uplinks);
     let join = match &cli.kubeconfig {
         Some(k) => Some((k.clone(), join_config(cli, node)?)),
