@@ -169,6 +169,30 @@ pub enum BenchName {
     Store,
     /// The API server: creates, gets, lists (1k, 30k pods), watch fan-out, against upstream's SLO.
     Api,
+    /// Pod startup on one real node (needs root), against `ctr run` and upstream's SLO.
+    Podstartup,
+}
+
+/// Builds `skiff-node` and has it write the busybox test image to `out`.
+pub fn test_image(out: &Path) -> Result<()> {
+    let root = root();
+    let out = if out.is_absolute() {
+        out.to_path_buf()
+    } else {
+        root.join(out)
+    };
+    if let Some(dir) = out.parent() {
+        fs::create_dir_all(dir)?;
+    }
+    step("build skiff-node");
+    run(cargo_with(None)
+        .current_dir(&root)
+        .args(["build", "-p", "skiff-node"]))?;
+    step("write the busybox test image");
+    run(Command::new(root.join("target/debug/skiff-node"))
+        .arg("test-image")
+        .arg("--out")
+        .arg(&out))
 }
 
 /// Builds release binaries and runs the benchmark; its last line is the summary ratio.
@@ -181,6 +205,8 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
         "--release",
         "-p",
         "skiff-control",
+        "-p",
+        "skiff-node",
         "-p",
         "skiff-bench",
     ]))?;
@@ -197,11 +223,21 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
             "target/bench-data-api",
             "API server benchmark: creates, gets, lists, watch fan-out (vs upstream's SLO)",
         ),
+        BenchName::Podstartup => (
+            "podstartup",
+            "target/bench-data-pods",
+            "pod startup benchmark: one real node (vs containerd's own start and upstream's SLO)",
+        ),
     };
     let data = root.join(data);
     step(what);
-    let result = run(Command::new(bin.join("skiff-bench"))
-        .args([sub, "--seconds", &seconds.to_string()])
+    let mut cmd = Command::new(bin.join("skiff-bench"));
+    cmd.arg(sub);
+    match name {
+        BenchName::Podstartup => cmd.arg("--skiff-node").arg(bin.join("skiff-node")),
+        _ => cmd.args(["--seconds", &seconds.to_string()]),
+    };
+    let result = run(cmd
         .arg("--skiff-control")
         .arg(bin.join("skiff-control"))
         .arg("--data-dir")

@@ -50,6 +50,13 @@ enum Command {
         #[arg(long)]
         purge: bool,
     },
+    /// Build the busybox test and demo image as an OCI layout archive (for `skiff-node
+    /// --import-image`, or `skopeo copy oci-archive:…` into a registry).
+    TestImage {
+        /// Where to write it.
+        #[arg(long, default_value = "target/images/busybox.tar")]
+        out: std::path::PathBuf,
+    },
     /// Run a benchmark against its real peer (release builds).
     Bench {
         /// Which benchmark.
@@ -70,5 +77,6 @@ fn main() -> Result<()> {
         Command::Up => build::up(),
         Command::Down { purge } => cluster::down(purge),
         Command::Bench { name, seconds } => build::bench(name, seconds),
+        Command::TestImage { out } => build::test_image(&out),
     }
 }

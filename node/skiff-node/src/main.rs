@@ -103,6 +103,20 @@ enum Command {
     /// Inspect the node's eBPF data path.
     #[command(subcommand)]
     Bpf(BpfCommand),
+    /// Build the small test and demo image: an OCI image-layout archive of a static busybox
+    /// with its applets linked, for `--import-image` or a registry (`skopeo copy
+    /// oci-archive:…`).
+    TestImage {
+        /// The archive to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// The static busybox binary (Debian's `busybox-static`).
+        #[arg(long, default_value = "/bin/busybox")]
+        busybox: PathBuf,
+        /// The image's name.
+        #[arg(long, default_value = "busybox:1.36")]
+        name: String,
+    },
     /// The logging binary the runc shim starts with each container (not for direct use):
     /// writes the container's stdout and stderr (descriptors 3 and 4) to PATH as CRI records.
     #[command(name = "container-log", hide = true)]
@@ -147,6 +161,11 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some(Command::ContainerLog { .. }) => unreachable!("handled before logging starts"),
+        Some(Command::TestImage { out, busybox, name }) => {
+            skiff_runtime::oci_layout::build_busybox_archive(&busybox, &name, &out)?;
+            println!("{} ({name})", out.display());
+            Ok(())
+        }
         Some(Command::Bpf(BpfCommand::Unpin)) => {
             let pins = PinDir::open(&cli.bpffs, &node)?;
             let path = pins.path().to_owned();
