@@ -250,6 +250,26 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
                 .lines()
                 .any(|l| l.starts_with("crash") && l.contains("CrashLoopBackOff"))
         );
+        // The delays grow: 10 s after the first failure, 20 s after the second.
+        let waiting = |cp: &ControlPlane| {
+            jsonpath(
+                cp,
+                &["pod", "crash"],
+                "{.status.containerStatuses[0].state.waiting.message}",
+            )
+        };
+        assert!(waiting(&cp).contains("back-off 10s"), "{}", waiting(&cp));
+        cp.eventually(40, "the second back-off", || {
+            waiting(&cp).contains("back-off 20s")
+        });
+        assert_eq!(
+            jsonpath(
+                &cp,
+                &["pod", "crash"],
+                "{.status.containerStatuses[0].restartCount}"
+            ),
+            "2"
+        );
 
         // restartPolicy Never: the pod completes.
         cp.ok(&[
@@ -968,6 +988,14 @@ spec:
             ) == "true"
         });
         assert_eq!(ready("web"), "False");
+        let since = |ty: &str| {
+            jsonpath(
+                &cp,
+                &["pod", "web"],
+                &format!("{{.status.conditions[?(@.type==\"{ty}\")].lastTransitionTime}}"),
+            )
+        };
+        let (scheduled, not_ready) = (since("Initialized"), since("Ready"));
         cp.ok(&["exec", "web", "--", "sh", "-c", "echo ok > /www/ready"]);
         cp.eventually(30, "web Ready", || ready("web") == "True");
         assert_eq!(
@@ -976,6 +1004,12 @@ spec:
         );
         cp.ok(&["exec", "web", "--", "rm", "/www/ready"]);
         cp.eventually(30, "web not Ready again", || ready("web") == "False");
+        // Transition times move only with their condition's status.
+        assert_eq!(since("Initialized"), scheduled);
+        assert!(
+            since("Ready") > not_ready,
+            "Ready changed twice since {not_ready}"
+        );
         assert_eq!(
             jsonpath(
                 &cp,

@@ -115,6 +115,8 @@ struct PodState {
     init_containers: Vec<(String, ContainerStatus)>,
     restart_policy: String,
     qos_class: &'static str,
+    /// Each pod condition's last status and when it took it.
+    transitions: HashMap<String, (bool, String)>,
     /// The pod as last seen (for events).
     pod: Pod,
     workers: Vec<JoinHandle<()>>,
@@ -428,6 +430,25 @@ impl PodManager {
                     init_containers,
                     restart_policy,
                     qos_class: crate::qos::qos_class(pod),
+                    transitions: pod
+                        .status
+                        .as_ref()
+                        .and_then(|s| s.conditions.as_ref())
+                        .map(|cs| {
+                            cs.iter()
+                                .filter_map(|c| {
+                                    let t = c.last_transition_time.as_ref()?;
+                                    Some((
+                                        c.type_.clone(),
+                                        (
+                                            c.status == "True",
+                                            t.0.to_rfc3339_opts(SecondsFormat::Secs, true),
+                                        ),
+                                    ))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default(),
                     pod: pod.clone(),
                     workers: Vec::new(),
                     stopping: false,
@@ -1188,8 +1209,8 @@ impl PodManager {
 
     /// The pod's status from what this node knows.
     fn status(&self, uid: &str) -> Option<(String, String, Value)> {
-        let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
-        let s = pods.get(uid)?;
+        let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+        let s = pods.get_mut(uid)?;
         let status_of = |(name, c): &(String, ContainerStatus)| {
             let mut v = json!({
                 "name": name, "ready": c.ready, "restartCount": c.restarts,
@@ -1244,19 +1265,34 @@ impl PodManager {
             "Pending"
         };
         let t = now();
-        let cond = |ty: &str, ok: bool| json!({"type": ty, "status": if ok { "True" } else { "False" }, "lastProbeTime": null, "lastTransitionTime": t});
+        let wanted = [
+            ("PodReadyToStartContainers", s.ip.is_some()),
+            ("Initialized", initialized),
+            ("Ready", all_ready && phase == "Running"),
+            ("ContainersReady", all_ready),
+            ("PodScheduled", true),
+        ];
+        // A condition's transition time moves only when its status does.
+        let conditions: Vec<Value> = wanted
+            .iter()
+            .map(|(ty, ok)| {
+                let since = match s.transitions.get(*ty) {
+                    Some((was, at)) if was == ok => at.clone(),
+                    _ => {
+                        s.transitions.insert((*ty).to_string(), (*ok, t.clone()));
+                        t.clone()
+                    }
+                };
+                json!({"type": ty, "status": if *ok { "True" } else { "False" },
+                       "lastProbeTime": null, "lastTransitionTime": since})
+            })
+            .collect();
         let mut st = json!({
             "phase": phase,
             "hostIP": self.cfg.node_ip.to_string(),
             "hostIPs": [{"ip": self.cfg.node_ip.to_string()}],
             "startTime": s.started,
-            "conditions": [
-                cond("PodReadyToStartContainers", s.ip.is_some()),
-                cond("Initialized", initialized),
-                cond("Ready", all_ready && phase == "Running"),
-                cond("ContainersReady", all_ready),
-                cond("PodScheduled", true),
-            ],
+            "conditions": conditions,
             "containerStatuses": statuses,
             "qosClass": s.qos_class,
         });
