@@ -73,13 +73,13 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
             let name = agent.name.clone();
             cp.eventually(60, "the node to be Ready", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["node", &name],
                     "{.status.conditions[?(@.type==\"Ready\")].status}",
                 ) == "True"
             });
             let runtime = jsonpath(
-                &cp,
+                cp,
                 &["node", &name],
                 "{.status.nodeInfo.containerRuntimeVersion}",
             );
@@ -100,10 +100,10 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
                 "/var/www",
             ]);
             cp.eventually(60, "pod web Running", || {
-                jsonpath(&cp, &["pod", "web"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "web"], "{.status.phase}") == "Running"
             });
-            let ip = jsonpath(&cp, &["pod", "web"], "{.status.podIP}");
-            let cidr = jsonpath(&cp, &["node", &name], "{.spec.podCIDR}");
+            let ip = jsonpath(cp, &["pod", "web"], "{.status.podIP}");
+            let cidr = jsonpath(cp, &["node", &name], "{.spec.podCIDR}");
             let prefix = cidr.trim_end_matches("0/24");
             assert!(
                 ip.starts_with(prefix),
@@ -222,7 +222,7 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
               {"name": "GREETING", "value": "hi-$(ME)"}]}]}}"#;
             cp.ok_stdin(&["create", "-f", "-"], manifest);
             cp.eventually(60, "pod envy Succeeded", || {
-                jsonpath(&cp, &["pod", "envy"], "{.status.phase}") == "Succeeded"
+                jsonpath(cp, &["pod", "envy"], "{.status.phase}") == "Succeeded"
             });
             assert_eq!(
                 cp.ok(&["logs", "envy"]),
@@ -234,7 +234,7 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
             cp.ok_stdin(&["create", "-f", "-"], broken);
             cp.eventually(30, "CreateContainerConfigError", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "broken"],
                     "{.status.containerStatuses[0].state.waiting.reason}",
                 ) == "CreateContainerConfigError"
@@ -252,13 +252,13 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
             ]);
             cp.eventually(60, "CrashLoopBackOff", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "crash"],
                     "{.status.containerStatuses[0].state.waiting.reason}",
                 ) == "CrashLoopBackOff"
             });
             let last = jsonpath(
-                &cp,
+                cp,
                 &["pod", "crash"],
                 "{.status.containerStatuses[0].lastState.terminated.exitCode} {.status.containerStatuses[0].restartCount}",
             );
@@ -276,13 +276,13 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
                     "{.status.containerStatuses[0].state.waiting.message}",
                 )
             };
-            assert!(waiting(&cp).contains("back-off 10s"), "{}", waiting(&cp));
+            assert!(waiting(cp).contains("back-off 10s"), "{}", waiting(cp));
             cp.eventually(40, "the second back-off", || {
-                waiting(&cp).contains("back-off 20s")
+                waiting(cp).contains("back-off 20s")
             });
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "crash"],
                     "{.status.containerStatuses[0].restartCount}"
                 ),
@@ -299,14 +299,14 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
                 "true",
             ]);
             cp.eventually(60, "pod once Succeeded", || {
-                jsonpath(&cp, &["pod", "once"], "{.status.phase}") == "Succeeded"
+                jsonpath(cp, &["pod", "once"], "{.status.phase}") == "Succeeded"
             });
 
             // An image the node does not have.
             cp.ok(&["run", "missing", "--image=nosuch/image:1"]);
             cp.eventually(60, "ErrImagePull", || {
                 let r = jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "missing"],
                     "{.status.containerStatuses[0].state.waiting.reason}",
                 );
@@ -315,7 +315,7 @@ fn kubectl_run_pods_run_serve_restart_complete_and_clean_up() {
 
             // Deleting removes the containers, network and IP before the object.
             let host_if =
-                skiff_net::pod::host_if(&jsonpath(&cp, &["pod", "web"], "{.metadata.uid}"));
+                skiff_net::pod::host_if(&jsonpath(cp, &["pod", "web"], "{.metadata.uid}"));
             cp.ok(&["delete", "pod", "web", "--grace-period=2", "--timeout=60s"]);
             assert!(cp.fails(&["get", "pod", "web"]).contains("NotFound"));
             let links = std::process::Command::new("ip")
@@ -454,7 +454,7 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
 fn kubectl_exec_streams_stdio_exit_codes_and_a_terminal() {
     on_one_node(
         "kubectl_exec_streams_stdio_exit_codes_and_a_terminal",
-        |node_ns, cp, agent| {
+        |_node_ns, cp, agent| {
             let exec_dir = agent.run_dir.join("exec");
             cp.ok(&[
                 "run",
@@ -466,7 +466,7 @@ fn kubectl_exec_streams_stdio_exit_codes_and_a_terminal() {
                 "3600",
             ]);
             cp.eventually(90, "pod box Running", || {
-                jsonpath(&cp, &["pod", "box"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "box"], "{.status.phase}") == "Running"
             });
 
             // stdout and stderr kept apart, the container's environment, the exit code.
@@ -614,7 +614,7 @@ fn kubectl_exec_streams_stdio_exit_codes_and_a_terminal() {
 fn volumes_and_kubelet_managed_files_reach_containers() {
     on_one_node(
         "volumes_and_kubelet_managed_files_reach_containers",
-        |node_ns, cp, agent| {
+        |_node_ns, cp, agent| {
             let host_dir = cp.scratch().join("hostdir");
             let manifest = format!(
                 r#"
@@ -683,7 +683,7 @@ spec:
             );
             cp.ok_stdin(&["apply", "-f", "-"], &manifest);
             cp.eventually(90, "pod vols Running", || {
-                jsonpath(&cp, &["pod", "vols"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "vols"], "{.status.phase}") == "Running"
             });
             let exec = |container: &str, cmd: &str| -> String {
                 cp.ok(&["exec", "vols", "-c", container, "--", "sh", "-c", cmd])
@@ -728,7 +728,7 @@ spec:
                 "from-pod\n"
             );
             // The kubelet's files: hostname, /etc/hosts with the pod IP and aliases.
-            let ip = jsonpath(&cp, &["pod", "vols"], "{.status.podIP}");
+            let ip = jsonpath(cp, &["pod", "vols"], "{.status.podIP}");
             assert_eq!(
                 exec("main", "hostname; cat /etc/hostname"),
                 "vol-host\nvol-host\n"
@@ -744,24 +744,24 @@ spec:
             // A missing configMap keeps the pod ContainerCreating with the reason, until it exists.
             cp.eventually(30, "the waiting pod's reason", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "waiting"],
                     "{.status.containerStatuses[0].state.waiting.message}",
                 )
                 .contains("configmap \"later\" not found")
             });
             assert_eq!(
-                jsonpath(&cp, &["pod", "waiting"], "{.status.phase}"),
+                jsonpath(cp, &["pod", "waiting"], "{.status.phase}"),
                 "Pending"
             );
             cp.ok(&["create", "configmap", "later", "--from-literal=k=v"]);
             cp.eventually(90, "pod waiting Running", || {
-                jsonpath(&cp, &["pod", "waiting"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "waiting"], "{.status.phase}") == "Running"
             });
             assert_eq!(cp.ok(&["exec", "waiting", "--", "cat", "/c/k"]), "v");
 
             // Deleting the pods unmounts and removes their volumes.
-            let uid = jsonpath(&cp, &["pod", "vols"], "{.metadata.uid}");
+            let uid = jsonpath(cp, &["pod", "vols"], "{.metadata.uid}");
             let root = agent.data_dir.join("podstate").join(&uid);
             assert!(root.join("volumes/mem").is_dir());
             cp.ok(&[
@@ -794,7 +794,7 @@ fn cgroup_file(container_id: &str, v1: &str, v2: &str) -> String {
 fn limits_reach_the_cgroup_and_an_oom_kill_is_reported() {
     on_one_node(
         "limits_reach_the_cgroup_and_an_oom_kill_is_reported",
-        |node_ns, cp, agent| {
+        |_node_ns, cp, _agent| {
             cp.ok_stdin(
                 &["apply", "-f", "-"],
                 r#"
@@ -823,14 +823,14 @@ spec:
 "#,
             );
             cp.eventually(90, "pod limited Running", || {
-                jsonpath(&cp, &["pod", "limited"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "limited"], "{.status.phase}") == "Running"
             });
             assert_eq!(
-                jsonpath(&cp, &["pod", "limited"], "{.status.qosClass}"),
+                jsonpath(cp, &["pod", "limited"], "{.status.qosClass}"),
                 "Burstable"
             );
             let id = jsonpath(
-                &cp,
+                cp,
                 &["pod", "limited"],
                 "{.status.containerStatuses[0].containerID}",
             );
@@ -854,11 +854,11 @@ spec:
             }
 
             cp.eventually(90, "the hog to be OOM-killed", || {
-                jsonpath(&cp, &["pod", "hog"], "{.status.phase}") == "Failed"
+                jsonpath(cp, &["pod", "hog"], "{.status.phase}") == "Failed"
             });
             let terminated = |f: &str| {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "hog"],
                     &format!("{{.status.containerStatuses[0].state.terminated.{f}}}"),
                 )
@@ -882,7 +882,7 @@ spec:
 fn probes_restart_unhealthy_containers_and_gate_readiness() {
     on_one_node(
         "probes_restart_unhealthy_containers_and_gate_readiness",
-        |node_ns, cp, agent| {
+        |_node_ns, cp, _agent| {
             cp.ok_stdin(
                 &["apply", "-f", "-"],
                 r#"
@@ -925,7 +925,7 @@ spec:
             );
             let ready = |pod: &str| {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", pod],
                     "{.status.conditions[?(@.type==\"Ready\")].status}",
                 )
@@ -933,7 +933,7 @@ spec:
             // Readiness follows the HTTP probe; the startup and liveness TCP probes pass.
             cp.eventually(90, "web Running and started", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "web"],
                     "{.status.containerStatuses[0].started}",
                 ) == "true"
@@ -941,7 +941,7 @@ spec:
             assert_eq!(ready("web"), "False");
             let since = |ty: &str| {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "web"],
                     &format!("{{.status.conditions[?(@.type==\"{ty}\")].lastTransitionTime}}"),
                 )
@@ -950,7 +950,7 @@ spec:
             cp.ok(&["exec", "web", "--", "sh", "-c", "echo ok > /www/ready"]);
             cp.eventually(30, "web Ready", || ready("web") == "True");
             assert_eq!(
-                jsonpath(&cp, &["pod", "web"], "{.status.containerStatuses[0].ready}"),
+                jsonpath(cp, &["pod", "web"], "{.status.containerStatuses[0].ready}"),
                 "true"
             );
             cp.ok(&["exec", "web", "--", "rm", "/www/ready"]);
@@ -963,7 +963,7 @@ spec:
             );
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "web"],
                     "{.status.containerStatuses[0].restartCount}"
                 ),
@@ -973,7 +973,7 @@ spec:
             // A failing liveness probe restarts the container, with the events upstream records.
             cp.eventually(90, "live restarted", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "live"],
                     "{.status.containerStatuses[0].restartCount}",
                 )
@@ -982,7 +982,7 @@ spec:
             });
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "live"],
                     "{.status.containerStatuses[0].lastState.terminated.reason}"
                 ),
@@ -1042,10 +1042,10 @@ fn an_agent_restart_keeps_pods_running_and_collects_what_is_gone() {
             ]);
             for p in ["web", "doomed"] {
                 cp.eventually(90, "both pods Running", || {
-                    jsonpath(&cp, &["pod", p], "{.status.phase}") == "Running"
+                    jsonpath(cp, &["pod", p], "{.status.phase}") == "Running"
                 });
             }
-            let field = |pod: &str, path: &str| jsonpath(&cp, &["pod", pod], path);
+            let field = |pod: &str, path: &str| jsonpath(cp, &["pod", pod], path);
             let web_id = field("web", "{.status.containerStatuses[0].containerID}");
             let web_ip = field("web", "{.status.podIP}");
             let doomed_uid = field("doomed", "{.metadata.uid}");
@@ -1071,7 +1071,7 @@ fn an_agent_restart_keeps_pods_running_and_collects_what_is_gone() {
             // A pod force-deleted meanwhile leaves its container, network and address behind.
             cp.ok(&["delete", "pod", "doomed", "--force", "--grace-period=0"]);
 
-            agent.restart(&node_ns);
+            agent.restart(node_ns);
             let runc_list = || {
                 std::process::Command::new("runc")
                     .arg("--root")
@@ -1309,7 +1309,7 @@ fn images_are_pulled_from_a_registry_per_pull_policy() {
 fn init_containers_run_in_order_and_lifecycle_hooks_run() {
     on_one_node(
         "init_containers_run_in_order_and_lifecycle_hooks_run",
-        |node_ns, cp, agent| {
+        |_node_ns, cp, _agent| {
             let hooks = cp.scratch().join("hooks");
             let manifest = format!(
                 r#"
@@ -1352,7 +1352,7 @@ spec:
             );
             cp.ok_stdin(&["apply", "-f", "-"], &manifest);
             cp.eventually(90, "pod initialized Running", || {
-                jsonpath(&cp, &["pod", "initialized"], "{.status.phase}") == "Running"
+                jsonpath(cp, &["pod", "initialized"], "{.status.phase}") == "Running"
             });
             // The init containers ran in order, to completion, before main (and its postStart).
             cp.eventually(30, "the postStart hook's line", || {
@@ -1362,7 +1362,7 @@ spec:
             });
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "initialized"],
                     "{.status.initContainerStatuses[*].state.terminated.reason}"
                 ),
@@ -1370,7 +1370,7 @@ spec:
             );
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "initialized"],
                     "{.status.conditions[?(@.type==\"Initialized\")].status}"
                 ),
@@ -1379,13 +1379,13 @@ spec:
 
             // restartPolicy Never: a failed init container fails the pod; main never starts.
             cp.eventually(60, "failing-init Failed", || {
-                jsonpath(&cp, &["pod", "failing-init"], "{.status.phase}") == "Failed"
+                jsonpath(cp, &["pod", "failing-init"], "{.status.phase}") == "Failed"
             });
             let row = cp.ok(&["get", "pod", "failing-init"]);
             assert!(row.contains("Init:Error"), "{row}");
             assert_eq!(
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "failing-init"],
                     "{.status.containerStatuses[0].state.waiting.reason}"
                 ),
@@ -1394,7 +1394,7 @@ spec:
             // Otherwise it is retried with back-off, the pod Pending meanwhile.
             cp.eventually(60, "retrying-init restarted", || {
                 jsonpath(
-                    &cp,
+                    cp,
                     &["pod", "retrying-init"],
                     "{.status.initContainerStatuses[0].restartCount}",
                 )
@@ -1402,7 +1402,7 @@ spec:
                 .is_ok_and(|n| n >= 1)
             });
             assert_eq!(
-                jsonpath(&cp, &["pod", "retrying-init"], "{.status.phase}"),
+                jsonpath(cp, &["pod", "retrying-init"], "{.status.phase}"),
                 "Pending"
             );
             let row = cp.ok(&["get", "pod", "retrying-init"]);
