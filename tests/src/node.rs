@@ -299,6 +299,8 @@ impl NodeAgent {
             .arg("--run-dir")
             .arg(run_dir)
             .args(["--node-ip", &node.node_ip.to_string()])
+            // Volume updates show within a test's patience.
+            .args(["--volume-sync-period", "1s"])
             .env("RUST_LOG", "info,skiff_agent=debug")
             .stdout(Stdio::null())
             .stderr(log);

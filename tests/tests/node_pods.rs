@@ -741,6 +741,23 @@ spec:
             assert!(hosts.contains(&format!("{ip}\tvol-host\n")), "{hosts}");
             assert!(hosts.contains("10.9.9.9\tdb.internal\n"), "{hosts}");
 
+            // A changed configMap and new labels reach the mounted files (not the subPath one).
+            cp.ok(&[
+                "patch",
+                "configmap",
+                "settings",
+                "-p",
+                r#"{"data":{"mode":"slow"}}"#,
+            ]);
+            cp.ok(&["label", "pod", "vols", "extra=yes"]);
+            cp.eventually(30, "the configMap update in the volume", || {
+                exec("main", "cat /etc/settings/mode") == "slow"
+            });
+            cp.eventually(30, "the new label in the downward API file", || {
+                exec("main", "cat /etc/info/labels").contains("extra=\"yes\"")
+            });
+            assert_eq!(exec("main", "cat /app.conf"), "port=8080\n");
+
             // A missing configMap keeps the pod ContainerCreating with the reason, until it exists.
             cp.eventually(30, "the waiting pod's reason", || {
                 jsonpath(

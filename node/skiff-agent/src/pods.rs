@@ -70,6 +70,8 @@ pub struct PodConfig {
     pub run_dir: PathBuf,
     /// Registries (`host:port`) reached over plain HTTP.
     pub insecure_registries: Vec<String>,
+    /// How often configMap, secret, downwardAPI and projected volumes are brought up to date.
+    pub volume_sync: Duration,
 }
 
 /// Normalises an image reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
@@ -339,6 +341,17 @@ impl PodManager {
                     }
                 });
             }
+            (Some(false), false) => {
+                // Labels and annotations feed downward API volumes.
+                if let Some(s) = self
+                    .pods
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .get_mut(&uid)
+                {
+                    s.pod = pod;
+                }
+            }
             (_, true) if known != Some(true) => {
                 let grace = pod.metadata.deletion_grace_period_seconds.unwrap_or(30);
                 let ns = pod.namespace().unwrap_or_default();
@@ -521,6 +534,32 @@ impl PodManager {
                 me.supervise(&each, c, false).await;
             });
             self.add_worker(&run.uid, h);
+        }
+        // Projected data follows its sources, at the kubelet's sync period.
+        let projected = spec.volumes.iter().flatten().any(|v| {
+            v.config_map.is_some()
+                || v.secret.is_some()
+                || v.downward_api.is_some()
+                || v.projected.is_some()
+        });
+        if projected {
+            let root = volumes::pod_root(&self.cfg.data_dir, &run.uid);
+            let mut tick = tokio::time::interval(self.cfg.volume_sync);
+            tick.tick().await;
+            loop {
+                tick.tick().await;
+                let pod = {
+                    let pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
+                    match pods.get(&run.uid) {
+                        Some(s) if !s.stopping => s.pod.clone(),
+                        _ => return,
+                    }
+                };
+                let rt = self.runtime(&run.uid);
+                for name in volumes::refresh(&self.client, &pod, &rt, &root).await {
+                    tracing::info!(pod = %pod.name_any(), volume = %name, "updated a volume");
+                }
+            }
         }
     }
 

@@ -544,6 +544,66 @@ pub async fn prepare(
     Ok(out)
 }
 
+/// The files under `dir`'s current payload (`..data`), by relative path.
+fn current_payload(dir: &Path) -> Payload {
+    fn walk(base: &Path, at: &Path, out: &mut Payload) {
+        let Ok(entries) = std::fs::read_dir(at) else {
+            return;
+        };
+        for e in entries.filter_map(Result::ok) {
+            let path = e.path();
+            if path.is_dir() {
+                walk(base, &path, out);
+            } else if let (Ok(data), Ok(meta), Ok(rel)) = (
+                std::fs::read(&path),
+                std::fs::metadata(&path),
+                path.strip_prefix(base),
+            ) {
+                out.insert(
+                    rel.display().to_string(),
+                    (data, meta.permissions().mode() & 0o7777),
+                );
+            }
+        }
+    }
+    let data = dir.join("..data");
+    let mut out = Payload::new();
+    walk(&data, &data, &mut out);
+    out
+}
+
+/// Brings the pod's configMap, secret, downwardAPI and projected volumes up to date (a changed
+/// ConfigMap or Secret, new labels), swapping each changed payload at once as the kubelet's
+/// sync does; returns the names of the volumes it rewrote. `subPath` mounts keep what they
+/// had (as upstream: they bind one file, not the payload's symlinks).
+pub async fn refresh(
+    client: &Client,
+    pod: &Pod,
+    rt: &crate::env::Runtime,
+    root: &Path,
+) -> Vec<String> {
+    let mut changed = Vec::new();
+    for v in pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.volumes.clone())
+        .unwrap_or_default()
+    {
+        let Ok(Some(files)) = payload(client, pod, rt, &v).await else {
+            continue;
+        };
+        let dir = root.join("volumes").join(&v.name);
+        if current_payload(&dir) == files {
+            continue;
+        }
+        match atomic_write(&dir, &files) {
+            Ok(()) => changed.push(v.name.clone()),
+            Err(e) => tracing::warn!(volume = %v.name, error = %e, "updating a volume failed"),
+        }
+    }
+    changed
+}
+
 fn is_mountpoint(dir: &Path) -> bool {
     mounts_under(dir).iter().any(|m| m == dir)
 }

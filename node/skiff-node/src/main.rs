@@ -84,6 +84,11 @@ struct Cli {
     #[arg(long, default_value = "1s", value_parser = parse_duration)]
     simulate_start_delay: std::time::Duration,
 
+    /// How often configMap, secret, downwardAPI and projected volumes are brought up to date
+    /// (the kubelet's sync period).
+    #[arg(long, default_value = "1m", value_parser = parse_duration)]
+    volume_sync_period: std::time::Duration,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -347,6 +352,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         data_dir: cli.data_dir.clone(),
                         run_dir: cli.run_dir.clone(),
                         insecure_registries: cli.insecure_registries.clone(),
+                        volume_sync: cli.volume_sync_period,
                     },
                     ch,
                     images,
