@@ -67,6 +67,7 @@ async fn busybox_image_runs_containers_with_output_and_exit_status() {
         env: vec!["GREETING=hello".into()],
         hostname: "box".into(),
         log: container::log_path(&logs, &id(name)),
+        log_driver: skiff_tests::bin("skiff-node"),
         ..Default::default()
     };
     // Always clean up, then report: a failed assertion must not leave containers behind.
@@ -81,9 +82,9 @@ async fn busybox_image_runs_containers_with_output_and_exit_status() {
         );
         container::start(&ch, &ok, &img).await.expect("start ok");
         assert_eq!(container::wait(&ch, &ok.id).await.expect("wait"), 0);
-        // stdout and stderr reach the file through separate pipes: each stream keeps its order,
-        // but how the two interleave is not defined, and the shim may still be copying the
-        // last of them when the exit status is reported.
+        // The logging binary writes CRI records, each stream in its own order (how the two
+        // interleave is not defined); it may still be writing the last when the exit status is
+        // reported.
         let mut log = String::new();
         for _ in 0..50 {
             log = std::fs::read_to_string(&ok.log).expect("log");
@@ -92,9 +93,25 @@ async fn busybox_image_runs_containers_with_output_and_exit_status() {
             }
             tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
-        let stdout: Vec<&str> = log.lines().filter(|l| *l != "oops").collect();
-        assert_eq!(stdout, ["hello from box", "/bin/httpd"], "{log}");
-        assert_eq!(log.lines().filter(|l| *l == "oops").count(), 1, "{log}");
+        let records: Vec<(String, String)> = log
+            .lines()
+            .map(|l| {
+                let r = skiff_runtime::crilog::parse(l.as_bytes()).expect("a CRI record");
+                (
+                    r.stream.to_string(),
+                    String::from_utf8_lossy(r.content).into_owned(),
+                )
+            })
+            .collect();
+        let of = |stream: &str| -> Vec<String> {
+            records
+                .iter()
+                .filter(|(s, _)| s == stream)
+                .map(|(_, c)| c.clone())
+                .collect()
+        };
+        assert_eq!(of("stdout"), ["hello from box", "/bin/httpd"], "{log}");
+        assert_eq!(of("stderr"), ["oops"], "{log}");
 
         let fail = run("fail", &["sh", "-c", "exit 3"]);
         container::start(&ch, &fail, &img)

@@ -161,7 +161,7 @@ pub struct PodManager {
     /// The lowest `oom_score_adj` containers may get (the agent's own).
     oom_floor: i32,
     /// This executable, the logging binary the shim runs with each container.
-    log_driver: Option<PathBuf>,
+    log_driver: PathBuf,
     events: Recorder,
 }
 
@@ -222,7 +222,8 @@ impl PodManager {
             pods: Mutex::new(HashMap::new()),
             allocatable,
             oom_floor: crate::qos::own_oom_score_adj(),
-            log_driver: std::env::current_exe().ok(),
+            log_driver: std::env::current_exe()
+                .context("this executable's path (the containers' logging binary)")?,
         }))
     }
 

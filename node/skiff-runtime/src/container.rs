@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{Context, Result, bail};
 use containerd_client::{
     services::v1::{
         Container, CreateContainerRequest, CreateTaskRequest, DeleteContainerRequest,
@@ -45,11 +45,12 @@ pub struct ContainerConfig {
     pub hostname: String,
     /// The network namespace to join (the pod's); `None` gives the container its own.
     pub netns: Option<PathBuf>,
-    /// Where stdout and stderr go: CRI-format records written by `log_driver` when set, else
-    /// the raw streams (the runc shim writes a `file://` URI itself).
+    /// Where stdout and stderr go, as CRI-format records written by `log_driver`.
     pub log: PathBuf,
-    /// The logging binary for CRI-format logs (see [`crate::crilog`]).
-    pub log_driver: Option<PathBuf>,
+    /// The logging binary the shim runs for the container (see [`crate::crilog`]). Required:
+    /// the 1.6 shim's own `file://` logging, with both streams in one file, was seen to drop a
+    /// stream's last line.
+    pub log_driver: PathBuf,
     /// runc's state directory (`--root`); `None` uses the shim's default
     /// (`/run/containerd/runc/<namespace>`), shared with every containerd on the machine.
     pub runc_root: Option<PathBuf>,
@@ -301,10 +302,14 @@ async fn start_task(ch: &Channel, cfg: &ContainerConfig) -> Result<u32> {
     if let Some(d) = cfg.log.parent() {
         std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
     }
-    let log_uri = match &cfg.log_driver {
-        Some(bin) => crate::crilog::binary_uri(bin, &cfg.log),
-        None => format!("file://{}", cfg.log.display()),
-    };
+    if !cfg.log_driver.is_absolute() {
+        bail!(
+            "container {}: the logging binary must be given by an absolute path, not {:?}",
+            cfg.id,
+            cfg.log_driver
+        );
+    }
+    let log_uri = crate::crilog::binary_uri(&cfg.log_driver, &cfg.log);
     let mut tasks = TasksClient::new(ch.clone());
     tasks
         .create(with_namespace!(
