@@ -342,6 +342,10 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
     }
     .await;
     drop(node);
+    // The node's pinned BPF maps outlive it by design; the benchmark's node goes entirely.
+    let _ = Command::new(&args.skiff_node)
+        .args(["--node-name", node_name, "bpf", "unpin"])
+        .output();
     remove_runc_leftovers(&run_dir.join("runc/k8s.io"));
     drop(control);
     unmount_under(&run_dir);
