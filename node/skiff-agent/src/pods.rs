@@ -6,8 +6,9 @@
 //! shown as `CrashLoopBackOff`), posting the pod's status (phase, conditions, container states,
 //! pod IP) after every change. A pod being deleted has its containers stopped (SIGTERM, the
 //! grace period, SIGKILL), its containers, network and IP removed, and only then its API object
-//! deleted. Images must be present (imported at start); a missing one is `ErrImagePull`, then
-//! `ImagePullBackOff`.
+//! deleted. Images come from containerd or are pulled per `imagePullPolicy`; a failed pull is
+//! `ErrImagePull`, then `ImagePullBackOff`. Containers of an earlier run of the agent (found by
+//! their labels when it starts) are adopted rather than started again.
 
 use std::{
     collections::{HashMap, HashSet},
@@ -163,6 +164,9 @@ pub struct PodManager {
     /// This executable, the logging binary the shim runs with each container.
     log_driver: PathBuf,
     events: Recorder,
+    /// Containers an earlier run of the agent left, by pod uid, as listed at start: what
+    /// supervisors adopt (each takes its own out).
+    leftovers: Mutex<HashMap<String, Vec<container::Listed>>>,
 }
 
 impl std::fmt::Debug for PodManager {
@@ -211,7 +215,17 @@ impl PodManager {
         )]
         let allocatable = (m.cpus as f64, m.memory as f64, m.ephemeral_storage as f64);
         let events = Recorder::new(client.clone(), cfg.node.clone());
+        let mut leftovers: HashMap<String, Vec<container::Listed>> = HashMap::new();
+        for l in container::list(&ch)
+            .await
+            .context("list the containers of earlier runs")?
+        {
+            if let Some(uid) = l.labels.get(LABEL_POD_UID).cloned() {
+                leftovers.entry(uid).or_default().push(l);
+            }
+        }
         Ok(Arc::new(PodManager {
+            leftovers: Mutex::new(leftovers),
             events,
             client,
             cfg,
@@ -806,7 +820,7 @@ impl PodManager {
                         s.ready = false;
                         s.started = false;
                     });
-                    let _ = container::remove(&self.ch, &id).await;
+                    self.remove_container(&id).await;
                     if started.elapsed() > BACKOFF_RESET {
                         backoff = BACKOFF_START;
                     }
@@ -821,7 +835,7 @@ impl PodManager {
                     }
                 }
                 Err(e) => {
-                    let _ = container::remove(&self.ch, &id).await;
+                    self.remove_container(&id).await;
                     let msg = format!("{e:#}");
                     self.set_container(uid, &c.name, |s| {
                         s.state = json!({"terminated": {"exitCode": 128, "reason": "StartError", "message": msg}});
@@ -981,15 +995,19 @@ impl PodManager {
     /// that has a task: running, or exited while no agent watched, so that its exit counts),
     /// and the attempt number to use next; other leftovers of it are removed.
     async fn adoptable(&self, uid: &str, name: &str) -> (Option<String>, u32) {
-        let Ok(listed) = container::list(&self.ch).await else {
-            return (None, 0);
+        let listed: Vec<container::Listed> = {
+            let mut leftovers = self.leftovers.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(of_pod) = leftovers.get_mut(uid) else {
+                return (None, 0);
+            };
+            let (mine, rest) = std::mem::take(of_pod)
+                .into_iter()
+                .partition(|l| l.labels.get(LABEL_CONTAINER).map(String::as_str) == Some(name));
+            *of_pod = rest;
+            mine
         };
         let mine: Vec<(u32, &container::Listed)> = listed
             .iter()
-            .filter(|l| {
-                l.labels.get(LABEL_POD_UID).map(String::as_str) == Some(uid)
-                    && l.labels.get(LABEL_CONTAINER).map(String::as_str) == Some(name)
-            })
             .map(|l| {
                 let a = l
                     .labels
@@ -1007,7 +1025,7 @@ impl PodManager {
             .map(|(_, l)| l.id.clone());
         for (_, l) in &mine {
             if Some(&l.id) != keep.as_ref() {
-                let _ = container::kill(&self.ch, &l.id, 9).await;
+                self.kill_container(&l.id, Duration::ZERO).await;
                 let _ = container::remove(&self.ch, &l.id).await;
             }
         }
@@ -1023,15 +1041,22 @@ impl PodManager {
                 .iter()
                 .filter(|l| l.labels.get(LABEL_POD_UID).map(String::as_str) == Some(uid))
             {
-                let _ = container::kill(&self.ch, &l.id, 9).await;
-                let _ =
-                    tokio::time::timeout(Duration::from_secs(5), container::wait(&self.ch, &l.id))
-                        .await;
-                if let Err(e) = container::remove(&self.ch, &l.id).await {
-                    tracing::warn!(container = %l.id, error = format!("{e:#}"), "removing a container failed");
-                }
+                self.kill_container(&l.id, Duration::ZERO).await;
+                self.remove_container(&l.id).await;
             }
         }
+        self.release(uid).await;
+    }
+
+    /// Removes a stopped container (task, record, snapshot).
+    async fn remove_container(&self, id: &str) {
+        if let Err(e) = container::remove(&self.ch, id).await {
+            tracing::warn!(container = %id, error = format!("{e:#}"), "removing a container failed");
+        }
+    }
+
+    /// Releases what pod `uid` holds besides its containers: volumes, network, address.
+    async fn release(&self, uid: &str) {
         volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
         if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
             tracing::warn!(uid, error = %e, "pod network teardown failed");
@@ -1235,8 +1260,8 @@ impl PodManager {
         }
     }
 
-    /// Stops a container so that its supervisor restarts it: SIGTERM, then SIGKILL after
-    /// `grace` seconds.
+    /// Ends container `id`: SIGTERM, SIGKILL once `grace` has passed, then up to 5 s for it to
+    /// go.
     async fn kill_container(&self, id: &str, grace: Duration) {
         let _ = container::kill(&self.ch, id, 15).await;
         if tokio::time::timeout(grace, container::wait(&self.ch, id))
@@ -1244,6 +1269,8 @@ impl PodManager {
             .is_err()
         {
             let _ = container::kill(&self.ch, id, 9).await;
+            let _ =
+                tokio::time::timeout(Duration::from_secs(5), container::wait(&self.ch, id)).await;
         }
     }
 
@@ -1384,16 +1411,10 @@ impl PodManager {
                     .filter(|(_, c)| c.state.get("running").is_some() && !c.id.is_empty())
                     .map(|(n, c)| (n.clone(), c.id.clone()))
                     .collect();
-                (
-                    std::mem::take(&mut s.workers),
-                    ids,
-                    s.ip,
-                    s.pod.clone(),
-                    running,
-                )
+                (std::mem::take(&mut s.workers), ids, s.pod.clone(), running)
             })
         };
-        let Some((workers, ids, ip, pod, running)) = taken else {
+        let Some((workers, ids, pod, running)) = taken else {
             self.cleanup_uid(uid).await;
             if let Some((ns, name)) = api {
                 self.delete_object(&ns, &name, uid).await;
@@ -1425,30 +1446,13 @@ impl PodManager {
             Some(self.pre_stop(uid, &pod, c, id, total))
         });
         futures::future::join_all(hooks).await;
+        // The rest of the grace period, for all of them at once.
+        let left = total.saturating_sub(t0.elapsed());
+        futures::future::join_all(ids.iter().map(|id| self.kill_container(id, left))).await;
         for id in &ids {
-            let _ = container::kill(&self.ch, id, 15).await;
+            self.remove_container(id).await;
         }
-        let deadline = total.saturating_sub(t0.elapsed());
-        for id in &ids {
-            if tokio::time::timeout(deadline, container::wait(&self.ch, id))
-                .await
-                .is_err()
-            {
-                let _ = container::kill(&self.ch, id, 9).await;
-                let _ = tokio::time::timeout(Duration::from_secs(5), container::wait(&self.ch, id))
-                    .await;
-            }
-            if let Err(e) = container::remove(&self.ch, id).await {
-                tracing::warn!(container = %id, error = format!("{e:#}"), "removing a container failed");
-            }
-        }
-        volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
-        if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
-            tracing::warn!(uid, error = %e, "pod network teardown failed");
-        }
-        if let Some(ip) = ip {
-            let _ = self.ipam.release(ip);
-        }
+        self.release(uid).await;
         self.pods
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -62,15 +62,13 @@ pub struct ContainerConfig {
     pub labels: std::collections::HashMap<String, String>,
 }
 
-/// A container containerd knows, with its labels and whether its task runs.
+/// A container containerd knows, with its labels and whether it has a task.
 #[derive(Clone, Debug)]
 pub struct Listed {
     /// Container id.
     pub id: String,
     /// Its labels.
     pub labels: std::collections::HashMap<String, String>,
-    /// Its task is running.
-    pub running: bool,
     /// It has a task (running, or exited and not yet deleted: its exit status can be had).
     pub has_task: bool,
 }
@@ -89,16 +87,9 @@ pub async fn list(ch: &Channel) -> Result<Vec<Listed>> {
         .context("list tasks")?
         .into_inner()
         .tasks;
-    let running = |id: &str| {
-        tasks.iter().any(|t| {
-            (t.container_id == id || t.id == id)
-                && t.status == containerd_client::types::v1::Status::Running as i32
-        })
-    };
     Ok(containers
         .into_iter()
         .map(|c| Listed {
-            running: running(&c.id),
             has_task: tasks.iter().any(|t| t.container_id == c.id || t.id == c.id),
             id: c.id,
             labels: c.labels,
