@@ -114,94 +114,107 @@ fn mode_of(m: Option<i32>, default: u32) -> u32 {
     m.and_then(|m| u32::try_from(m).ok()).unwrap_or(default)
 }
 
-/// Keys of a ConfigMap or Secret as files: all of them, or the listed `items`.
-fn keys_to_files(
-    data: BTreeMap<String, Vec<u8>>,
-    items: Option<&Vec<KeyToPath>>,
-    mode: u32,
-    what: &str,
-    optional: bool,
-    out: &mut Payload,
-) -> Result<(), String> {
-    match items {
-        None => {
-            for (k, v) in data {
-                out.insert(k, (v, mode));
-            }
+/// Where a volume's keys come from.
+#[derive(Clone, Copy, Debug)]
+enum KeySource<'a> {
+    ConfigMap(&'a str),
+    Secret(&'a str),
+}
+
+impl KeySource<'_> {
+    /// The object's keys (a ConfigMap's `data` and `binaryData`, a Secret's `data`); `None`
+    /// when it is absent and `optional`.
+    async fn keys(
+        self,
+        client: &Client,
+        ns: &str,
+        optional: bool,
+    ) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
+        let found = match self {
+            KeySource::ConfigMap(name) => Api::<ConfigMap>::namespaced(client.clone(), ns)
+                .get_opt(name)
+                .await
+                .map(|cm| {
+                    cm.map(|cm| {
+                        let mut data: BTreeMap<String, Vec<u8>> = cm
+                            .data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.into_bytes()))
+                            .collect();
+                        data.extend(
+                            cm.binary_data
+                                .unwrap_or_default()
+                                .into_iter()
+                                .map(|(k, v)| (k, v.0)),
+                        );
+                        data
+                    })
+                }),
+            // The API server keeps no `stringData`: it merges it into `data` on write.
+            KeySource::Secret(name) => Api::<Secret>::namespaced(client.clone(), ns)
+                .get_opt(name)
+                .await
+                .map(|s| {
+                    s.map(|s| {
+                        s.data
+                            .unwrap_or_default()
+                            .into_iter()
+                            .map(|(k, v)| (k, v.0))
+                            .collect()
+                    })
+                }),
+        };
+        match found {
+            Ok(Some(data)) => Ok(Some(data)),
+            Ok(None) if optional => Ok(None),
+            Ok(None) => Err(format!("{self} not found")),
+            Err(e) => Err(format!("{self}: {e}")),
         }
-        Some(items) => {
-            for it in items {
-                match data.get(&it.key) {
-                    Some(v) => {
-                        out.insert(it.path.clone(), (v.clone(), mode_of(it.mode, mode)));
-                    }
-                    None if optional => {}
-                    None => {
-                        return Err(format!(
-                            "configuration of {what}: key {:?} does not exist",
-                            it.key
-                        ));
-                    }
+    }
+
+    /// Adds its keys as files to `out`: all of them, or the listed `items` (a listed key that
+    /// is missing fails unless `optional`).
+    async fn add(
+        self,
+        client: &Client,
+        ns: &str,
+        items: Option<&Vec<KeyToPath>>,
+        optional: bool,
+        mode: u32,
+        out: &mut Payload,
+    ) -> Result<(), String> {
+        let Some(data) = self.keys(client, ns, optional).await? else {
+            return Ok(());
+        };
+        let Some(items) = items else {
+            out.extend(data.into_iter().map(|(k, v)| (k, (v, mode))));
+            return Ok(());
+        };
+        for it in items {
+            match data.get(&it.key) {
+                Some(v) => {
+                    out.insert(it.path.clone(), (v.clone(), mode_of(it.mode, mode)));
+                }
+                None if optional => {}
+                None => {
+                    return Err(format!(
+                        "configuration of {self}: key {:?} does not exist",
+                        it.key
+                    ));
                 }
             }
         }
-    }
-    Ok(())
-}
-
-async fn config_map(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    optional: bool,
-) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
-    match Api::<ConfigMap>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(cm)) => {
-            let mut data: BTreeMap<String, Vec<u8>> = cm
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.into_bytes()))
-                .collect();
-            for (k, v) in cm.binary_data.unwrap_or_default() {
-                data.insert(k, v.0);
-            }
-            Ok(Some(data))
-        }
-        Ok(None) if optional => Ok(None),
-        Ok(None) => Err(format!("configmap {name:?} not found")),
-        Err(e) => Err(format!("configmap {name:?}: {e}")),
+        Ok(())
     }
 }
 
-async fn secret(
-    client: &Client,
-    ns: &str,
-    name: &str,
-    optional: bool,
-) -> Result<Option<BTreeMap<String, Vec<u8>>>, String> {
-    match Api::<Secret>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await
-    {
-        Ok(Some(s)) => {
-            let mut data: BTreeMap<String, Vec<u8>> = s
-                .data
-                .unwrap_or_default()
-                .into_iter()
-                .map(|(k, v)| (k, v.0))
-                .collect();
-            for (k, v) in s.string_data.unwrap_or_default() {
-                data.insert(k, v.into_bytes());
-            }
-            Ok(Some(data))
+impl std::fmt::Display for KeySource<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeySource::ConfigMap(n) => write!(f, "configmap {n:?}"),
+            KeySource::Secret(n) => write!(f, "secret {n:?}"),
         }
-        Ok(None) if optional => Ok(None),
-        Ok(None) => Err(format!("secret {name:?} not found")),
-        Err(e) => Err(format!("secret {name:?}: {e}")),
     }
 }
 
@@ -250,19 +263,29 @@ async fn payload(
     let mut out = Payload::new();
     if let Some(cm) = &v.config_map {
         let mode = mode_of(cm.default_mode, DEFAULT_MODE);
-        let optional = cm.optional == Some(true);
-        if let Some(data) = config_map(client, &ns, &cm.name, optional).await? {
-            let what = format!("configmap {:?}", cm.name);
-            keys_to_files(data, cm.items.as_ref(), mode, &what, optional, &mut out)?;
-        }
-    } else if let Some(s) = &v.secret {
-        let mode = mode_of(s.default_mode, DEFAULT_MODE);
-        let optional = s.optional == Some(true);
-        let name = s.secret_name.clone().unwrap_or_default();
-        if let Some(data) = secret(client, &ns, &name, optional).await? {
-            let what = format!("secret {name:?}");
-            keys_to_files(data, s.items.as_ref(), mode, &what, optional, &mut out)?;
-        }
+        KeySource::ConfigMap(&cm.name)
+            .add(
+                client,
+                &ns,
+                cm.items.as_ref(),
+                cm.optional == Some(true),
+                mode,
+                &mut out,
+            )
+            .await?;
+    } else if let Some(sv) = &v.secret {
+        let mode = mode_of(sv.default_mode, DEFAULT_MODE);
+        let name = sv.secret_name.as_deref().unwrap_or_default();
+        KeySource::Secret(name)
+            .add(
+                client,
+                &ns,
+                sv.items.as_ref(),
+                sv.optional == Some(true),
+                mode,
+                &mut out,
+            )
+            .await?;
     } else if let Some(d) = &v.downward_api {
         let mode = mode_of(d.default_mode, DEFAULT_MODE);
         downward_files(pod, rt, d.items.as_deref().unwrap_or(&[]), mode, &mut out)?;
@@ -270,17 +293,27 @@ async fn payload(
         let mode = mode_of(p.default_mode, DEFAULT_MODE);
         for src in p.sources.as_deref().unwrap_or(&[]) {
             if let Some(cm) = &src.config_map {
-                let optional = cm.optional == Some(true);
-                if let Some(data) = config_map(client, &ns, &cm.name, optional).await? {
-                    let what = format!("configmap {:?}", cm.name);
-                    keys_to_files(data, cm.items.as_ref(), mode, &what, optional, &mut out)?;
-                }
-            } else if let Some(s) = &src.secret {
-                let optional = s.optional == Some(true);
-                if let Some(data) = secret(client, &ns, &s.name, optional).await? {
-                    let what = format!("secret {:?}", s.name);
-                    keys_to_files(data, s.items.as_ref(), mode, &what, optional, &mut out)?;
-                }
+                KeySource::ConfigMap(&cm.name)
+                    .add(
+                        client,
+                        &ns,
+                        cm.items.as_ref(),
+                        cm.optional == Some(true),
+                        mode,
+                        &mut out,
+                    )
+                    .await?;
+            } else if let Some(sp) = &src.secret {
+                KeySource::Secret(&sp.name)
+                    .add(
+                        client,
+                        &ns,
+                        sp.items.as_ref(),
+                        sp.optional == Some(true),
+                        mode,
+                        &mut out,
+                    )
+                    .await?;
             } else if let Some(d) = &src.downward_api {
                 downward_files(pod, rt, d.items.as_deref().unwrap_or(&[]), mode, &mut out)?;
             } else if src.service_account_token.is_some() {
