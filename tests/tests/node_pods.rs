@@ -919,6 +919,20 @@ spec:
 ---
 apiVersion: v1
 kind: Pod
+metadata: {name: chatty-probe}
+spec:
+  terminationGracePeriodSeconds: 1
+  containers:
+  - name: main
+    image: busybox:1.36
+    command: [sleep, "3600"]
+    readinessProbe:
+      exec: {command: [sh, -c, "head -c 1000000 /dev/zero"]}
+      periodSeconds: 1
+      timeoutSeconds: 10
+---
+apiVersion: v1
+kind: Pod
 metadata: {name: web}
 spec:
   terminationGracePeriodSeconds: 1
@@ -970,6 +984,8 @@ spec:
                 jsonpath(cp, &["pod", "web"], "{.status.containerStatuses[0].ready}"),
                 "true"
             );
+            // An exec probe that writes more than a pipe holds still finishes (and passes).
+            cp.eventually(60, "chatty-probe Ready", || ready("chatty-probe") == "True");
             cp.ok(&["exec", "web", "--", "rm", "/www/ready"]);
             cp.eventually(30, "web not Ready again", || ready("web") == "False");
             // Transition times move only with their condition's status.

@@ -25,10 +25,10 @@ use axum::{
 };
 use futures::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use skiff_runtime::exec::{Exec, ExecConfig, ExecError};
+use skiff_runtime::exec::{Exec, ExecConfig};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-use crate::pods::{LookupError, PodManager};
+use crate::pods::PodManager;
 
 /// The stream protocols served, preferred first.
 pub const PROTOCOLS: [&str; 2] = ["v5.channel.k8s.io", "v4.channel.k8s.io"];
@@ -120,9 +120,7 @@ pub fn handle(
     }
     let id = match pods.running_container(&ns, &pod, &container) {
         Ok(id) => id,
-        Err(e @ (LookupError::Pod(_) | LookupError::Container(_))) => {
-            return status_response(StatusCode::NOT_FOUND, "NotFound", &e.to_string());
-        }
+        Err(e) => return status_response(StatusCode::NOT_FOUND, "NotFound", &e.to_string()),
     };
     let offered = headers
         .get(header::SEC_WEBSOCKET_PROTOCOL)
@@ -156,9 +154,9 @@ pub fn handle(
         .on_upgrade(move |socket| session(socket, ch, cfg))
 }
 
-/// A new exec id: unique on this node, also across agent restarts (containerd may still hold
-/// execs of an agent that crashed).
-fn exec_id() -> String {
+/// A new exec id (sessions and exec probes): unique on this node, also across agent restarts
+/// (containerd may still hold execs of an agent that crashed).
+pub(crate) fn exec_id() -> String {
     static NEXT: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -291,10 +289,7 @@ async fn session(
     let mut exec = match Exec::start(&ch, &cfg).await {
         Ok(e) => e,
         Err(e) => {
-            let msg = match &e {
-                ExecError::NotFound(_) => e.to_string(),
-                ExecError::Failed(e) => format!("{e:#}"),
-            };
+            let msg = format!("{e:#}");
             tracing::info!(error = %msg, "exec failed to start");
             for m in finish(internal_error(&msg)) {
                 let _ = sink.send(m).await;

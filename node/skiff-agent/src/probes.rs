@@ -3,7 +3,7 @@
 //! `tcpSocket` (a connection), each bounded by `timeoutSeconds`; and the periodic loop with
 //! `initialDelaySeconds`, `periodSeconds`, `successThreshold` and `failureThreshold`.
 
-use std::{net::Ipv4Addr, path::PathBuf, sync::Arc, time::Duration};
+use std::{net::Ipv4Addr, path::PathBuf, time::Duration};
 
 use k8s_openapi::{
     api::core::v1::{Container, LifecycleHandler, Probe},
@@ -100,15 +100,6 @@ pub async fn check(p: &Probe, t: &Target) -> Result<(), String> {
 }
 
 async fn exec(t: &Target, args: Vec<String>) -> Result<(), String> {
-    if args.is_empty() {
-        return Err("the exec probe has no command".into());
-    }
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let id = format!(
-        "probe-{}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
     let cfg = ExecConfig {
         container_id: t.container_id.clone(),
         args: args.clone(),
@@ -117,7 +108,7 @@ async fn exec(t: &Target, args: Vec<String>) -> Result<(), String> {
         stdout: true,
         stderr: true,
         console_size: None,
-        fifo_dir: t.exec_dir.join(id),
+        fifo_dir: t.exec_dir.join(crate::exec::exec_id()),
     };
     let mut e = Exec::start(&t.ch, &cfg).await.map_err(|e| e.to_string())?;
     // Removed however this ends (a timeout drops the future).
@@ -132,12 +123,16 @@ async fn exec(t: &Target, args: Vec<String>) -> Result<(), String> {
     let (mut out, mut err) = (e.stdout.take(), e.stderr.take());
     let control = e.control();
     let _guard = Cleanup(Some(e));
+    // Everything is read (a process blocked on a full pipe would never exit); the start is kept.
     let read = |r: Option<tokio::net::unix::pipe::Receiver>| async move {
-        let mut buf = Vec::new();
-        if let Some(r) = r {
-            let _ = r.take(MAX_OUTPUT as u64).read_to_end(&mut buf).await;
+        let mut kept = Vec::new();
+        let Some(mut r) = r else { return kept };
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = r.read(&mut buf).await {
+            let room = MAX_OUTPUT.saturating_sub(kept.len()).min(n);
+            kept.extend_from_slice(&buf[..room]);
         }
-        buf
+        kept
     };
     let (code, o, e2) = tokio::join!(control.wait(), read(out.take()), read(err.take()));
     match code {
@@ -154,6 +149,23 @@ async fn exec(t: &Target, args: Vec<String>) -> Result<(), String> {
     }
 }
 
+/// The HTTP client of `httpGet` probes and hooks: no certificate checks and no kept-alive
+/// connections (as the kubelet's), redirects followed.
+fn http_client() -> Result<&'static reqwest::Client, String> {
+    static CLIENT: std::sync::OnceLock<reqwest::Client> = std::sync::OnceLock::new();
+    if let Some(c) = CLIENT.get() {
+        return Ok(c);
+    }
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let c = reqwest::Client::builder()
+        .tls_danger_accept_invalid_certs(true)
+        .pool_max_idle_per_host(0)
+        .user_agent("kube-probe/1.32")
+        .build()
+        .map_err(|e| format!("the probe HTTP client: {e}"))?;
+    Ok(CLIENT.get_or_init(|| c))
+}
+
 async fn http_get(
     host: &str,
     port: u16,
@@ -165,101 +177,22 @@ async fn http_get(
         "{}://{host}:{port}{path}",
         if https { "https" } else { "http" }
     );
-    let fail = |e: &dyn std::fmt::Display| format!("Get {url:?}: {e}");
-    let tcp = tokio::net::TcpStream::connect((host, port))
-        .await
-        .map_err(|e| fail(&e))?;
-    let mut req = hyper::Request::get(path)
-        .header(hyper::header::HOST, format!("{host}:{port}"))
-        .header(hyper::header::USER_AGENT, "kube-probe/1.32")
-        .header(hyper::header::ACCEPT, "*/*")
-        .header(hyper::header::CONNECTION, "close");
+    let mut req = http_client()?
+        .get(&url)
+        .header(reqwest::header::ACCEPT, "*/*");
     for (k, v) in headers {
         req = req.header(k.as_str(), v.as_str());
     }
-    let req = req
-        .body(http_body_util::Empty::<bytes::Bytes>::new())
-        .map_err(|e| fail(&e))?;
-    let status = if https {
-        let cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| fail(&e))?
-        .dangerous()
-        .with_custom_certificate_verifier(Arc::new(AnyCertificate))
-        .with_no_client_auth();
-        let name =
-            rustls::pki_types::ServerName::try_from(host.to_string()).map_err(|e| fail(&e))?;
-        let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-            .connect(name, tcp)
-            .await
-            .map_err(|e| fail(&e))?;
-        send(hyper_util::rt::TokioIo::new(tls), req).await
-    } else {
-        send(hyper_util::rt::TokioIo::new(tcp), req).await
-    }
-    .map_err(|e| fail(&e))?;
+    let status = req
+        .send()
+        .await
+        .map_err(|e| format!("Get {url:?}: {e}"))?
+        .status()
+        .as_u16();
     if (200..400).contains(&status) {
         Ok(())
     } else {
         Err(format!("HTTP probe failed with statuscode: {status}"))
-    }
-}
-
-async fn send<T>(
-    io: T,
-    req: hyper::Request<http_body_util::Empty<bytes::Bytes>>,
-) -> Result<u16, hyper::Error>
-where
-    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
-{
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(io).await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    let resp = sender.send_request(req).await?;
-    Ok(resp.status().as_u16())
-}
-
-/// HTTPS probes do not verify certificates (as upstream's).
-#[derive(Debug)]
-struct AnyCertificate;
-
-impl rustls::client::danger::ServerCertVerifier for AnyCertificate {
-    fn verify_server_cert(
-        &self,
-        _end_entity: &rustls::pki_types::CertificateDer<'_>,
-        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
-        _server_name: &rustls::pki_types::ServerName<'_>,
-        _ocsp: &[u8],
-        _now: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        _message: &[u8],
-        _cert: &rustls::pki_types::CertificateDer<'_>,
-        _dss: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        Ok(rustls::client::danger::HandshakeSignatureValid::assertion())
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        rustls::crypto::ring::default_provider()
-            .signature_verification_algorithms
-            .supported_schemes()
     }
 }
 
