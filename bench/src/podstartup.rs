@@ -7,7 +7,6 @@
 
 use std::{
     collections::HashMap,
-    os::{fd::AsRawFd, unix::process::CommandExt},
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
@@ -47,17 +46,7 @@ struct Proc(Child);
 
 impl Drop for Proc {
     fn drop(&mut self) {
-        let pid = nix::unistd::Pid::from_raw(i32::try_from(self.0.id()).unwrap_or(0));
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        skiff_tests::stop_child(&mut self.0, Duration::from_secs(15));
     }
 }
 
@@ -87,42 +76,6 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     Ok(())
-}
-
-/// Removes the containers the node's runc left (the agent was stopped with pods on it).
-fn remove_runc_leftovers(runc_root: &Path) {
-    let Ok(out) = Command::new("runc")
-        .arg("--root")
-        .arg(runc_root)
-        .args(["list", "-q"])
-        .output()
-    else {
-        return;
-    };
-    for id in String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter(|l| !l.is_empty())
-    {
-        let _ = Command::new("runc")
-            .arg("--root")
-            .arg(runc_root)
-            .args(["delete", "--force", id])
-            .output();
-    }
-}
-
-/// Unmounts what the node left mounted under `dir` (its network namespace directory).
-fn unmount_under(dir: &Path) {
-    let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-    let mut targets: Vec<&str> = mounts
-        .lines()
-        .filter_map(|l| l.split_whitespace().nth(1))
-        .filter(|m| Path::new(m).starts_with(dir))
-        .collect();
-    targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-    for t in targets {
-        let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-    }
 }
 
 /// `ctr run -d` of the image, `n` times in a row on the node's containerd: the runtime's floor.
@@ -228,38 +181,23 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
         "busybox:1.36",
         &archive,
     )?;
-    let run_dir = PathBuf::from(format!("/tmp/skb{}", std::process::id()));
-    let node_name = "bench-node";
-    let ns_fd = node_ns.ns.as_raw_fd();
-    let mut cmd = Command::new(&args.skiff_node);
-    cmd.args(["--node-name", node_name, "--kubeconfig"])
-        .arg(control_dir.join("node.kubeconfig"))
-        .arg("--data-dir")
-        .arg(args.data_dir.join("node"))
-        .arg("--run-dir")
-        .arg(&run_dir)
-        .args(["--node-ip", &node_ns.node_ip.to_string()])
-        .arg("--import-image")
-        .arg(&archive)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(args.data_dir.join("node.log"))?);
-    // SAFETY: runs in the forked child before exec and only calls setns(2), which is
-    // async-signal-safe; the namespace's descriptor stays open in this process.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    let node = Proc(cmd.spawn().context("start skiff-node")?);
+    // The agent, its own containerd and its cleanup (containers, shims, mounts, BPF pins) are
+    // the tests' node harness, run with the release binary.
+    let node = skiff_tests::node::NodeAgent::start_binary(
+        &args.skiff_node,
+        node_ns,
+        &control_dir.join("node.kubeconfig"),
+        &args.data_dir,
+        &[archive],
+        &[],
+    );
+    let node_name = node.name.clone();
+    let socket = node.run_dir.join("containerd/containerd.sock");
     let nodes: Api<Node> = Api::all(client.clone());
     let result = async {
         wait_for("the node to be Ready", 90, || async {
             nodes
-                .get_opt(node_name)
+                .get_opt(&node_name)
                 .await
                 .ok()
                 .flatten()
@@ -332,24 +270,12 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
                 .is_ok_and(|l| l.items.is_empty())
         })
         .await?;
-        let floor = tokio::task::block_in_place(|| {
-            ctr_floor(
-                &run_dir.join("containerd/containerd.sock"),
-                args.pods.min(50),
-            )
-        })?;
+        let floor = tokio::task::block_in_place(|| ctr_floor(&socket, args.pods.min(50)))?;
         Ok::<_, anyhow::Error>((lat, floor))
     }
     .await;
-    drop(node);
-    // The node's pinned BPF maps outlive it by design; the benchmark's node goes entirely.
-    let _ = Command::new(&args.skiff_node)
-        .args(["--node-name", node_name, "bpf", "unpin"])
-        .output();
-    remove_runc_leftovers(&run_dir.join("runc/k8s.io"));
+    tokio::task::block_in_place(|| drop(node));
     drop(control);
-    unmount_under(&run_dir);
-    let _ = std::fs::remove_dir_all(&run_dir);
     let _ = std::fs::remove_dir_all(&args.data_dir);
     let (lat, floor) = result?;
     eprintln!();

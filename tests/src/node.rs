@@ -195,10 +195,10 @@ impl Drop for Lan {
 
 /// A `skiff-node` agent running in a [`NodeNs`], with its data and run directories. Dropping it
 /// ends the agent (by PID), then stops any container shim it left (by PID, matched on its own
-/// run directory) and unmounts what they left.
+/// run directory), unmounts what they left and unpins its BPF maps.
 #[derive(Debug)]
 pub struct NodeAgent {
-    child: Child,
+    child: Option<Child>,
     /// Node name.
     pub name: String,
     /// Its data directory.
@@ -207,6 +207,7 @@ pub struct NodeAgent {
     pub run_dir: PathBuf,
     /// Its log file.
     pub log: PathBuf,
+    binary: PathBuf,
     kubeconfig: PathBuf,
     images: Vec<PathBuf>,
     extra: Vec<String>,
@@ -231,81 +232,71 @@ impl NodeAgent {
         images: &[PathBuf],
         extra: &[&str],
     ) -> NodeAgent {
-        let extra: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        Self::start_binary(&bin("skiff-node"), node, kubeconfig, scratch, images, extra)
+    }
+
+    /// [`NodeAgent::start_with`] running the `skiff-node` at `binary` (a benchmark's release
+    /// build).
+    pub fn start_binary(
+        binary: &Path,
+        node: &NodeNs,
+        kubeconfig: &Path,
+        scratch: &Path,
+        images: &[PathBuf],
+        extra: &[&str],
+    ) -> NodeAgent {
         let name = unique_name("node");
-        let data_dir = scratch.join(format!("{name}-data"));
-        let run_dir = PathBuf::from(format!("/tmp/{}", unique_name("skn")));
-        let log = scratch.join(format!("{name}.log"));
-        let child = Self::spawn(
-            node, &name, kubeconfig, &data_dir, &run_dir, &log, images, &extra,
-        );
-        NodeAgent {
-            child,
+        let mut agent = NodeAgent {
+            child: None,
+            data_dir: scratch.join(format!("{name}-data")),
+            run_dir: PathBuf::from(format!("/tmp/{}", unique_name("skn"))),
+            log: scratch.join(format!("{name}.log")),
             name,
-            data_dir,
-            run_dir,
-            log,
+            binary: binary.to_path_buf(),
             kubeconfig: kubeconfig.to_path_buf(),
             images: images.to_vec(),
-            extra,
-        }
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+        };
+        agent.spawn(node);
+        agent
     }
 
     /// Kills the agent with SIGKILL, as a crash would (its containers keep running).
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
     }
 
     /// Starts the agent again with the same name, directories and arguments (its log grows).
     pub fn restart(&mut self, node: &NodeNs) {
-        self.child = Self::spawn(
-            node,
-            &self.name,
-            &self.kubeconfig,
-            &self.data_dir,
-            &self.run_dir,
-            &self.log,
-            &self.images,
-            &self.extra,
-        );
+        self.stop();
+        self.spawn(node);
     }
 
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one place that builds the command line"
-    )]
-    fn spawn(
-        node: &NodeNs,
-        name: &str,
-        kubeconfig: &Path,
-        data_dir: &Path,
-        run_dir: &Path,
-        log: &Path,
-        images: &[PathBuf],
-        extra: &[String],
-    ) -> Child {
+    fn spawn(&mut self, node: &NodeNs) {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(log)
+            .open(&self.log)
             .expect("agent log");
-        let mut cmd = Command::new(bin("skiff-node"));
-        cmd.args(["--node-name", name])
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--node-name", &self.name])
             .arg("--kubeconfig")
-            .arg(kubeconfig)
+            .arg(&self.kubeconfig)
             .arg("--data-dir")
-            .arg(data_dir)
+            .arg(&self.data_dir)
             .arg("--run-dir")
-            .arg(run_dir)
+            .arg(&self.run_dir)
             .args(["--node-ip", &node.node_ip.to_string()])
             // Volume updates show within a test's patience.
             .args(["--volume-sync-period", "1s"])
             .env("RUST_LOG", "info,skiff_agent=debug")
             .stdout(Stdio::null())
             .stderr(log);
-        cmd.args(extra);
-        for i in images {
+        cmd.args(&self.extra);
+        for i in &self.images {
             cmd.arg("--import-image").arg(i);
         }
         let ns_fd = node.ns.as_raw_fd();
@@ -319,7 +310,7 @@ impl NodeAgent {
                 Ok(())
             });
         }
-        cmd.spawn().expect("start skiff-node")
+        self.child = Some(cmd.spawn().expect("start skiff-node"));
     }
 
     /// The agent's log so far.
@@ -329,7 +320,9 @@ impl NodeAgent {
 
     /// Ends the agent (SIGTERM, then SIGKILL after 10 s) and waits for it.
     pub fn stop(&mut self) {
-        crate::stop_child(&mut self.child, Duration::from_secs(10));
+        if let Some(mut c) = self.child.take() {
+            crate::stop_child(&mut c, Duration::from_secs(10));
+        }
     }
 }
 
@@ -388,7 +381,7 @@ impl Drop for NodeAgent {
             let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
         }
         let _ = std::fs::remove_dir_all(&self.run_dir);
-        let _ = Command::new(bin("skiff-node"))
+        let _ = Command::new(&self.binary)
             .args(["--node-name", &self.name, "bpf", "unpin"])
             .output();
     }
