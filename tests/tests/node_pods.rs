@@ -7,7 +7,7 @@
 use std::{
     io::{Read, Write},
     net::{SocketAddrV4, TcpStream},
-    path::Path,
+    path::{Path, PathBuf},
     time::Duration,
 };
 
@@ -18,7 +18,7 @@ use skiff_tests::{
 };
 
 /// The busybox test image (named `busybox:1.36`) as an OCI layout archive in the scratch dir.
-fn busybox_archive(cp: &ControlPlane) -> std::path::PathBuf {
+fn busybox_archive(cp: &ControlPlane) -> PathBuf {
     let archive = cp.scratch().join("busybox.tar");
     skiff_runtime::oci_layout::build_busybox_archive(
         Path::new("/bin/busybox"),
@@ -40,20 +40,37 @@ fn jsonpath(cp: &ControlPlane, what: &[&str], path: &str) -> String {
 /// Runs `body` with a control plane and one node agent in its own namespace (the busybox image
 /// imported); prints the agent's log if it fails, and cleans up either way.
 fn on_one_node(test: &str, body: impl FnOnce(&NodeNs, &ControlPlane, &mut NodeAgent)) {
+    on_one_node_with(
+        test,
+        |_, _, archive| (vec![archive], Vec::new(), ()),
+        |node_ns, cp, agent, ()| body(node_ns, cp, agent),
+    );
+}
+
+/// [`on_one_node`] where `prepare` (given the busybox archive) decides the agent's images and
+/// extra arguments before it starts, and hands `body` what it made.
+fn on_one_node_with<S>(
+    test: &str,
+    prepare: impl FnOnce(&NodeNs, &ControlPlane, PathBuf) -> (Vec<PathBuf>, Vec<String>, S),
+    body: impl FnOnce(&NodeNs, &ControlPlane, &mut NodeAgent, S),
+) {
     if !privileged(test) {
         return;
     }
     let node_ns = NodeNs::new();
     let cp = ControlPlane::start_on(node_ns.host_ip);
     let archive = busybox_archive(&cp);
-    let mut agent = NodeAgent::start(
+    let (images, extra, made) = prepare(&node_ns, &cp, archive);
+    let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
+    let mut agent = NodeAgent::start_with(
         &node_ns,
         &cp.scratch().join("data/node.kubeconfig"),
         cp.scratch(),
-        &[archive],
+        &images,
+        &extra,
     );
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        body(&node_ns, &cp, &mut agent)
+        body(&node_ns, &cp, &mut agent, made)
     }));
     if outcome.is_err() {
         eprintln!("agent log:\n{}", agent.log());
@@ -1196,146 +1213,133 @@ impl Drop for Registry {
 
 #[test]
 fn images_are_pulled_from_a_registry_per_pull_policy() {
-    if !privileged("images_are_pulled_from_a_registry_per_pull_policy") {
-        return;
-    }
-    let node_ns = NodeNs::new();
-    let cp = ControlPlane::start_on(node_ns.host_ip);
-    let archive = busybox_archive(&cp);
-    // The registry listens on the host side of the node's link, where the agent reaches it.
-    let port = std::net::TcpListener::bind((node_ns.host_ip, 0))
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port();
-    let registry = format!("{}:{port}", node_ns.host_ip);
-    let reg_dir = cp.scratch().join("registry");
-    std::fs::create_dir_all(&reg_dir).expect("registry dir");
-    let _server = Registry::start(&registry, &reg_dir);
-    let pushed = std::process::Command::new("skopeo")
-        .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
-        .arg(format!("oci-archive:{}", archive.display()))
-        .arg(format!("docker://{registry}/tools/busybox:1.36"))
-        .output()
-        .expect("run skopeo");
-    assert!(
-        pushed.status.success(),
-        "skopeo copy: {}",
-        String::from_utf8_lossy(&pushed.stderr)
-    );
-    // No image imported: everything comes from the registry.
-    let mut agent = NodeAgent::start_with(
-        &node_ns,
-        &cp.scratch().join("data/node.kubeconfig"),
-        cp.scratch(),
-        &[],
-        &["--insecure-registry", &registry],
-    );
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let image = format!("{registry}/tools/busybox:1.36");
-        cp.ok(&[
-            "run",
-            "pulled",
-            &format!("--image={image}"),
-            "--",
-            "sleep",
-            "3600",
-        ]);
-        cp.eventually(90, "pod pulled Running", || {
-            jsonpath(&cp, &["pod", "pulled"], "{.status.phase}") == "Running"
-        });
-        let image_id = jsonpath(
-            &cp,
-            &["pod", "pulled"],
-            "{.status.containerStatuses[0].imageID}",
-        );
-        assert!(image_id.starts_with("sha256:"), "{image_id}");
-        assert_eq!(
-            cp.ok(&["exec", "pulled", "--", "echo", "from", "the", "registry"]),
-            "from the registry\n"
-        );
-        let events = cp.ok(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=pulled",
-        ]);
+    let prepare = |node_ns: &NodeNs, cp: &ControlPlane, archive: PathBuf| {
+        // The registry listens on the host side of the node's link, where the agent reaches it.
+        let port = std::net::TcpListener::bind((node_ns.host_ip, 0))
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let registry = format!("{}:{port}", node_ns.host_ip);
+        let reg_dir = cp.scratch().join("registry");
+        std::fs::create_dir_all(&reg_dir).expect("registry dir");
+        let server = Registry::start(&registry, &reg_dir);
+        let pushed = std::process::Command::new("skopeo")
+            .args(["--insecure-policy", "copy", "--dest-tls-verify=false"])
+            .arg(format!("oci-archive:{}", archive.display()))
+            .arg(format!("docker://{registry}/tools/busybox:1.36"))
+            .output()
+            .expect("run skopeo");
         assert!(
-            events.contains(&format!("Pulling image \"{image}\"")),
-            "{events}"
+            pushed.status.success(),
+            "skopeo copy: {}",
+            String::from_utf8_lossy(&pushed.stderr)
         );
-        assert!(events.contains("Successfully pulled image"), "{events}");
-
-        // A second pod with IfNotPresent uses what is there.
-        cp.ok(&[
-            "run",
-            "again",
-            &format!("--image={image}"),
-            "--image-pull-policy=IfNotPresent",
-            "--",
-            "sleep",
-            "3600",
-        ]);
-        cp.eventually(60, "pod again Running", || {
-            jsonpath(&cp, &["pod", "again"], "{.status.phase}") == "Running"
-        });
-        let events = cp.ok(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=again",
-        ]);
-        assert!(events.contains("already present on machine"), "{events}");
-
-        // A tag the registry lacks, and an absent image with pull policy Never.
-        cp.ok(&[
-            "run",
-            "lacking",
-            &format!("--image={registry}/tools/busybox:9.9"),
-        ]);
-        cp.eventually(60, "lacking ErrImagePull", || {
-            let r = jsonpath(
-                &cp,
-                &["pod", "lacking"],
-                "{.status.containerStatuses[0].state.waiting.reason}",
+        // No image imported: everything comes from the registry.
+        let extra = vec!["--insecure-registry".to_string(), registry.clone()];
+        (Vec::new(), extra, (registry, server))
+    };
+    on_one_node_with(
+        "images_are_pulled_from_a_registry_per_pull_policy",
+        prepare,
+        |_node_ns, cp, _agent, (registry, _server)| {
+            let image = format!("{registry}/tools/busybox:1.36");
+            cp.ok(&[
+                "run",
+                "pulled",
+                &format!("--image={image}"),
+                "--",
+                "sleep",
+                "3600",
+            ]);
+            cp.eventually(90, "pod pulled Running", || {
+                jsonpath(cp, &["pod", "pulled"], "{.status.phase}") == "Running"
+            });
+            let image_id = jsonpath(
+                cp,
+                &["pod", "pulled"],
+                "{.status.containerStatuses[0].imageID}",
             );
-            r == "ErrImagePull" || r == "ImagePullBackOff"
-        });
-        let events = cp.ok(&[
-            "get",
-            "events",
-            "--field-selector",
-            "involvedObject.name=lacking",
-        ]);
-        assert!(events.contains("Failed to pull image"), "{events}");
-        cp.ok(&[
-            "run",
-            "never",
-            "--image=absent/image:1",
-            "--image-pull-policy=Never",
-        ]);
-        cp.eventually(60, "never ErrImageNeverPull", || {
-            jsonpath(
-                &cp,
-                &["pod", "never"],
-                "{.status.containerStatuses[0].state.waiting.reason}",
-            ) == "ErrImageNeverPull"
-        });
-        cp.ok(&[
-            "delete",
-            "pods",
-            "--all",
-            "--grace-period=1",
-            "--timeout=60s",
-        ]);
-    }));
-    if outcome.is_err() {
-        eprintln!("agent log:\n{}", agent.log());
-    }
-    agent.stop();
-    drop(agent);
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+            assert!(image_id.starts_with("sha256:"), "{image_id}");
+            assert_eq!(
+                cp.ok(&["exec", "pulled", "--", "echo", "from", "the", "registry"]),
+                "from the registry\n"
+            );
+            let events = cp.ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=pulled",
+            ]);
+            assert!(
+                events.contains(&format!("Pulling image \"{image}\"")),
+                "{events}"
+            );
+            assert!(events.contains("Successfully pulled image"), "{events}");
+
+            // A second pod with IfNotPresent uses what is there.
+            cp.ok(&[
+                "run",
+                "again",
+                &format!("--image={image}"),
+                "--image-pull-policy=IfNotPresent",
+                "--",
+                "sleep",
+                "3600",
+            ]);
+            cp.eventually(60, "pod again Running", || {
+                jsonpath(cp, &["pod", "again"], "{.status.phase}") == "Running"
+            });
+            let events = cp.ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=again",
+            ]);
+            assert!(events.contains("already present on machine"), "{events}");
+
+            // A tag the registry lacks, and an absent image with pull policy Never.
+            cp.ok(&[
+                "run",
+                "lacking",
+                &format!("--image={registry}/tools/busybox:9.9"),
+            ]);
+            cp.eventually(60, "lacking ErrImagePull", || {
+                let r = jsonpath(
+                    cp,
+                    &["pod", "lacking"],
+                    "{.status.containerStatuses[0].state.waiting.reason}",
+                );
+                r == "ErrImagePull" || r == "ImagePullBackOff"
+            });
+            let events = cp.ok(&[
+                "get",
+                "events",
+                "--field-selector",
+                "involvedObject.name=lacking",
+            ]);
+            assert!(events.contains("Failed to pull image"), "{events}");
+            cp.ok(&[
+                "run",
+                "never",
+                "--image=absent/image:1",
+                "--image-pull-policy=Never",
+            ]);
+            cp.eventually(60, "never ErrImageNeverPull", || {
+                jsonpath(
+                    cp,
+                    &["pod", "never"],
+                    "{.status.containerStatuses[0].state.waiting.reason}",
+                ) == "ErrImageNeverPull"
+            });
+            cp.ok(&[
+                "delete",
+                "pods",
+                "--all",
+                "--grace-period=1",
+                "--timeout=60s",
+            ]);
+        },
+    );
 }
 
 #[test]
