@@ -358,29 +358,46 @@ fn runc_options(root: &Path) -> prost_types::Any {
 
 /// Waits for the container's task to exit; returns its exit status.
 pub async fn wait(ch: &Channel, id: &str) -> Result<u32> {
+    wait_process(ch, id, "").await
+}
+
+/// Waits for process `exec_id` of container `id` (`""`: its task) to exit; returns its exit
+/// status (128 + signal when killed).
+pub(crate) async fn wait_process(ch: &Channel, id: &str, exec_id: &str) -> Result<u32> {
     let r = TasksClient::new(ch.clone())
         .wait(with_namespace!(
             WaitRequest {
                 container_id: id.into(),
-                ..Default::default()
+                exec_id: exec_id.into(),
             },
             NAMESPACE
         ))
         .await
-        .with_context(|| format!("wait for container {id}"))?
+        .with_context(|| format!("wait for process {exec_id:?} of container {id}"))?
         .into_inner();
     Ok(r.exit_status)
 }
 
 /// Sends `signal` to the container's processes.
 pub async fn kill(ch: &Channel, id: &str, signal: u32) -> Result<()> {
+    signal_process(ch, id, "", signal).await
+}
+
+/// Sends `signal` to process `exec_id` of container `id` (`""`: all of the task's
+/// processes); a process that is gone already is fine.
+pub(crate) async fn signal_process(
+    ch: &Channel,
+    id: &str,
+    exec_id: &str,
+    signal: u32,
+) -> Result<()> {
     match TasksClient::new(ch.clone())
         .kill(with_namespace!(
             KillRequest {
                 container_id: id.into(),
+                exec_id: exec_id.into(),
                 signal,
-                all: true,
-                ..Default::default()
+                all: exec_id.is_empty(),
             },
             NAMESPACE
         ))
@@ -388,7 +405,7 @@ pub async fn kill(ch: &Channel, id: &str, signal: u32) -> Result<()> {
     {
         Ok(_) => Ok(()),
         Err(e) if e.code() == Code::NotFound => Ok(()),
-        Err(e) => Err(e).with_context(|| format!("signal container {id}")),
+        Err(e) => Err(e).with_context(|| format!("signal process {exec_id:?} of container {id}")),
     }
 }
 

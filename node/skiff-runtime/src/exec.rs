@@ -15,7 +15,7 @@ use anyhow::{Context, Result};
 use containerd_client::{
     services::v1::{
         CloseIoRequest, DeleteProcessRequest, ExecProcessRequest, GetContainerRequest,
-        ResizePtyRequest, StartRequest, WaitRequest, containers_client::ContainersClient,
+        ResizePtyRequest, StartRequest, containers_client::ContainersClient,
         tasks_client::TasksClient,
     },
     tonic::{Code, Request, transport::Channel},
@@ -316,33 +316,17 @@ impl ExecControl {
 
     /// Waits for the process to exit; returns its exit status (128 + signal when killed).
     pub async fn wait(&self) -> Result<u32> {
-        wait(&self.ch, &self.container_id, &self.exec_id).await
+        crate::container::wait_process(&self.ch, &self.container_id, &self.exec_id).await
     }
 
     /// Removes the process from containerd, killing it first if it still runs.
     pub async fn remove(&self) {
-        let mut tasks = TasksClient::new(self.ch.clone());
-        // Killing an exited process only fails; a running one ends (containerd will not
-        // delete it while it runs).
-        let killed = tasks
-            .kill(with_namespace!(
-                containerd_client::services::v1::KillRequest {
-                    container_id: self.container_id.clone(),
-                    exec_id: self.exec_id.clone(),
-                    signal: 9,
-                    all: false,
-                },
-                NAMESPACE
-            ))
-            .await;
-        if killed.is_ok() {
-            let _ = tokio::time::timeout(
-                std::time::Duration::from_secs(10),
-                wait(&self.ch, &self.container_id, &self.exec_id),
-            )
-            .await;
-        }
-        if let Err(e) = tasks
+        // containerd will not delete a running process: end it first (an exited one's wait
+        // returns at once).
+        let _ =
+            crate::container::signal_process(&self.ch, &self.container_id, &self.exec_id, 9).await;
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.wait()).await;
+        if let Err(e) = TasksClient::new(self.ch.clone())
             .delete_process(with_namespace!(
                 DeleteProcessRequest {
                     container_id: self.container_id.clone(),
@@ -356,21 +340,6 @@ impl ExecControl {
             tracing::warn!(exec = %self.exec_id, container = %self.container_id, error = %e.message(), "removing an exec process failed");
         }
     }
-}
-
-async fn wait(ch: &Channel, container_id: &str, exec_id: &str) -> Result<u32> {
-    let r = TasksClient::new(ch.clone())
-        .wait(with_namespace!(
-            WaitRequest {
-                container_id: container_id.into(),
-                exec_id: exec_id.into(),
-            },
-            NAMESPACE
-        ))
-        .await
-        .with_context(|| format!("wait for exec {exec_id} in {container_id}"))?
-        .into_inner();
-    Ok(r.exit_status)
 }
 
 #[cfg(test)]
