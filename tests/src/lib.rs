@@ -12,6 +12,7 @@ pub mod control;
 pub mod linearizability;
 pub mod node;
 pub mod packets;
+pub mod simulate;
 pub mod topology;
 
 use std::{

@@ -204,6 +204,12 @@ fn get_output_formats_selectors_and_tables() {
         "sleep",
         "1",
     ]);
+    cp.eventually(30, "the Deployment's two pods", || {
+        cp.ok(&["get", "pods", "-n", "shop", "-l", "app=web", "-o", "name"])
+            .lines()
+            .count()
+            == 2
+    });
 
     let pods = cp.ok(&["get", "pods", "-n", "shop"]);
     assert_eq!(
@@ -264,6 +270,8 @@ fn get_output_formats_selectors_and_tables() {
         "pods",
         "-n",
         "shop",
+        "-l",
+        "tier",
         "-o",
         "jsonpath={.items[*].metadata.name}",
     ]);
@@ -292,7 +300,11 @@ fn get_output_formats_selectors_and_tables() {
     ]);
     assert_eq!(set.trim(), "pod/pod-a");
     let exists = cp.ok(&["get", "pods", "-n", "shop", "-l", "!tier", "-o", "name"]);
-    assert!(exists.trim().is_empty(), "{exists}");
+    // Only the Deployment's pods lack the label.
+    assert!(
+        exists.lines().count() == 2 && exists.lines().all(|l| l.starts_with("pod/web-")),
+        "{exists}"
+    );
     let by_name = cp.ok(&[
         "get",
         "pods",
@@ -313,7 +325,8 @@ fn get_output_formats_selectors_and_tables() {
         "-o",
         "name",
     ]);
-    assert_eq!(unscheduled.lines().count(), 2, "{unscheduled}");
+    // No nodes: the two pods and the Deployment's two all wait.
+    assert_eq!(unscheduled.lines().count(), 4, "{unscheduled}");
     let err = cp.fails(&[
         "get",
         "cm",
@@ -486,7 +499,7 @@ fn owned_replicaset(cp: &ControlPlane, deploy: &str) {
         "jsonpath={.metadata.uid}",
     ]);
     let rs = format!(
-        r#"{{"apiVersion":"apps/v1","kind":"ReplicaSet","metadata":{{"name":"{deploy}-rs","namespace":"shop",
+        r#"{{"apiVersion":"apps/v1","kind":"ReplicaSet","metadata":{{"name":"{deploy}-rs","namespace":"shop","labels":{{"app":"{deploy}"}},
         "ownerReferences":[{{"apiVersion":"apps/v1","kind":"Deployment","name":"{deploy}","uid":"{uid}","controller":true,"blockOwnerDeletion":true}}]}},
         "spec":{{"selector":{{"matchLabels":{{"app":"{deploy}"}}}},"template":{{"metadata":{{"labels":{{"app":"{deploy}"}}}},
         "spec":{{"containers":[{{"name":"c","image":"busybox"}}]}}}}}}}}"#

@@ -342,7 +342,7 @@ fn message(name: &str, buf: &[u8], depth: usize) -> Result<Value, ApiError> {
             }
             Some(key) => {
                 // Go omits empty strings (omitempty); a present-but-empty string means unset.
-                if value.as_str() == Some("") || value.is_null() {
+                if value.as_str() == Some("") || value.is_null() || zero_means_unset(&key, &value) {
                     continue;
                 }
                 out.insert(key, value);
@@ -358,6 +358,54 @@ fn message(name: &str, buf: &[u8], depth: usize) -> Result<Value, ApiError> {
         }
     }
     Ok(Value::Object(out))
+}
+
+/// Fields whose zero value (`false`, `0`) is a setting of its own, unlike their absence: Go
+/// pointer fields such as `replicas: 0`, `backoffLimit: 0`, `runAsUser: 0`,
+/// `automountServiceAccountToken: false`, `gracePeriodSeconds: 0`.
+const ZERO_IS_A_VALUE: &[&str] = &[
+    "activeDeadlineSeconds",
+    "allocateLoadBalancerNodePorts",
+    "allowPrivilegeEscalation",
+    "automountServiceAccountToken",
+    "backoffLimit",
+    "backoffLimitPerIndex",
+    "collisionCount",
+    "completions",
+    "defaultMode",
+    "deletionGracePeriodSeconds",
+    "enableServiceLinks",
+    "expirationSeconds",
+    "failedJobsHistoryLimit",
+    "fsGroup",
+    "gracePeriodSeconds",
+    "hostUsers",
+    "leaseTransitions",
+    "maxFailedIndexes",
+    "mode",
+    "parallelism",
+    "priority",
+    "progressDeadlineSeconds",
+    "ready",
+    "replicas",
+    "revisionHistoryLimit",
+    "runAsGroup",
+    "runAsUser",
+    "serving",
+    "startingDeadlineSeconds",
+    "successfulJobsHistoryLimit",
+    "terminating",
+    "terminationGracePeriodSeconds",
+    "ttlSecondsAfterFinished",
+];
+
+/// Whether a decoded scalar is a zero that JSON would not carry. Go's protobuf encoding writes
+/// every non-pointer field, zeros included, where its JSON encoding omits them (`omitempty`):
+/// `stdin: false` and `generation: 0` are "unset". Zeros of the fields in
+/// [`ZERO_IS_A_VALUE`] are kept; for other pointer fields, zero and unset mean the same.
+fn zero_means_unset(key: &str, value: &Value) -> bool {
+    let zero = value == &json!(false) || value.as_i64() == Some(0) || value.as_f64() == Some(0.0);
+    zero && !ZERO_IS_A_VALUE.contains(&key)
 }
 
 /// Whether a content type is Kubernetes protobuf.
@@ -507,6 +555,13 @@ mod tests {
                 }),
                 ..Default::default()
             }],
+            stdin: Some(false),
+            tty: Some(false),
+            security_context: Some(core::SecurityContext {
+                run_as_user: Some(0),
+                privileged: Some(false),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let d = apps::Deployment {
@@ -546,6 +601,10 @@ mod tests {
         let v = decode(&envelope("apps/v1", "Deployment", d.encode_to_vec())).unwrap();
         assert_eq!(v["spec"]["replicas"], 0);
         let c = &v["spec"]["template"]["spec"]["containers"][0];
+        // Go writes every non-pointer field; their zeros are "unset", as in JSON. Zeros that
+        // are settings of their own stay.
+        assert!(c.get("stdin").is_none() && c.get("tty").is_none(), "{c}");
+        assert_eq!(c["securityContext"], json!({"runAsUser": 0}));
         assert_eq!(c["ports"][0]["containerPort"], 8080);
         assert_eq!(c["resources"]["limits"]["cpu"], "500m");
         assert_eq!(

@@ -7,23 +7,60 @@
 //!   dependents (`orphan`).
 //! - [`nodeipam`]: gives each Node a /24 pod CIDR from 10.244.0.0/16.
 //! - [`scheduler`]: binds pending pods to Ready nodes that fit them.
+//! - [`replicaset`]: keeps each ReplicaSet's pods.
+//! - [`deployment`]: rolls Deployments out through ReplicaSets.
 //!
+//! The workload controllers share one list+watch per kind ([`informer`]) and reconcile keys
+//! from a deduplicating, rate-limited [`queue`], as kube-controller-manager's do.
 //! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
 //! them: a failed reconcile is retried with backoff.
 
 use std::{path::Path, time::Duration};
 
 use anyhow::{Context, Result};
+use futures::FutureExt;
 use kube::{
     Client, Config,
     config::{KubeConfigOptions, Kubeconfig},
     discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs},
 };
 
+pub mod deployment;
 pub mod gc;
+pub mod informer;
 pub mod namespace;
 pub mod nodeipam;
+pub mod owners;
+pub mod queue;
+pub mod replicaset;
 pub mod scheduler;
+
+/// A namespaced object's key in a work queue.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Key {
+    /// The namespace (`""` for cluster-scoped objects).
+    pub namespace: String,
+    /// The name.
+    pub name: String,
+}
+
+impl Key {
+    /// The key of `namespace`/`name`.
+    pub fn new(namespace: &str, name: &str) -> Key {
+        Key {
+            namespace: namespace.to_string(),
+            name: name.to_string(),
+        }
+    }
+
+    /// The key of `obj`.
+    pub fn of<K: kube::Resource>(obj: &K) -> Key {
+        Key {
+            namespace: obj.meta().namespace.clone().unwrap_or_default(),
+            name: obj.meta().name.clone().unwrap_or_default(),
+        }
+    }
+}
 
 /// Backoff for failed reconciles: 800 ms doubling to 30 s (kube-runtime's default policy).
 pub fn backoff(attempt: u32) -> Duration {
@@ -67,6 +104,43 @@ pub fn namespaced(caps: &ApiCapabilities) -> bool {
 pub async fn run(client: Client) -> Result<()> {
     let resources = resources(&client).await?;
     let mut set = tokio::task::JoinSet::new();
+    // One list+watch per kind, shared by the workload controllers.
+    let pods = informer::Informer::<k8s_openapi::api::core::v1::Pod>::new();
+    let replicasets = informer::Informer::<k8s_openapi::api::apps::v1::ReplicaSet>::new();
+    let deployments = informer::Informer::<k8s_openapi::api::apps::v1::Deployment>::new();
+    {
+        let (client, rs, pods) = (client.clone(), replicasets.clone(), pods.clone());
+        set.spawn(async move {
+            replicaset::run(client, rs, pods).await;
+            anyhow::bail!("the ReplicaSet controller stopped")
+        });
+    }
+    {
+        let (client, d, rs, pods) = (
+            client.clone(),
+            deployments.clone(),
+            replicasets.clone(),
+            pods.clone(),
+        );
+        set.spawn(async move {
+            deployment::run(client, d, rs, pods).await;
+            anyhow::bail!("the Deployment controller stopped")
+        });
+    }
+    set.spawn(
+        pods.run(client.clone())
+            .map(|()| anyhow::bail!("the pod informer stopped")),
+    );
+    set.spawn(
+        replicasets
+            .run(client.clone())
+            .map(|()| anyhow::bail!("the ReplicaSet informer stopped")),
+    );
+    set.spawn(
+        deployments
+            .run(client.clone())
+            .map(|()| anyhow::bail!("the Deployment informer stopped")),
+    );
     {
         let (client, resources) = (client.clone(), resources.clone());
         set.spawn(async move {

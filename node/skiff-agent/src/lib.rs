@@ -8,18 +8,19 @@
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
 
 pub mod env;
-pub mod events;
 pub mod exec;
 pub mod machine;
 pub mod pods;
 pub mod probes;
 pub mod qos;
-pub mod quantity;
 pub mod register;
 pub mod routes;
 pub mod server;
 pub mod simulate;
 pub mod volumes;
+
+/// Quantities and events come from the API machinery shared with the control plane.
+pub use skiff_apimachinery::{events, quantity};
 
 use std::path::Path;
 

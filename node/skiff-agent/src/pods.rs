@@ -214,7 +214,7 @@ impl PodManager {
             reason = "machine sizes are far below 2^53"
         )]
         let allocatable = (m.cpus as f64, m.memory as f64, m.ephemeral_storage as f64);
-        let events = Recorder::new(client.clone(), cfg.node.clone());
+        let events = Recorder::kubelet(client.clone(), cfg.node.clone());
         let mut leftovers: HashMap<String, Vec<container::Listed>> = HashMap::new();
         for l in container::list(&ch)
             .await

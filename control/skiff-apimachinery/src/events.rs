@@ -1,9 +1,9 @@
-//! Pod events as the kubelet records them (`Pulled`, `Created`, `Started`, `Killing`, `BackOff`,
-//! `Unhealthy`, `FailedMount`, …): core/v1 Events from component `kubelet` on this host, about
-//! the pod and, where it applies, one container (`spec.containers{name}`). A repeat of the same
-//! event (same object, reason and message) within ten minutes bumps `count` and
-//! `lastTimestamp` on the existing Event instead of creating another, as upstream's
-//! correlator does. Recording never blocks or fails the caller.
+//! core/v1 Events as upstream components record them: the kubelet's (`Pulled`, `Started`,
+//! `Killing`, … about a pod and, where it applies, one container, `spec.containers{name}`), the
+//! scheduler's (`Scheduled`, `FailedScheduling`) and the controllers' (`ScalingReplicaSet`,
+//! `SuccessfulCreate`, …). A repeat of the same event (same object, reason and message) within
+//! ten minutes bumps `count` and `lastTimestamp` on the existing Event instead of creating
+//! another, as upstream's correlator does. Recording never blocks or fails the caller.
 
 use std::{
     collections::HashMap,
@@ -17,7 +17,7 @@ use k8s_openapi::{
     chrono::Utc,
 };
 use kube::{
-    Api, Client, ResourceExt,
+    Api, Client, Resource, ResourceExt,
     api::{Patch, PatchParams, PostParams},
 };
 use serde_json::json;
@@ -46,49 +46,64 @@ struct Recorded {
     first: Instant,
 }
 
-/// Records events for the pods of one node.
+/// Records events as one component (`kubelet` on a host, `default-scheduler`,
+/// `deployment-controller`, …).
 #[derive(Clone)]
 pub struct Recorder {
     client: Client,
-    node: String,
+    component: String,
+    host: Option<String>,
     seen: Arc<Mutex<HashMap<Key, Recorded>>>,
 }
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recorder")
-            .field("node", &self.node)
+            .field("component", &self.component)
+            .field("host", &self.host)
             .finish()
     }
 }
 
 impl Recorder {
     /// A recorder reporting as the kubelet of `node`.
-    pub fn new(client: Client, node: String) -> Recorder {
+    pub fn kubelet(client: Client, node: String) -> Recorder {
+        Recorder::new(client, "kubelet", Some(node))
+    }
+
+    /// A recorder reporting as `component` (on `host`, for per-node components).
+    pub fn new(client: Client, component: &str, host: Option<String>) -> Recorder {
         Recorder {
             client,
-            node,
+            component: component.to_string(),
+            host,
             seen: Arc::new(Mutex::new(HashMap::new())),
         }
     }
 
     /// Records an event about `pod` (and its `container`, if given), in the background.
     pub fn pod(&self, pod: &Pod, container: Option<&str>, kind: Kind, reason: &str, message: &str) {
-        let involved = ObjectReference {
-            api_version: Some("v1".into()),
-            kind: Some("Pod".into()),
-            name: Some(pod.name_any()),
-            namespace: pod.namespace(),
-            uid: pod.uid(),
-            resource_version: pod.resource_version(),
-            field_path: container.map(|c| format!("spec.containers{{{c}}}")),
-        };
-        let me = self.clone();
-        let (reason, message) = (reason.to_string(), message.to_string());
-        tokio::spawn(async move { me.record(involved, kind, reason, message).await });
+        let mut involved = reference(pod);
+        involved.field_path = container.map(|c| format!("spec.containers{{{c}}}"));
+        self.record(involved, kind, reason, message);
     }
 
-    async fn record(&self, involved: ObjectReference, kind: Kind, reason: String, message: String) {
+    /// Records an event about `obj`, in the background.
+    pub fn object<K>(&self, obj: &K, kind: Kind, reason: &str, message: &str)
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        self.record(reference(obj), kind, reason, message);
+    }
+
+    /// Records an event about the object `involved` refers to, in the background.
+    pub fn record(&self, involved: ObjectReference, kind: Kind, reason: &str, message: &str) {
+        let me = self.clone();
+        let (reason, message) = (reason.to_string(), message.to_string());
+        tokio::spawn(async move { me.write(involved, kind, reason, message).await });
+    }
+
+    async fn write(&self, involved: ObjectReference, kind: Kind, reason: String, message: String) {
         let ns = involved
             .namespace
             .clone()
@@ -141,11 +156,11 @@ impl Recorder {
             first_timestamp: Some(now.clone()),
             last_timestamp: Some(now),
             source: Some(EventSource {
-                component: Some("kubelet".into()),
-                host: Some(self.node.clone()),
+                component: Some(self.component.clone()),
+                host: self.host.clone(),
             }),
-            reporting_component: Some("kubelet".into()),
-            reporting_instance: Some(self.node.clone()),
+            reporting_component: Some(self.component.clone()),
+            reporting_instance: Some(self.host.clone().unwrap_or_else(|| self.component.clone())),
             ..Default::default()
         };
         match api.create(&PostParams::default(), &ev).await {
@@ -161,5 +176,18 @@ impl Recorder {
             }
             Err(e) => tracing::debug!(error = %e, "recording an event failed"),
         }
+    }
+}
+
+/// A reference to `obj` (kind, name, namespace, uid, resourceVersion).
+pub fn reference<K: Resource<DynamicType = ()>>(obj: &K) -> ObjectReference {
+    ObjectReference {
+        api_version: Some(K::api_version(&()).into_owned()),
+        kind: Some(K::kind(&()).into_owned()),
+        name: Some(obj.name_any()),
+        namespace: obj.namespace(),
+        uid: obj.uid(),
+        resource_version: obj.resource_version(),
+        field_path: None,
     }
 }

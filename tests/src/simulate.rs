@@ -1,0 +1,76 @@
+//! A simulated-node fleet (`skiff-node --simulate N`) against a test control plane: Ready
+//! nodes named `sim-0`, `sim-1`, … whose pods run without containers. Stopped by PID on drop.
+
+use std::{
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+    time::Duration,
+};
+
+use crate::{bin, control::ControlPlane, stop_child};
+
+/// A running simulator.
+#[derive(Debug)]
+pub struct Simulator {
+    child: Option<Child>,
+    log: PathBuf,
+    /// How many nodes it registers.
+    pub nodes: usize,
+}
+
+impl Simulator {
+    /// Starts `nodes` simulated nodes whose pods start after `start_delay` (e.g. `100ms`) and
+    /// waits until they are Ready.
+    pub fn start(cp: &ControlPlane, nodes: usize, start_delay: &str) -> Simulator {
+        let log = cp
+            .scratch()
+            .join(format!("simulate-{}.log", crate::unique_name("sim")));
+        let child = Command::new(bin("skiff-node"))
+            .args(["--node-name", "sim", "--kubeconfig"])
+            .arg(cp.scratch().join("data/node.kubeconfig"))
+            .args(["--simulate", &nodes.to_string()])
+            .args(["--simulate-start-delay", start_delay])
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).expect("simulator log"))
+            .spawn()
+            .expect("start skiff-node --simulate");
+        let sim = Simulator {
+            child: Some(child),
+            log,
+            nodes,
+        };
+        cp.eventually(120, "the simulated nodes Ready", || {
+            cp.ok(&[
+                "get",
+                "nodes",
+                "-l",
+                "skiff.dev/simulated=true",
+                "-o",
+                "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+            ])
+            .lines()
+            .filter(|l| *l == "True")
+            .count()
+                == nodes
+        });
+        sim
+    }
+
+    /// The simulator's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Stops the simulator (its nodes stop renewing their Leases).
+    pub fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            stop_child(&mut c, Duration::from_secs(10));
+        }
+    }
+}
+
+impl Drop for Simulator {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

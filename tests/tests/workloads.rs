@@ -1,0 +1,354 @@
+//! Workload controllers end to end, driven by the real kubectl against `skiff-control` with
+//! simulated nodes (`skiff-node --simulate`): Deployments roll out, undo, scale, pause and
+//! time out as `kubectl rollout` expects; ReplicaSets replace deleted pods, adopt orphans and
+//! leave their pods behind on `--cascade=orphan`.
+
+use skiff_tests::{control::ControlPlane, simulate::Simulator};
+
+fn jsonpath(cp: &ControlPlane, args: &[&str], path: &str) -> String {
+    let mut a = args.to_vec();
+    let p = format!("jsonpath={path}");
+    a.extend(["-o", &p]);
+    cp.ok(&a)
+}
+
+/// `(name, image, phase)` of the pods labelled `app=<app>`, not being deleted.
+fn pods(cp: &ControlPlane, app: &str) -> Vec<(String, String, String)> {
+    jsonpath(
+        cp,
+        &["get", "pods", "-l", &format!("app={app}")],
+        "{range .items[*]}{.metadata.name} {.spec.containers[0].image} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+    )
+    .lines()
+    .filter_map(|l| {
+        let f: Vec<&str> = l.split(' ').collect();
+        (f.len() >= 3 && f.get(3).is_none_or(|d| d.is_empty()))
+            .then(|| (f[0].to_string(), f[1].to_string(), f[2].to_string()))
+    })
+    .collect()
+}
+
+#[track_caller]
+fn rollout(cp: &ControlPlane, what: &str) {
+    let out = cp.kubectl(&["rollout", "status", what, "--timeout=90s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() || !stdout.contains("successfully rolled out") {
+        let state = cp.kubectl(&["get", "deploy,rs,pods", "-o", "wide"]);
+        panic!(
+            "rollout status {what}: {stdout}{}\n{}\ncontrol log tail:\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            String::from_utf8_lossy(&state.stdout),
+            cp.log()
+                .lines()
+                .rev()
+                .take(60)
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
+}
+
+#[test]
+fn deployments_roll_out_undo_scale_and_heal() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 3, "100ms");
+    cp.ok(&[
+        "create",
+        "deployment",
+        "web",
+        "--image=busybox:1.36",
+        "--replicas=3",
+        "--",
+        "sleep",
+        "3600",
+    ]);
+    rollout(&cp, "deployment/web");
+    let first = pods(&cp, "web");
+    assert_eq!(first.len(), 3, "{first:?}");
+    assert!(
+        first
+            .iter()
+            .all(|(_, img, ph)| img == "busybox:1.36" && ph == "Running")
+    );
+    let rs1 = cp.ok(&["get", "rs", "-l", "app=web", "-o", "name"]);
+    assert_eq!(rs1.lines().count(), 1, "{rs1}");
+    let hash = jsonpath(
+        &cp,
+        &["get", "rs", "-l", "app=web"],
+        "{.items[0].metadata.labels.pod-template-hash}",
+    );
+    assert!(rs1.trim().ends_with(&format!("web-{hash}")), "{rs1} {hash}");
+    let status = jsonpath(
+        &cp,
+        &["get", "deployment", "web"],
+        "{.status.replicas} {.status.updatedReplicas} {.status.readyReplicas} {.status.availableReplicas} {.status.conditions[?(@.type==\"Available\")].status} {.status.conditions[?(@.type==\"Progressing\")].reason}",
+    );
+    assert_eq!(status, "3 3 3 3 True NewReplicaSetAvailable");
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "deployment", "web"],
+            "{.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
+        ),
+        "1"
+    );
+
+    // A new template rolls out through a second ReplicaSet.
+    cp.ok(&["set", "image", "deployment/web", "busybox=busybox:1.37"]);
+    rollout(&cp, "deployment/web");
+    cp.eventually(30, "only the new pods", || {
+        let p = pods(&cp, "web");
+        p.len() == 3 && p.iter().all(|(_, img, _)| img == "busybox:1.37")
+    });
+    let sets = jsonpath(
+        &cp,
+        &[
+            "get",
+            "rs",
+            "-l",
+            "app=web",
+            "--sort-by=.metadata.annotations.deployment\\.kubernetes\\.io/revision",
+        ],
+        "{range .items[*]}{.metadata.annotations.deployment\\.kubernetes\\.io/revision}={.spec.replicas} {end}",
+    );
+    assert_eq!(sets.trim(), "1=0 2=3");
+    let events = cp.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.kind=Deployment",
+    ]);
+    assert!(
+        events.contains("ScalingReplicaSet") && events.contains("Scaled down replica set web-"),
+        "{events}"
+    );
+
+    // Undo brings the first template back as revision 3.
+    cp.ok(&["rollout", "undo", "deployment/web"]);
+    rollout(&cp, "deployment/web");
+    cp.eventually(30, "the first image back", || {
+        let p = pods(&cp, "web");
+        p.len() == 3 && p.iter().all(|(_, img, _)| img == "busybox:1.36")
+    });
+    let history = cp.ok(&["rollout", "history", "deployment/web"]);
+    let revisions: Vec<&str> = history
+        .lines()
+        .filter_map(|l| l.split_whitespace().next())
+        .filter(|w| w.parse::<u32>().is_ok())
+        .collect();
+    assert_eq!(revisions, ["2", "3"], "{history}");
+    assert_eq!(
+        cp.ok(&["get", "rs", "-l", "app=web", "-o", "name"])
+            .lines()
+            .count(),
+        2
+    );
+
+    // Scale up and down.
+    cp.ok(&["scale", "deployment/web", "--replicas=5"]);
+    rollout(&cp, "deployment/web");
+    assert_eq!(pods(&cp, "web").len(), 5);
+    cp.ok(&["scale", "deployment/web", "--replicas=1"]);
+    cp.eventually(30, "one pod left", || pods(&cp, "web").len() == 1);
+    rollout(&cp, "deployment/web");
+
+    // A deleted pod is replaced.
+    let (victim, _, _) = pods(&cp, "web").remove(0);
+    cp.ok(&["delete", "pod", &victim, "--wait=false"]);
+    cp.eventually(30, "a replacement pod", || {
+        let p = pods(&cp, "web");
+        p.len() == 1 && p[0].0 != victim && p[0].2 == "Running"
+    });
+
+    // Deleting the Deployment takes its sets and pods.
+    cp.ok(&["delete", "deployment", "web"]);
+    cp.eventually(30, "the sets and pods gone", || {
+        cp.ok(&["get", "rs,pods", "-l", "app=web", "-o", "name"])
+            .is_empty()
+    });
+}
+
+#[test]
+fn recreate_pause_resume_and_progress_deadline() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: db}
+spec:
+  replicas: 2
+  strategy: {type: Recreate}
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec: {containers: [{name: db, image: "busybox:1.36"}]}
+---
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: stuck}
+spec:
+  replicas: 1
+  progressDeadlineSeconds: 3
+  selector: {matchLabels: {app: stuck}}
+  template:
+    metadata: {labels: {app: stuck}}
+    spec:
+      containers:
+      - name: c
+        image: "busybox:1.36"
+        readinessProbe: {initialDelaySeconds: 3600, exec: {command: ["true"]}}
+"#,
+    );
+    rollout(&cp, "deployment/db");
+
+    // Recreate: the old set goes to zero before the new one starts.
+    cp.ok(&["set", "image", "deployment/db", "db=busybox:1.37"]);
+    rollout(&cp, "deployment/db");
+    let p = pods(&cp, "db");
+    assert!(
+        p.len() == 2 && p.iter().all(|(_, img, _)| img == "busybox:1.37"),
+        "{p:?}"
+    );
+    let events = jsonpath(
+        &cp,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=db,reason=ScalingReplicaSet",
+            "--sort-by=.firstTimestamp",
+        ],
+        "{range .items[*]}{.message}{\"\\n\"}{end}",
+    );
+    let down = events.find("Scaled down replica set db-").expect(&events);
+    let up = events.rfind("from 0 to 2").expect(&events);
+    assert!(down < up, "scaled down before up:\n{events}");
+
+    // Paused: a template change waits; resumed: it rolls out.
+    cp.ok(&["rollout", "pause", "deployment/db"]);
+    cp.ok(&["set", "image", "deployment/db", "db=busybox:1.38"]);
+    cp.eventually(10, "the pause recorded", || {
+        jsonpath(
+            &cp,
+            &["get", "deployment", "db"],
+            "{.status.conditions[?(@.type==\"Progressing\")].reason}",
+        ) == "DeploymentPaused"
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(
+        cp.ok(&["get", "rs", "-l", "app=db", "-o", "name"])
+            .lines()
+            .count(),
+        2
+    );
+    cp.ok(&["rollout", "resume", "deployment/db"]);
+    rollout(&cp, "deployment/db");
+    assert!(
+        pods(&cp, "db")
+            .iter()
+            .all(|(_, img, _)| img == "busybox:1.38")
+    );
+
+    // A rollout that cannot become available exceeds its deadline, and rollout status says so.
+    let out = cp.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("exceeded its progress deadline"), "{err}");
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "deployment", "stuck"],
+            "{.status.conditions[?(@.type==\"Progressing\")].status}"
+        ),
+        "False"
+    );
+}
+
+#[test]
+fn replicasets_replace_adopt_and_orphan() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    // An orphan that matches is adopted and counts toward the replicas.
+    cp.ok(&[
+        "run",
+        "stray",
+        "--image=busybox:1.36",
+        "--labels=app=cache",
+        "--restart=Never",
+    ]);
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: apps/v1
+kind: ReplicaSet
+metadata: {name: cache}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: cache}}
+  template:
+    metadata: {labels: {app: cache}}
+    spec: {containers: [{name: c, image: "busybox:1.36"}]}
+"#,
+    );
+    cp.eventually(30, "two ready replicas", || {
+        jsonpath(&cp, &["get", "rs", "cache"], "{.status.readyReplicas}") == "2"
+    });
+    assert_eq!(pods(&cp, "cache").len(), 2);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "pod", "stray"],
+            "{.metadata.ownerReferences[0].name}"
+        ),
+        "cache"
+    );
+    let status = jsonpath(
+        &cp,
+        &["get", "rs", "cache"],
+        "{.status.replicas} {.status.fullyLabeledReplicas} {.status.availableReplicas} {.status.observedGeneration}",
+    );
+    assert_eq!(status, "2 2 2 1");
+
+    // A deleted pod is replaced; a pod relabelled out of the set is released and replaced.
+    cp.ok(&["delete", "pod", "stray", "--wait=false"]);
+    cp.eventually(30, "a replacement", || {
+        let p = pods(&cp, "cache");
+        p.len() == 2 && p.iter().all(|(n, _, ph)| n != "stray" && ph == "Running")
+    });
+    let (moved, _, _) = pods(&cp, "cache").remove(0);
+    cp.ok(&["label", "pod", &moved, "app=elsewhere", "--overwrite"]);
+    cp.eventually(30, "the relabelled pod released and replaced", || {
+        pods(&cp, "cache").len() == 2
+            && jsonpath(&cp, &["get", "pod", &moved], "{.metadata.ownerReferences}").is_empty()
+    });
+
+    // Events name the pods created.
+    let events = cp.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "involvedObject.name=cache",
+    ]);
+    assert!(
+        events.contains("SuccessfulCreate") && events.contains("Created pod: cache-"),
+        "{events}"
+    );
+
+    // --cascade=orphan leaves the pods, without an owner.
+    cp.ok(&["delete", "rs", "cache", "--cascade=orphan"]);
+    cp.eventually(30, "the set gone", || {
+        cp.ok(&["get", "rs", "-o", "name"]).is_empty()
+    });
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    let left = pods(&cp, "cache");
+    assert_eq!(left.len(), 2, "{left:?}");
+    for (name, _, _) in left {
+        assert_eq!(
+            jsonpath(&cp, &["get", "pod", &name], "{.metadata.ownerReferences}"),
+            ""
+        );
+    }
+}
