@@ -167,7 +167,12 @@ impl ControlPlane {
                 self.log()
                     .lines()
                     .rev()
-                    .take(30)
+                    .take(
+                        std::env::var("SKIFF_LOG_TAIL")
+                            .ok()
+                            .and_then(|v| v.parse().ok())
+                            .unwrap_or(30)
+                    )
                     .collect::<Vec<_>>()
                     .join("\n")
             );

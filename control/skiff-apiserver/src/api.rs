@@ -520,6 +520,66 @@ async fn check_namespace(api: &Api, def: &ResourceDef, ns: Option<&str>) -> ApiR
     }
 }
 
+/// The Priority admission plugin: a pod's `priority` and `preemptionPolicy` come from its
+/// `priorityClassName` (or the global default class, whose name it then gets); a pod may not
+/// state a priority of its own that differs.
+async fn admit_priority(api: &Api, pod: &mut Value) -> ApiResult<()> {
+    let pcdef = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
+        .unwrap_or_else(|| unreachable!("priorityclasses are served"));
+    let name = pod
+        .pointer("/spec/priorityClassName")
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty())
+        .map(str::to_string);
+    let pod_name = meta_str(pod, "name").unwrap_or("").to_string();
+    let class = match &name {
+        Some(n) => match api.objects.get(&storage::key(pcdef, None, n)).await? {
+            Some(s) => Some(s.obj),
+            None => {
+                return Err(ApiError::forbidden(format!(
+                    "pods \"{pod_name}\" is forbidden: no PriorityClass with name {n} was found"
+                )));
+            }
+        },
+        None => api
+            .objects
+            .list(&storage::prefix(pcdef, None), 0, 0, None, &|o| {
+                o.get("globalDefault") == Some(&json!(true))
+            })
+            .await?
+            .items
+            .into_iter()
+            .min_by_key(|o| o.get("value").and_then(Value::as_i64).unwrap_or(0)),
+    };
+    let (value, policy, class_name) = match &class {
+        Some(c) => (
+            c.get("value").and_then(Value::as_i64).unwrap_or(0),
+            c.get("preemptionPolicy")
+                .and_then(Value::as_str)
+                .unwrap_or("PreemptLowerPriority")
+                .to_string(),
+            meta_str(c, "name").map(str::to_string),
+        ),
+        None => (0, "PreemptLowerPriority".to_string(), None),
+    };
+    let Some(spec) = pod.get_mut("spec").and_then(Value::as_object_mut) else {
+        return Ok(());
+    };
+    if let Some(given) = spec.get("priority").and_then(Value::as_i64)
+        && given != value
+    {
+        return Err(ApiError::forbidden(format!(
+            "pods \"{pod_name}\" is forbidden: the integer value of priority ({given}) must not be provided in pod spec; priority admission controller computed {value} from the given PriorityClass name"
+        )));
+    }
+    spec.insert("priority".into(), json!(value));
+    spec.insert("preemptionPolicy".into(), json!(policy));
+    if let Some(n) = class_name {
+        spec.insert("priorityClassName".into(), json!(n));
+    }
+    Ok(())
+}
+
 fn dry_run(p: &Params) -> ApiResult<bool> {
     match p.get("dryRun").map(String::as_str) {
         None | Some("") => Ok(false),
@@ -545,6 +605,9 @@ pub(crate) async fn create(
     // Decode first (400 for wrong shapes), as upstream does before admission.
     let mut obj = canonicalize(def, obj, fv, &mut warnings)?;
     meta::prepare_create(&mut obj, def, t.namespace.as_deref())?;
+    if (def.group, def.kind) == ("", "Pod") {
+        admit_priority(api, &mut obj).await?;
+    }
     kinds::apply_defaults(def, &mut obj);
     kinds::initial_status(def, &mut obj);
     let mut causes = Vec::new();

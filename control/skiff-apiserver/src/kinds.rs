@@ -206,6 +206,11 @@ pub fn apply_defaults(def: &ResourceDef, obj: &mut Value) {
             );
             default_template(obj);
         }
+        ("scheduling.k8s.io", "PriorityClass") => {
+            if let Some(m) = obj.as_object_mut() {
+                default(m, "preemptionPolicy", json!("PreemptLowerPriority"));
+            }
+        }
         ("batch", "Job") => {
             // The generated selector: the job's uid, also labelled onto its pod template.
             let uid = meta_str(obj, "uid").unwrap_or("").to_string();
@@ -486,6 +491,17 @@ pub fn validate(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                     "spec.template.spec.restartPolicy",
                     rp,
                     &["Always"],
+                ));
+            }
+        }
+        ("scheduling.k8s.io", "PriorityClass") => {
+            let value = obj.get("value").and_then(Value::as_i64).unwrap_or(0);
+            let name = meta_str(obj, "name").unwrap_or("");
+            if value > 1_000_000_000 && !name.starts_with("system-") {
+                causes.push(Cause::invalid(
+                    "value",
+                    &value.to_string(),
+                    "maximum allowed value of a user defined priority is 1000000000",
                 ));
             }
         }

@@ -6,6 +6,7 @@ use k8s_openapi::{
     api::{
         apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
         discovery::v1 as discovery, events::v1 as events, networking::v1 as networking,
+        scheduling::v1 as scheduling,
     },
     schemars::{JsonSchema, r#gen::SchemaGenerator, schema::Schema},
 };
@@ -290,6 +291,10 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(networking::NetworkPolicy, "networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy",
         namespaced: true, verbs: ALL_VERBS, short: &["netpol"], categories: NONE,
         subresources: &[], spec: true, status: false),
+    // scheduling.k8s.io/v1
+    resource!(scheduling::PriorityClass, "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass",
+        namespaced: false, verbs: ALL_VERBS, short: &["pc"], categories: NONE,
+        subresources: &[], spec: false, status: false),
 ];
 
 /// The groups served with their versions, in discovery preference order.

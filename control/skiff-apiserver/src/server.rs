@@ -362,7 +362,8 @@ async fn openapi_v3(Path(path): Path<String>) -> Response {
     }
 }
 
-/// Creates the namespaces and the `kubernetes` Service every cluster has, if missing.
+/// Creates the namespaces, the built-in priority classes and the `kubernetes` Service every
+/// cluster has, if missing.
 async fn bootstrap(api: &Api) -> Result<()> {
     let ns = resources::find("", "v1", "namespaces").unwrap_or_else(|| unreachable!());
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
@@ -371,6 +372,24 @@ async fn bootstrap(api: &Api) -> Result<()> {
             Ok(_) => {}
             Err(e) if e.code == 409 => {}
             Err(e) => return Err(anyhow::anyhow!("namespace {name}: {e}")),
+        }
+    }
+    // The built-in priority classes.
+    let pc = resources::find("scheduling.k8s.io", "v1", "priorityclasses")
+        .unwrap_or_else(|| unreachable!());
+    for (name, value, what) in [
+        ("system-node-critical", 2_000_001_000, "node"),
+        ("system-cluster-critical", 2_000_000_000, "cluster"),
+    ] {
+        let obj = json!({
+            "apiVersion": "scheduling.k8s.io/v1", "kind": "PriorityClass",
+            "metadata": {"name": name}, "value": value,
+            "description": format!("Used for system critical pods that must not be moved from their current {what}."),
+        });
+        match api::create_internal(api, pc, None, obj).await {
+            Ok(_) => {}
+            Err(e) if e.code == 409 => {}
+            Err(e) => return Err(anyhow::anyhow!("priority class {name}: {e}")),
         }
     }
     let svc = resources::find("", "v1", "services").unwrap_or_else(|| unreachable!());

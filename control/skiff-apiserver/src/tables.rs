@@ -508,6 +508,28 @@ fn columns(def: &ResourceDef) -> Vec<Col> {
             ),
             AGE,
         ],
+        ("scheduling.k8s.io", "PriorityClass") => vec![
+            NAME,
+            col(
+                "Value",
+                "integer",
+                0,
+                "value represents the integer value of this priority class.",
+            ),
+            col(
+                "Global-Default",
+                "boolean",
+                0,
+                "globalDefault specifies whether this PriorityClass should be considered as the default priority.",
+            ),
+            AGE,
+            col(
+                "PreemptionPolicy",
+                "string",
+                0,
+                "preemptionPolicy is the Policy for preempting pods with lower priority.",
+            ),
+        ],
         ("coordination.k8s.io", "Lease") => vec![
             NAME,
             col(
@@ -1173,6 +1195,13 @@ fn cells(def: &ResourceDef, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             ]
         }
         ("coordination.k8s.io", "Lease") => vec![name, json!(s(o, "/spec/holderIdentity")), age],
+        ("scheduling.k8s.io", "PriorityClass") => vec![
+            name,
+            o.get("value").cloned().unwrap_or(json!(0)),
+            json!(o.get("globalDefault") == Some(&json!(true))),
+            age,
+            json!(s(o, "/preemptionPolicy")),
+        ],
         ("apps", "ControllerRevision") => {
             let owner = arr(o, "/metadata/ownerReferences")
                 .iter()

@@ -265,14 +265,16 @@ where
         &self.cache
     }
 
-    /// A stream of every change from now on. Register before the informer runs to also hear
-    /// the initial list as changes.
+    /// A stream of every change from now on, starting with every object already cached (as
+    /// created), so a late subscriber misses nothing. Changes are never older than what was
+    /// sent before them: the cache is read under the same lock the informer sends under.
     pub fn subscribe(&self) -> mpsc::UnboundedReceiver<Arc<Change<K>>> {
         let (tx, rx) = mpsc::unbounded_channel();
-        self.handlers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(tx);
+        let mut handlers = self.handlers.lock().unwrap_or_else(|p| p.into_inner());
+        for o in self.cache.list() {
+            let _ = tx.send(Arc::new(Change::Applied { old: None, new: o }));
+        }
+        handlers.push(tx);
         rx
     }
 

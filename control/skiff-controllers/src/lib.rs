@@ -6,7 +6,8 @@
 //!   cascade), deletes dependents before their owner (`foregroundDeletion`), and orphans
 //!   dependents (`orphan`).
 //! - [`nodeipam`]: gives each Node a /24 pod CIDR from 10.244.0.0/16.
-//! - [`scheduler`]: binds pending pods to Ready nodes that fit them.
+//! - [`scheduler`]: binds pending pods to nodes through filter and score plugins, with
+//!   preemption.
 //! - [`replicaset`]: keeps each ReplicaSet's pods.
 //! - [`deployment`]: rolls Deployments out through ReplicaSets.
 //!
@@ -108,6 +109,8 @@ pub async fn run(client: Client) -> Result<()> {
     let pods = informer::Informer::<k8s_openapi::api::core::v1::Pod>::new();
     let replicasets = informer::Informer::<k8s_openapi::api::apps::v1::ReplicaSet>::new();
     let deployments = informer::Informer::<k8s_openapi::api::apps::v1::Deployment>::new();
+    let nodes = informer::Informer::<k8s_openapi::api::core::v1::Node>::new();
+    let namespaces = informer::Informer::<k8s_openapi::api::core::v1::Namespace>::new();
     {
         let (client, rs, pods) = (client.clone(), replicasets.clone(), pods.clone());
         set.spawn(async move {
@@ -128,7 +131,8 @@ pub async fn run(client: Client) -> Result<()> {
         });
     }
     set.spawn(
-        pods.run(client.clone())
+        pods.clone()
+            .run(client.clone())
             .map(|()| anyhow::bail!("the pod informer stopped")),
     );
     set.spawn(
@@ -140,6 +144,18 @@ pub async fn run(client: Client) -> Result<()> {
         deployments
             .run(client.clone())
             .map(|()| anyhow::bail!("the Deployment informer stopped")),
+    );
+    set.spawn(
+        nodes
+            .clone()
+            .run(client.clone())
+            .map(|()| anyhow::bail!("the Node informer stopped")),
+    );
+    set.spawn(
+        namespaces
+            .clone()
+            .run(client.clone())
+            .map(|()| anyhow::bail!("the Namespace informer stopped")),
     );
     {
         let (client, resources) = (client.clone(), resources.clone());
@@ -154,8 +170,16 @@ pub async fn run(client: Client) -> Result<()> {
         set.spawn(async move { nodeipam::run(client).await.context("node IPAM controller") });
     }
     {
-        let client = client.clone();
-        set.spawn(async move { scheduler::run(client).await.context("scheduler") });
+        let (client, pods, nodes, namespaces) = (
+            client.clone(),
+            pods.clone(),
+            nodes.clone(),
+            namespaces.clone(),
+        );
+        set.spawn(async move {
+            scheduler::run(client, pods, nodes, namespaces).await;
+            anyhow::bail!("the scheduler stopped")
+        });
     }
     set.spawn(async move {
         gc::run(client, resources)
