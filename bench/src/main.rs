@@ -13,9 +13,14 @@
 //! `podstartup`: pods created at a steady rate on one real node (its own containerd, in a node
 //! network namespace), from create to Running as a watch sees it, against `ctr run -d` on the
 //! same containerd and upstream's SLO. Ends with `pod startup p99 ms: X`.
+//!
+//! `scheduler`: the scheduling framework in process (5000 nodes, 10,000 pods) against
+//! upstream's `scheduler_perf` floor, and Deployments through the API onto 1000 simulated
+//! nodes. Ends with `scheduler pods/s at 5000 nodes: N`.
 
 mod api;
 mod podstartup;
+mod scheduler;
 mod store;
 
 use anyhow::Result;
@@ -36,6 +41,8 @@ enum Bench {
     Api(api::Args),
     /// Pod startup on a real node against the runtime's floor and upstream's SLO.
     Podstartup(podstartup::Args),
+    /// The scheduler in process and end to end against upstream's figures.
+    Scheduler(scheduler::Args),
 }
 
 fn main() -> Result<()> {
@@ -46,6 +53,7 @@ fn main() -> Result<()> {
     match cli.bench {
         Bench::Store(args) => rt.block_on(store::run(args)),
         Bench::Api(args) => rt.block_on(api::run(args)),
+        Bench::Scheduler(args) => rt.block_on(scheduler::run(args)),
         Bench::Podstartup(args) => {
             podstartup::require_root()?;
             // The node's namespace is made and removed outside the runtime (its helper runs

@@ -352,3 +352,151 @@ spec:
         );
     }
 }
+
+#[test]
+fn endpoint_slices_follow_pods_and_readiness() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 3
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec: {containers: [{name: c, image: "busybox:1.36", ports: [{name: http, containerPort: 8080}]}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec:
+  selector: {app: web}
+  ports: [{name: http, port: 80, targetPort: http}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: slow, labels: {app: web}}
+spec:
+  containers:
+  - name: c
+    image: "busybox:1.36"
+    ports: [{name: http, containerPort: 8080}]
+    readinessProbe: {initialDelaySeconds: 4, exec: {command: ["true"]}}
+"#,
+    );
+    let slice_path =
+        "{range .items[*].endpoints[*]}{.targetRef.name}={.conditions.ready}{\"\\n\"}{end}";
+    let endpoints = |cp: &ControlPlane| -> Vec<String> {
+        let mut v: Vec<String> = jsonpath(
+            cp,
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=web",
+            ],
+            slice_path,
+        )
+        .lines()
+        .map(str::to_string)
+        .collect();
+        v.sort();
+        v
+    };
+    cp.eventually(30, "four endpoints, the slow one not ready", || {
+        let e = endpoints(&cp);
+        e.len() == 4
+            && e.contains(&"slow=false".to_string())
+            && e.iter().filter(|x| x.ends_with("=true")).count() == 3
+    });
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=web"
+            ],
+            "{.items[0].ports[0].port} {.items[0].addressType} {.items[0].metadata.labels.endpointslice\\.kubernetes\\.io/managed-by}"
+        ),
+        "8080 IPv4 endpointslice-controller.k8s.io"
+    );
+    let legacy = jsonpath(
+        &cp,
+        &["get", "endpoints", "web"],
+        "{.subsets[0].addresses[*].ip} | {.subsets[0].notReadyAddresses[*].targetRef.name} | {.subsets[0].ports[0].port}",
+    );
+    let parts: Vec<&str> = legacy.split(" | ").collect();
+    assert_eq!(parts[0].split(' ').count(), 3, "{legacy}");
+    assert_eq!(&parts[1..], ["slow", "8080"], "{legacy}");
+    cp.eventually(30, "the slow pod ready in the slice", || {
+        endpoints(&cp).contains(&"slow=true".to_string())
+    });
+
+    // Unchanged pods leave the slice alone (no rewrite loop).
+    let rv = jsonpath(
+        &cp,
+        &[
+            "get",
+            "endpointslices",
+            "-l",
+            "kubernetes.io/service-name=web",
+        ],
+        "{.items[0].metadata.resourceVersion}",
+    );
+    std::thread::sleep(std::time::Duration::from_secs(2));
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &[
+                "get",
+                "endpointslices",
+                "-l",
+                "kubernetes.io/service-name=web"
+            ],
+            "{.items[0].metadata.resourceVersion}"
+        ),
+        rv
+    );
+
+    // A deleted pod leaves; 150 endpoints need two slices.
+    cp.ok(&["delete", "pod", "slow"]);
+    cp.eventually(30, "three endpoints", || endpoints(&cp).len() == 3);
+    cp.ok(&["scale", "deployment/web", "--replicas=150"]);
+    cp.eventually(90, "150 endpoints in two slices", || {
+        endpoints(&cp).len() == 150
+            && cp
+                .ok(&[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=web",
+                    "-o",
+                    "name",
+                ])
+                .lines()
+                .count()
+                == 2
+    });
+
+    // A new namespace gets its default ServiceAccount.
+    cp.ok(&["create", "namespace", "team"]);
+    cp.eventually(30, "the default ServiceAccount", || {
+        cp.kubectl(&["get", "serviceaccount", "default", "-n", "team"])
+            .status
+            .success()
+    });
+
+    // The Service's slices and Endpoints go with it.
+    cp.ok(&["delete", "service", "web"]);
+    cp.eventually(30, "the slices and endpoints gone", || {
+        cp.ok(&["get", "endpointslices,endpoints", "-o", "name"])
+            .lines()
+            .all(|l| !l.contains("web"))
+    });
+}

@@ -171,6 +171,9 @@ pub enum BenchName {
     Api,
     /// Pod startup on one real node (needs root), against `ctr run` and upstream's SLO.
     Podstartup,
+    /// The scheduler: 5000 nodes / 10,000 pods in process (vs upstream's scheduler_perf floor),
+    /// and Deployments onto 1000 simulated nodes through the API.
+    Scheduler,
 }
 
 /// Builds `skiff-node` and has it write the busybox test image to `out`.
@@ -228,13 +231,20 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
             "target/bench-data-pods",
             "pod startup benchmark: one real node (vs containerd's own start and upstream's SLO)",
         ),
+        BenchName::Scheduler => (
+            "scheduler",
+            "target/bench-data-scheduler",
+            "scheduler benchmark: in process (vs upstream's scheduler_perf) and through the API",
+        ),
     };
     let data = root.join(data);
     step(what);
     let mut cmd = Command::new(bin.join("skiff-bench"));
     cmd.arg(sub);
     match name {
-        BenchName::Podstartup => cmd.arg("--skiff-node").arg(bin.join("skiff-node")),
+        BenchName::Podstartup | BenchName::Scheduler => {
+            cmd.arg("--skiff-node").arg(bin.join("skiff-node"))
+        }
         _ => cmd.args(["--seconds", &seconds.to_string()]),
     };
     let result = run(cmd

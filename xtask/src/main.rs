@@ -9,7 +9,8 @@
 //! - `up`: setup and build everything, start the local control plane (store, API server,
 //!   controllers) and print how to use kubectl with it.
 //! - `down [--purge]`: stop the local control plane (and remove its data).
-//! - `bench <name>`: a benchmark against its real peer, in one run (`store`: against etcd).
+//! - `bench <name>`: a benchmark against its real peer, in one run (`store`: against etcd;
+//!   `api`, `podstartup`, `scheduler`: against upstream figures and the runtime's floor).
 
 mod build;
 mod cluster;

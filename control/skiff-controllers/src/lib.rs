@@ -10,6 +10,8 @@
 //!   preemption.
 //! - [`replicaset`]: keeps each ReplicaSet's pods.
 //! - [`deployment`]: rolls Deployments out through ReplicaSets.
+//! - [`endpoints`]: EndpointSlices and Endpoints for Services with selectors.
+//! - [`serviceaccount`]: a `default` ServiceAccount in every namespace.
 //!
 //! The workload controllers share one list+watch per kind ([`informer`]) and reconcile keys
 //! from a deduplicating, rate-limited [`queue`], as kube-controller-manager's do.
@@ -27,6 +29,7 @@ use kube::{
 };
 
 pub mod deployment;
+pub mod endpoints;
 pub mod gc;
 pub mod informer;
 pub mod namespace;
@@ -35,6 +38,7 @@ pub mod owners;
 pub mod queue;
 pub mod replicaset;
 pub mod scheduler;
+pub mod serviceaccount;
 
 /// A namespaced object's key in a work queue.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -103,60 +107,82 @@ pub fn namespaced(caps: &ApiCapabilities) -> bool {
 /// Runs every controller until the process ends. If one stops, the others are stopped too
 /// and the error returned (the caller restarts the set).
 pub async fn run(client: Client) -> Result<()> {
+    use informer::Informer;
+    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
+
     let resources = resources(&client).await?;
     let mut set = tokio::task::JoinSet::new();
-    // One list+watch per kind, shared by the workload controllers.
-    let pods = informer::Informer::<k8s_openapi::api::core::v1::Pod>::new();
-    let replicasets = informer::Informer::<k8s_openapi::api::apps::v1::ReplicaSet>::new();
-    let deployments = informer::Informer::<k8s_openapi::api::apps::v1::Deployment>::new();
-    let nodes = informer::Informer::<k8s_openapi::api::core::v1::Node>::new();
-    let namespaces = informer::Informer::<k8s_openapi::api::core::v1::Namespace>::new();
-    {
-        let (client, rs, pods) = (client.clone(), replicasets.clone(), pods.clone());
-        set.spawn(async move {
-            replicaset::run(client, rs, pods).await;
-            anyhow::bail!("the ReplicaSet controller stopped")
-        });
+    // One list+watch per kind, shared by the controllers that read it.
+    let pods = Informer::<core::Pod>::new();
+    let nodes = Informer::<core::Node>::new();
+    let namespaces = Informer::<core::Namespace>::new();
+    let services = Informer::<core::Service>::new();
+    let endpoints = Informer::<core::Endpoints>::new();
+    let accounts = Informer::<core::ServiceAccount>::new();
+    let slices = Informer::<discovery::EndpointSlice>::new();
+    let replicasets = Informer::<apps::ReplicaSet>::new();
+    let deployments = Informer::<apps::Deployment>::new();
+
+    macro_rules! spawn_informer {
+        ($i:expr, $what:literal) => {
+            set.spawn(
+                $i.clone()
+                    .run(client.clone())
+                    .map(|()| anyhow::bail!(concat!("the ", $what, " informer stopped"))),
+            );
+        };
     }
-    {
-        let (client, d, rs, pods) = (
+    macro_rules! spawn_controller {
+        ($fut:expr, $what:literal) => {
+            set.spawn($fut.map(|()| anyhow::bail!(concat!("the ", $what, " stopped"))));
+        };
+    }
+    spawn_controller!(
+        replicaset::run(client.clone(), replicasets.clone(), pods.clone()),
+        "ReplicaSet controller"
+    );
+    spawn_controller!(
+        deployment::run(
             client.clone(),
             deployments.clone(),
             replicasets.clone(),
+            pods.clone()
+        ),
+        "Deployment controller"
+    );
+    spawn_controller!(
+        scheduler::run(
+            client.clone(),
             pods.clone(),
-        );
-        set.spawn(async move {
-            deployment::run(client, d, rs, pods).await;
-            anyhow::bail!("the Deployment controller stopped")
-        });
-    }
-    set.spawn(
-        pods.clone()
-            .run(client.clone())
-            .map(|()| anyhow::bail!("the pod informer stopped")),
+            nodes.clone(),
+            namespaces.clone()
+        ),
+        "scheduler"
     );
-    set.spawn(
-        replicasets
-            .run(client.clone())
-            .map(|()| anyhow::bail!("the ReplicaSet informer stopped")),
+    spawn_controller!(
+        endpoints::run(
+            client.clone(),
+            services.clone(),
+            pods.clone(),
+            slices.clone(),
+            endpoints.clone(),
+            nodes.clone()
+        ),
+        "EndpointSlice controller"
     );
-    set.spawn(
-        deployments
-            .run(client.clone())
-            .map(|()| anyhow::bail!("the Deployment informer stopped")),
+    spawn_controller!(
+        serviceaccount::run(client.clone(), namespaces.clone(), accounts.clone()),
+        "ServiceAccount controller"
     );
-    set.spawn(
-        nodes
-            .clone()
-            .run(client.clone())
-            .map(|()| anyhow::bail!("the Node informer stopped")),
-    );
-    set.spawn(
-        namespaces
-            .clone()
-            .run(client.clone())
-            .map(|()| anyhow::bail!("the Namespace informer stopped")),
-    );
+    spawn_informer!(pods, "Pod");
+    spawn_informer!(nodes, "Node");
+    spawn_informer!(namespaces, "Namespace");
+    spawn_informer!(services, "Service");
+    spawn_informer!(endpoints, "Endpoints");
+    spawn_informer!(accounts, "ServiceAccount");
+    spawn_informer!(slices, "EndpointSlice");
+    spawn_informer!(replicasets, "ReplicaSet");
+    spawn_informer!(deployments, "Deployment");
     {
         let (client, resources) = (client.clone(), resources.clone());
         set.spawn(async move {
@@ -168,18 +194,6 @@ pub async fn run(client: Client) -> Result<()> {
     {
         let client = client.clone();
         set.spawn(async move { nodeipam::run(client).await.context("node IPAM controller") });
-    }
-    {
-        let (client, pods, nodes, namespaces) = (
-            client.clone(),
-            pods.clone(),
-            nodes.clone(),
-            namespaces.clone(),
-        );
-        set.spawn(async move {
-            scheduler::run(client, pods, nodes, namespaces).await;
-            anyhow::bail!("the scheduler stopped")
-        });
     }
     set.spawn(async move {
         gc::run(client, resources)
