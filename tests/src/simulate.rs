@@ -22,11 +22,22 @@ impl Simulator {
     /// Starts `nodes` simulated nodes whose pods start after `start_delay` (e.g. `100ms`) and
     /// waits until they are Ready.
     pub fn start(cp: &ControlPlane, nodes: usize, start_delay: &str) -> Simulator {
+        Self::start_named(cp, "sim", nodes, start_delay)
+    }
+
+    /// Like [`Simulator::start`], with nodes named `<prefix>-0`, `<prefix>-1`, … (several
+    /// simulators can serve one control plane, and be stopped apart).
+    pub fn start_named(
+        cp: &ControlPlane,
+        prefix: &str,
+        nodes: usize,
+        start_delay: &str,
+    ) -> Simulator {
         let log = cp
             .scratch()
-            .join(format!("simulate-{}.log", crate::unique_name("sim")));
+            .join(format!("simulate-{}.log", crate::unique_name(prefix)));
         let child = Command::new(bin("skiff-node"))
-            .args(["--node-name", "sim", "--kubeconfig"])
+            .args(["--node-name", prefix, "--kubeconfig"])
             .arg(cp.scratch().join("data/node.kubeconfig"))
             .args(["--simulate", &nodes.to_string()])
             .args(["--simulate-start-delay", start_delay])
@@ -46,10 +57,10 @@ impl Simulator {
                 "-l",
                 "skiff.dev/simulated=true",
                 "-o",
-                "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
+                "jsonpath={range .items[*]}{.metadata.name} {.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
             ])
             .lines()
-            .filter(|l| *l == "True")
+            .filter(|l| l.starts_with(&format!("{prefix}-")) && l.ends_with(" True"))
             .count()
                 == nodes
         });

@@ -500,3 +500,251 @@ spec:
             .all(|l| !l.contains("web"))
     });
 }
+
+#[test]
+fn jobs_complete_or_fail_and_cronjobs_fire() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: batch/v1
+kind: Job
+metadata: {name: work}
+spec:
+  completions: 3
+  parallelism: 2
+  ttlSecondsAfterFinished: 600
+  template:
+    metadata: {annotations: {skiff.dev/simulate-exit-after: 1s}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: "busybox:1.36"}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: doomed}
+spec:
+  backoffLimit: 1
+  template:
+    metadata: {annotations: {skiff.dev/simulate-exit-after: 500ms, skiff.dev/simulate-exit-code: "1"}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: "busybox:1.36"}]}
+---
+apiVersion: batch/v1
+kind: Job
+metadata: {name: indexed}
+spec:
+  completions: 3
+  parallelism: 3
+  completionMode: Indexed
+  template:
+    metadata: {annotations: {skiff.dev/simulate-exit-after: 500ms}}
+    spec: {restartPolicy: Never, containers: [{name: c, image: "busybox:1.36"}]}
+---
+apiVersion: batch/v1
+kind: CronJob
+metadata: {name: tick}
+spec:
+  schedule: "* * * * *"
+  jobTemplate:
+    spec:
+      template:
+        metadata: {annotations: {skiff.dev/simulate-exit-after: 500ms}}
+        spec: {restartPolicy: Never, containers: [{name: c, image: "busybox:1.36"}]}
+"#,
+    );
+    cp.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/work",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "job", "work"],
+            "{.status.succeeded} {.status.failed} {.status.conditions[?(@.type==\"Complete\")].reason}"
+        ),
+        "3 0 CompletionsReached"
+    );
+    // Never more than two at once: the third pod was created after one of the first finished.
+    let created = jsonpath(
+        &cp,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "job-name=work",
+            "--sort-by=.metadata.creationTimestamp",
+        ],
+        "{range .items[*]}{.metadata.creationTimestamp} {.status.containerStatuses[0].state.terminated.finishedAt}{\"\\n\"}{end}",
+    );
+    let rows: Vec<Vec<&str>> = created.lines().map(|l| l.split(' ').collect()).collect();
+    assert_eq!(rows.len(), 3, "{created}");
+    let first_done = rows[..2].iter().map(|r| r[1]).min().unwrap_or("");
+    assert!(
+        rows[2][0] >= first_done,
+        "the third started before a slot was free:\n{created}"
+    );
+
+    cp.ok(&[
+        "wait",
+        "--for=condition=complete",
+        "job/indexed",
+        "--timeout=60s",
+    ]);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "job", "indexed"],
+            "{.status.completedIndexes}"
+        ),
+        "0-2"
+    );
+    let mut indexes: Vec<String> = jsonpath(
+        &cp,
+        &["get", "pods", "-l", "job-name=indexed"],
+        "{range .items[*]}{.metadata.annotations.batch\\.kubernetes\\.io/job-completion-index}{\"\\n\"}{end}",
+    )
+    .lines()
+    .map(str::to_string)
+    .collect();
+    indexes.sort();
+    assert_eq!(indexes, ["0", "1", "2"]);
+
+    // One failure, a replacement after the 10 s backoff, a second failure: over the limit.
+    cp.ok(&[
+        "wait",
+        "--for=condition=failed",
+        "job/doomed",
+        "--timeout=90s",
+    ]);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "job", "doomed"],
+            "{.status.failed} {.status.conditions[?(@.type==\"Failed\")].reason}"
+        ),
+        "2 BackoffLimitExceeded"
+    );
+
+    // The CronJob fires at the next minute and its Job completes.
+    cp.eventually(75, "the CronJob's first Job complete", || {
+        !jsonpath(
+            &cp,
+            &["get", "cronjob", "tick"],
+            "{.status.lastSuccessfulTime}",
+        )
+        .is_empty()
+    });
+    let jobs = jsonpath(
+        &cp,
+        &["get", "jobs"],
+        "{range .items[*]}{.metadata.name} {.metadata.ownerReferences[0].kind}{\"\\n\"}{end}",
+    );
+    assert!(
+        jobs.lines()
+            .any(|l| l.starts_with("tick-") && l.ends_with(" CronJob")),
+        "{jobs}"
+    );
+    assert!(
+        !jsonpath(
+            &cp,
+            &["get", "cronjob", "tick"],
+            "{.status.lastScheduleTime}"
+        )
+        .is_empty()
+    );
+
+    // A finished Job with a TTL is deleted with its pods.
+    cp.ok(&[
+        "patch",
+        "job",
+        "work",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"ttlSecondsAfterFinished":1}}"#,
+    ]);
+    cp.eventually(30, "the finished Job deleted after its TTL", || {
+        !cp.kubectl(&["get", "job", "work"]).status.success()
+    });
+}
+
+#[test]
+fn a_silent_node_goes_unknown_and_its_pods_move() {
+    let cp = ControlPlane::start();
+    let _stays = Simulator::start_named(&cp, "stays", 1, "100ms");
+    let mut goes = Simulator::start_named(&cp, "goes", 1, "100ms");
+    // Two replicas, one per node; they tolerate an unreachable node for 2 s only.
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      affinity:
+        podAntiAffinity:
+          preferredDuringSchedulingIgnoredDuringExecution:
+          - {weight: 100, podAffinityTerm: {topologyKey: kubernetes.io/hostname, labelSelector: {matchLabels: {app: web}}}}
+      tolerations:
+      - {key: node.kubernetes.io/unreachable, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      - {key: node.kubernetes.io/not-ready, operator: Exists, effect: NoExecute, tolerationSeconds: 2}
+      containers: [{name: c, image: "busybox:1.36"}]
+"#,
+    );
+    rollout(&cp, "deployment/web");
+    let placed = jsonpath(
+        &cp,
+        &["get", "pods", "-l", "app=web"],
+        "{.items[*].spec.nodeName}",
+    );
+    assert!(
+        placed.contains("goes-0") && placed.contains("stays-0"),
+        "{placed}"
+    );
+
+    goes.stop();
+    // 40 s of silence, then Unknown and tainted.
+    cp.eventually(90, "goes-0 Unknown", || {
+        jsonpath(
+            &cp,
+            &["get", "node", "goes-0"],
+            "{.status.conditions[?(@.type==\"Ready\")].status}",
+        ) == "Unknown"
+    });
+    let taints = jsonpath(
+        &cp,
+        &["get", "node", "goes-0"],
+        "{range .spec.taints[*]}{.key}:{.effect} {end}",
+    );
+    assert!(
+        taints.contains("node.kubernetes.io/unreachable:NoSchedule")
+            && taints.contains("node.kubernetes.io/unreachable:NoExecute"),
+        "{taints}"
+    );
+    // After the toleration, the pod there is evicted and replaced on the other node.
+    // (The evicted pod stays Terminating: its node is gone and cannot confirm, as upstream.)
+    cp.eventually(60, "both live replicas Running on stays-0", || {
+        let live = jsonpath(
+            &cp,
+            &["get", "pods", "-l", "app=web"],
+            "{range .items[*]}{.spec.nodeName} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
+        );
+        let live: Vec<&str> = live.lines().filter(|l| l.split(' ').nth(2).is_none_or(str::is_empty)).collect();
+        live.len() == 2 && live.iter().all(|l| l.starts_with("stays-0 Running"))
+    });
+    let events = cp.ok(&[
+        "get",
+        "events",
+        "--field-selector",
+        "reason=TaintManagerEviction",
+    ]);
+    assert!(
+        events.contains("Marking for deletion Pod default/web-"),
+        "{events}"
+    );
+}

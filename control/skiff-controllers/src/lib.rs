@@ -12,6 +12,8 @@
 //! - [`deployment`]: rolls Deployments out through ReplicaSets.
 //! - [`endpoints`]: EndpointSlices and Endpoints for Services with selectors.
 //! - [`serviceaccount`]: a `default` ServiceAccount in every namespace.
+//! - [`job`] and [`cronjob`]: run-to-completion pods, and Jobs on a schedule.
+//! - [`nodelifecycle`]: silent nodes become Unknown and tainted; pods leave NoExecute taints.
 //!
 //! The workload controllers share one list+watch per kind ([`informer`]) and reconcile keys
 //! from a deduplicating, rate-limited [`queue`], as kube-controller-manager's do.
@@ -28,12 +30,15 @@ use kube::{
     discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs},
 };
 
+pub mod cronjob;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod informer;
+pub mod job;
 pub mod namespace;
 pub mod nodeipam;
+pub mod nodelifecycle;
 pub mod owners;
 pub mod queue;
 pub mod replicaset;
@@ -108,7 +113,10 @@ pub fn namespaced(caps: &ApiCapabilities) -> bool {
 /// and the error returned (the caller restarts the set).
 pub async fn run(client: Client) -> Result<()> {
     use informer::Informer;
-    use k8s_openapi::api::{apps::v1 as apps, core::v1 as core, discovery::v1 as discovery};
+    use k8s_openapi::api::{
+        apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
+        discovery::v1 as discovery,
+    };
 
     let resources = resources(&client).await?;
     let mut set = tokio::task::JoinSet::new();
@@ -122,6 +130,9 @@ pub async fn run(client: Client) -> Result<()> {
     let slices = Informer::<discovery::EndpointSlice>::new();
     let replicasets = Informer::<apps::ReplicaSet>::new();
     let deployments = Informer::<apps::Deployment>::new();
+    let jobs = Informer::<batch::Job>::new();
+    let cronjobs = Informer::<batch::CronJob>::new();
+    let leases = Informer::<coordination::Lease>::new();
 
     macro_rules! spawn_informer {
         ($i:expr, $what:literal) => {
@@ -174,7 +185,22 @@ pub async fn run(client: Client) -> Result<()> {
         serviceaccount::run(client.clone(), namespaces.clone(), accounts.clone()),
         "ServiceAccount controller"
     );
+    spawn_controller!(
+        job::run(client.clone(), jobs.clone(), pods.clone()),
+        "Job controller"
+    );
+    spawn_controller!(
+        cronjob::run(client.clone(), cronjobs.clone(), jobs.clone()),
+        "CronJob controller"
+    );
+    spawn_controller!(
+        nodelifecycle::run(client.clone(), nodes.clone(), leases.clone(), pods.clone()),
+        "node lifecycle controller"
+    );
+    spawn_informer!(leases, "Lease");
     spawn_informer!(pods, "Pod");
+    spawn_informer!(jobs, "Job");
+    spawn_informer!(cronjobs, "CronJob");
     spawn_informer!(nodes, "Node");
     spawn_informer!(namespaces, "Namespace");
     spawn_informer!(services, "Service");

@@ -54,6 +54,9 @@ pub struct PodInfo {
     pub preferred_anti_affinity: Vec<(i32, AffinityTerm)>,
     /// Topology spread constraints.
     pub spread: Vec<SpreadConstraint>,
+    /// Identifies pods alike for label selectors: same namespace, labels, and whether being
+    /// deleted (selectors are evaluated once per such group, not once per pod).
+    pub group: u64,
 }
 
 impl PodInfo {
@@ -113,7 +116,16 @@ impl PodInfo {
             preferred_anti_affinity,
         ) = plugins::affinity_terms(&pod, &namespace);
         let spread = plugins::spread_constraints(&pod);
+        let group = {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            namespace.hash(&mut h);
+            pod.labels().hash(&mut h);
+            pod.metadata.deletion_timestamp.is_some().hash(&mut h);
+            h.finish()
+        };
         PodInfo {
+            group,
             key: format!("{namespace}/{}", pod.name_any()),
             uid: pod.uid().unwrap_or_default(),
             namespace,
@@ -165,6 +177,8 @@ pub struct NodeInfo {
     pub used_ports: HashSet<HostPort>,
     /// The pods on it with inter-pod (anti-)affinity terms.
     pub pods_with_affinity: Vec<Arc<PodInfo>>,
+    /// Its pods by [`PodInfo::group`]: one of them, and how many.
+    pub groups: HashMap<u64, (Arc<PodInfo>, usize)>,
 }
 
 impl NodeInfo {
@@ -189,6 +203,7 @@ impl NodeInfo {
             non_zero_requested: (0, 0),
             used_ports: HashSet::new(),
             pods_with_affinity: Vec::new(),
+            groups: HashMap::new(),
         }
     }
 
@@ -211,6 +226,10 @@ impl NodeInfo {
         if p.has_affinity() {
             self.pods_with_affinity.push(p.clone());
         }
+        self.groups
+            .entry(p.group)
+            .or_insert_with(|| (p.clone(), 0))
+            .1 += 1;
         self.pods.push(p);
     }
 
@@ -221,6 +240,17 @@ impl NodeInfo {
         };
         let p = self.pods.swap_remove(i);
         self.pods_with_affinity.retain(|o| o.uid != uid);
+        if let Some(g) = self.groups.get_mut(&p.group) {
+            g.1 -= 1;
+            if g.1 == 0 {
+                self.groups.remove(&p.group);
+            } else if g.0.uid == uid {
+                // The group's representative left: another member stands in.
+                if let Some(other) = self.pods.iter().find(|o| o.group == p.group) {
+                    g.0 = other.clone();
+                }
+            }
+        }
         self.requested.sub(&p.requests);
         self.non_zero_requested.0 -= p.non_zero.0;
         self.non_zero_requested.1 -= p.non_zero.1;

@@ -693,6 +693,7 @@ impl SpreadState {
         }
         for c in &pod.spread {
             let mut counts: HashMap<String, i64> = HashMap::new();
+            let mut seen: HashMap<u64, bool> = HashMap::new();
             for n in snap.nodes.values() {
                 let Some(v) = n.labels().get(&c.topology_key) else {
                     continue;
@@ -703,15 +704,18 @@ impl SpreadState {
                 if c.honor_taints && taint_toleration(pod, n).is_err() {
                     continue;
                 }
-                let matching = n
-                    .pods
-                    .iter()
-                    .filter(|p| {
-                        p.namespace == pod.namespace
-                            && p.pod.metadata.deletion_timestamp.is_none()
-                            && labels::matches(&c.selector, p.labels())
-                    })
-                    .count() as i64;
+                // Pods alike are judged once per cycle.
+                let mut matching = 0i64;
+                for (group, (rep, count)) in &n.groups {
+                    let hit = *seen.entry(*group).or_insert_with(|| {
+                        rep.namespace == pod.namespace
+                            && rep.pod.metadata.deletion_timestamp.is_none()
+                            && labels::matches(&c.selector, rep.labels())
+                    });
+                    if hit {
+                        matching += *count as i64;
+                    }
+                }
                 *counts.entry(v.clone()).or_default() += matching;
             }
             let self_match = labels::matches(&c.selector, pod.labels());
