@@ -748,3 +748,199 @@ spec:
         "{events}"
     );
 }
+
+#[test]
+fn daemonsets_cover_every_node_and_roll() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: apps/v1
+kind: DaemonSet
+metadata: {name: agent}
+spec:
+  selector: {matchLabels: {app: agent}}
+  template:
+    metadata: {labels: {app: agent}}
+    spec: {containers: [{name: c, image: "busybox:1.36"}]}
+"#,
+    );
+    rollout(&cp, "daemonset/agent");
+    let nodes = |cp: &ControlPlane| -> Vec<String> {
+        let mut v: Vec<String> = pods(cp, "agent")
+            .iter()
+            .map(|(name, _, _)| jsonpath(cp, &["get", "pod", name], "{.spec.nodeName}"))
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(nodes(&cp), ["sim-0", "sim-1"]);
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "ds", "agent"],
+            "{.status.desiredNumberScheduled} {.status.currentNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}"
+        ),
+        "2 2 2 2"
+    );
+
+    // A node added later gets its pod.
+    let _late = Simulator::start_named(&cp, "late", 1, "100ms");
+    cp.eventually(30, "a pod on the new node", || {
+        nodes(&cp) == ["late-0", "sim-0", "sim-1"]
+    });
+    rollout(&cp, "daemonset/agent");
+
+    // A new template rolls over every node; the history has both.
+    cp.ok(&["set", "image", "ds/agent", "c=busybox:1.37"]);
+    rollout(&cp, "daemonset/agent");
+    cp.eventually(30, "every pod updated", || {
+        let p = pods(&cp, "agent");
+        p.len() == 3 && p.iter().all(|(_, img, _)| img == "busybox:1.37")
+    });
+    let history = cp.ok(&["rollout", "history", "ds/agent"]);
+    assert!(
+        history
+            .lines()
+            .filter(|l| l.trim_start().starts_with(['1', '2']))
+            .count()
+            == 2,
+        "{history}"
+    );
+
+    // A NoSchedule taint keeps new pods off but does not evict; a NoExecute one does.
+    cp.ok(&["taint", "node", "sim-0", "dedicated=x:NoSchedule"]);
+    std::thread::sleep(std::time::Duration::from_secs(1));
+    assert_eq!(nodes(&cp).len(), 3);
+    cp.ok(&["taint", "node", "sim-1", "evict=now:NoExecute"]);
+    cp.eventually(30, "the pod off sim-1", || {
+        !nodes(&cp).contains(&"sim-1".to_string())
+    });
+}
+
+#[test]
+fn statefulsets_keep_names_order_and_claims() {
+    let cp = ControlPlane::start();
+    let _sim = Simulator::start(&cp, 2, "100ms");
+    cp.ok_stdin(
+        &["apply", "-f", "-"],
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {name: db}
+spec: {clusterIP: None, selector: {app: db}, ports: [{port: 5432}]}
+---
+apiVersion: apps/v1
+kind: StatefulSet
+metadata: {name: db}
+spec:
+  serviceName: db
+  replicas: 3
+  selector: {matchLabels: {app: db}}
+  template:
+    metadata: {labels: {app: db}}
+    spec:
+      containers:
+      - name: c
+        image: "busybox:1.36"
+        readinessProbe: {initialDelaySeconds: 1, exec: {command: ["true"]}}
+  volumeClaimTemplates:
+  - metadata: {name: data}
+    spec: {accessModes: [ReadWriteOnce], resources: {requests: {storage: 1Gi}}}
+"#,
+    );
+    let out = cp.ok(&["rollout", "status", "sts/db", "--timeout=90s"]);
+    assert!(
+        out.contains("partitioned roll out complete") || out.contains("roll out complete"),
+        "{out}"
+    );
+    // In order: each pod was created after the one before it was Ready.
+    let rows = jsonpath(
+        &cp,
+        &[
+            "get",
+            "pods",
+            "-l",
+            "app=db",
+            "--sort-by=.metadata.creationTimestamp",
+        ],
+        "{range .items[*]}{.metadata.name} {.spec.hostname} {.spec.subdomain}{\"\\n\"}{end}",
+    );
+    assert_eq!(
+        rows.trim(),
+        "db-0 db-0 db\ndb-1 db-1 db\ndb-2 db-2 db",
+        "{rows}"
+    );
+    let events = jsonpath(
+        &cp,
+        &[
+            "get",
+            "events",
+            "--field-selector",
+            "involvedObject.name=db,involvedObject.kind=StatefulSet",
+            "--sort-by=.firstTimestamp",
+        ],
+        "{range .items[*]}{.message}{\"\\n\"}{end}",
+    );
+    let order: Vec<&str> = events
+        .lines()
+        .filter(|l| l.starts_with("create Pod"))
+        .collect();
+    assert_eq!(order.len(), 3, "{events}");
+    assert!(
+        order[0].contains("db-0") && order[1].contains("db-1") && order[2].contains("db-2"),
+        "{events}"
+    );
+    let claims = cp.ok(&["get", "pvc", "-o", "name"]);
+    assert_eq!(claims.lines().count(), 3, "{claims}");
+    assert!(
+        claims.contains("data-db-0") && claims.contains("data-db-2"),
+        "{claims}"
+    );
+
+    // A deleted pod comes back under its name.
+    let uid = jsonpath(&cp, &["get", "pod", "db-1"], "{.metadata.uid}");
+    cp.ok(&["delete", "pod", "db-1"]);
+    cp.eventually(30, "db-1 back", || {
+        let now = cp.kubectl(&[
+            "get",
+            "pod",
+            "db-1",
+            "-o",
+            "jsonpath={.metadata.uid} {.status.phase}",
+        ]);
+        let now = String::from_utf8_lossy(&now.stdout).to_string();
+        now.ends_with("Running") && !now.starts_with(&uid)
+    });
+
+    // A rolling update replaces every pod; the revisions then agree.
+    cp.ok(&["set", "image", "sts/db", "c=busybox:1.37"]);
+    let out = cp.ok(&["rollout", "status", "sts/db", "--timeout=90s"]);
+    assert!(out.contains("complete"), "{out}");
+    cp.eventually(30, "every pod updated and the revisions equal", || {
+        let p = pods(&cp, "db");
+        let revs = jsonpath(
+            &cp,
+            &["get", "sts", "db"],
+            "{.status.currentRevision} {.status.updateRevision} {.status.updatedReplicas}",
+        );
+        let r: Vec<&str> = revs.split(' ').collect();
+        p.len() == 3
+            && p.iter().all(|(_, img, _)| img == "busybox:1.37")
+            && r.len() == 3
+            && r[0] == r[1]
+            && r[2] == "3"
+    });
+
+    // Scaling down removes the highest ordinals; the claims stay.
+    cp.ok(&["scale", "sts/db", "--replicas=1"]);
+    cp.eventually(60, "only db-0 left", || {
+        pods(&cp, "db")
+            .iter()
+            .map(|(n, _, _)| n.clone())
+            .collect::<Vec<_>>()
+            == ["db-0"]
+    });
+    assert_eq!(cp.ok(&["get", "pvc", "-o", "name"]).lines().count(), 3);
+}

@@ -289,6 +289,9 @@ pub fn initial_status(def: &ResourceDef, obj: &mut Value) {
     let status = match (def.group, def.kind) {
         ("", "Pod") => json!({"phase": "Pending", "qosClass": qos_class(obj)}),
         ("", "Namespace") => json!({"phase": "Active"}),
+        // No provisioner binds claims yet: they wait, as on a cluster without a storage class.
+        ("", "PersistentVolumeClaim") => json!({"phase": "Pending"}),
+        ("", "PersistentVolume") => json!({"phase": "Pending"}),
         ("", "Node") => return,
         ("", "Service") => json!({"loadBalancer": {}}),
         _ => json!({}),

@@ -224,6 +224,12 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(core::Node, "", "v1", "Node", "nodes", "node",
         namespaced: false, verbs: ALL_VERBS, short: &["no"], categories: NONE,
         subresources: STATUS, spec: false, status: true),
+    resource!(core::PersistentVolume, "", "v1", "PersistentVolume", "persistentvolumes", "persistentvolume",
+        namespaced: false, verbs: ALL_VERBS, short: &["pv"], categories: NONE,
+        subresources: STATUS, spec: false, status: true),
+    resource!(core::PersistentVolumeClaim, "", "v1", "PersistentVolumeClaim", "persistentvolumeclaims", "persistentvolumeclaim",
+        namespaced: true, verbs: ALL_VERBS, short: &["pvc"], categories: ALL,
+        subresources: STATUS, spec: false, status: true),
     resource!(core::Pod, "", "v1", "Pod", "pods", "pod",
         namespaced: true, verbs: ALL_VERBS, short: &["po"], categories: ALL,
         subresources: &[

@@ -288,6 +288,63 @@ fn columns(def: &ResourceDef) -> Vec<Col> {
             ),
             AGE,
         ],
+        ("", "PersistentVolumeClaim") => vec![
+            NAME,
+            col("Status", "string", 0, "The phase of the claim."),
+            col("Volume", "string", 0, "The volume bound to the claim."),
+            col("Capacity", "string", 0, "The capacity of the bound volume."),
+            col(
+                "Access Modes",
+                "string",
+                0,
+                "The access modes of the claim.",
+            ),
+            col(
+                "StorageClass",
+                "string",
+                0,
+                "The storage class of the claim.",
+            ),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                0,
+                "The volume attributes class of the claim.",
+            ),
+            AGE,
+        ],
+        ("", "PersistentVolume") => vec![
+            NAME,
+            col("Capacity", "string", 0, "The capacity of the volume."),
+            col(
+                "Access Modes",
+                "string",
+                0,
+                "The access modes of the volume.",
+            ),
+            col(
+                "Reclaim Policy",
+                "string",
+                0,
+                "What happens to the volume when released.",
+            ),
+            col("Status", "string", 0, "The phase of the volume."),
+            col("Claim", "string", 0, "The claim bound to the volume."),
+            col(
+                "StorageClass",
+                "string",
+                0,
+                "The storage class of the volume.",
+            ),
+            col(
+                "VolumeAttributesClass",
+                "string",
+                0,
+                "The volume attributes class of the volume.",
+            ),
+            col("Reason", "string", 0, "Why the volume is in its phase."),
+            AGE,
+        ],
         ("", "Node") => vec![
             NAME,
             col("Status", "string", 0, "The status of the node"),
@@ -625,6 +682,21 @@ fn s<'a>(v: &'a Value, ptr: &str) -> &'a str {
 
 fn i(v: &Value, ptr: &str) -> i64 {
     v.pointer(ptr).and_then(Value::as_i64).unwrap_or(0)
+}
+
+/// kubectl's short forms of access modes.
+fn access_mode(m: &str) -> &str {
+    match m {
+        "ReadWriteOnce" => "RWO",
+        "ReadOnlyMany" => "ROX",
+        "ReadWriteMany" => "RWX",
+        "ReadWriteOncePod" => "RWOP",
+        other => other,
+    }
+}
+
+fn or_unset(s: &str) -> Value {
+    json!(if s.is_empty() { "<unset>" } else { s })
 }
 
 fn or_none(s: &str) -> Value {
@@ -966,6 +1038,49 @@ fn cells(def: &ResourceDef, o: &Value, now: DateTime<Utc>) -> Vec<Value> {
             }
             let refs: Vec<&str> = eps.iter().map(String::as_str).collect();
             vec![name, json!(truncated_list(&refs)), age]
+        }
+        ("", "PersistentVolumeClaim") => {
+            let modes: Vec<&str> = arr(o, "/spec/accessModes")
+                .iter()
+                .filter_map(Value::as_str)
+                .map(access_mode)
+                .collect();
+            vec![
+                name,
+                json!(s(o, "/status/phase")),
+                json!(s(o, "/spec/volumeName")),
+                json!(s(o, "/status/capacity/storage")),
+                json!(modes.join(",")),
+                or_none(s(o, "/spec/storageClassName")),
+                or_unset(s(o, "/spec/volumeAttributesClassName")),
+                age,
+            ]
+        }
+        ("", "PersistentVolume") => {
+            let modes: Vec<&str> = arr(o, "/spec/accessModes")
+                .iter()
+                .filter_map(Value::as_str)
+                .map(access_mode)
+                .collect();
+            let claim = match (
+                s(o, "/spec/claimRef/namespace"),
+                s(o, "/spec/claimRef/name"),
+            ) {
+                (_, "") => String::new(),
+                (ns, n) => format!("{ns}/{n}"),
+            };
+            vec![
+                name,
+                json!(s(o, "/spec/capacity/storage")),
+                json!(modes.join(",")),
+                json!(s(o, "/spec/persistentVolumeReclaimPolicy")),
+                json!(s(o, "/status/phase")),
+                json!(claim),
+                json!(s(o, "/spec/storageClassName")),
+                or_unset(s(o, "/spec/volumeAttributesClassName")),
+                json!(s(o, "/status/reason")),
+                age,
+            ]
         }
         ("", "Node") => {
             let ready = arr(o, "/status/conditions")

@@ -14,6 +14,8 @@
 //! - [`serviceaccount`]: a `default` ServiceAccount in every namespace.
 //! - [`job`] and [`cronjob`]: run-to-completion pods, and Jobs on a schedule.
 //! - [`nodelifecycle`]: silent nodes become Unknown and tainted; pods leave NoExecute taints.
+//! - [`daemonset`] and [`statefulset`]: a pod per node; pods with stable identities, with
+//!   their templates kept as ControllerRevisions ([`history`]).
 //!
 //! The workload controllers share one list+watch per kind ([`informer`]) and reconcile keys
 //! from a deduplicating, rate-limited [`queue`], as kube-controller-manager's do.
@@ -31,9 +33,11 @@ use kube::{
 };
 
 pub mod cronjob;
+pub mod daemonset;
 pub mod deployment;
 pub mod endpoints;
 pub mod gc;
+pub mod history;
 pub mod informer;
 pub mod job;
 pub mod namespace;
@@ -44,6 +48,7 @@ pub mod queue;
 pub mod replicaset;
 pub mod scheduler;
 pub mod serviceaccount;
+pub mod statefulset;
 
 /// A namespaced object's key in a work queue.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -133,6 +138,10 @@ pub async fn run(client: Client) -> Result<()> {
     let jobs = Informer::<batch::Job>::new();
     let cronjobs = Informer::<batch::CronJob>::new();
     let leases = Informer::<coordination::Lease>::new();
+    let daemonsets = Informer::<apps::DaemonSet>::new();
+    let statefulsets = Informer::<apps::StatefulSet>::new();
+    let revisions = Informer::<apps::ControllerRevision>::new();
+    let claims = Informer::<core::PersistentVolumeClaim>::new();
 
     macro_rules! spawn_informer {
         ($i:expr, $what:literal) => {
@@ -197,6 +206,30 @@ pub async fn run(client: Client) -> Result<()> {
         nodelifecycle::run(client.clone(), nodes.clone(), leases.clone(), pods.clone()),
         "node lifecycle controller"
     );
+    spawn_controller!(
+        daemonset::run(
+            client.clone(),
+            daemonsets.clone(),
+            pods.clone(),
+            nodes.clone(),
+            revisions.clone()
+        ),
+        "DaemonSet controller"
+    );
+    spawn_controller!(
+        statefulset::run(
+            client.clone(),
+            statefulsets.clone(),
+            pods.clone(),
+            claims.clone(),
+            revisions.clone()
+        ),
+        "StatefulSet controller"
+    );
+    spawn_informer!(daemonsets, "DaemonSet");
+    spawn_informer!(statefulsets, "StatefulSet");
+    spawn_informer!(revisions, "ControllerRevision");
+    spawn_informer!(claims, "PersistentVolumeClaim");
     spawn_informer!(leases, "Lease");
     spawn_informer!(pods, "Pod");
     spawn_informer!(jobs, "Job");
