@@ -1464,3 +1464,93 @@ spec:
         },
     );
 }
+
+#[test]
+fn a_deployment_rolls_out_on_a_real_node_and_its_service_lists_it() {
+    on_one_node(
+        "a_deployment_rolls_out_on_a_real_node_and_its_service_lists_it",
+        |_, cp, _| {
+            cp.ok_stdin(
+            &["apply", "-f", "-"],
+            r#"
+apiVersion: apps/v1
+kind: Deployment
+metadata: {name: web}
+spec:
+  replicas: 2
+  selector: {matchLabels: {app: web}}
+  template:
+    metadata: {labels: {app: web}}
+    spec:
+      terminationGracePeriodSeconds: 1
+      containers:
+      - {name: web, image: "busybox:1.36", command: [sh, -c, "echo ready > /tmp/r; exec sleep 3600"],
+         ports: [{name: http, containerPort: 8080}],
+         readinessProbe: {exec: {command: [cat, /tmp/r]}, periodSeconds: 1}}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web}
+spec: {selector: {app: web}, ports: [{port: 80, targetPort: http}]}
+"#,
+        );
+            let out = cp.ok(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+            assert!(out.contains("successfully rolled out"), "{out}");
+            // The chain of events, Deployment to container.
+            let events = cp.ok(&[
+                "get",
+                "events",
+                "-o",
+                "jsonpath={range .items[*]}{.involvedObject.kind} {.reason}{\"\\n\"}{end}",
+            ]);
+            for want in [
+                "Deployment ScalingReplicaSet",
+                "ReplicaSet SuccessfulCreate",
+                "Pod Scheduled",
+                "Pod Started",
+            ] {
+                assert!(
+                    events.lines().any(|l| l == want),
+                    "no {want:?} in:\n{events}"
+                );
+            }
+            // Both pods run on the node with their own addresses, and the Service lists them.
+            let ips = cp.ok(&[
+                "get",
+                "pods",
+                "-l",
+                "app=web",
+                "-o",
+                "jsonpath={.items[*].status.podIP}",
+            ]);
+            let ips: Vec<&str> = ips.split(' ').filter(|s| !s.is_empty()).collect();
+            assert_eq!(ips.len(), 2);
+            cp.eventually(30, "the slice to list both pods ready on port 8080", || {
+            let s = cp.ok(&[
+                "get", "endpointslices", "-l", "kubernetes.io/service-name=web", "-o",
+                "jsonpath={range .items[*].endpoints[*]}{.addresses[0]}={.conditions.ready}{\"\\n\"}{end}{.items[0].ports[0].port}",
+            ]);
+            ips.iter().all(|ip| s.contains(&format!("{ip}=true"))) && s.ends_with("8080")
+        });
+            // A rolling update replaces them, on containerd.
+            cp.ok(&["set", "env", "deployment/web", "GENERATION=2"]);
+            let out = cp.ok(&["rollout", "status", "deployment/web", "--timeout=120s"]);
+            assert!(out.contains("successfully rolled out"), "{out}");
+            cp.eventually(60, "only new pods left", || {
+                let env = cp.ok(&[
+                    "get",
+                    "pods",
+                    "-l",
+                    "app=web",
+                    "-o",
+                    "jsonpath={range .items[*]}{.spec.containers[0].env[0].value}{\"\\n\"}{end}",
+                ]);
+                env.lines().count() == 2 && env.lines().all(|l| l == "2")
+            });
+            cp.ok(&["delete", "deployment", "web", "--wait=false"]);
+            cp.eventually(60, "the pods gone", || {
+                cp.ok(&["get", "pods", "-o", "name"]).is_empty()
+            });
+        },
+    );
+}

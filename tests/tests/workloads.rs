@@ -901,7 +901,9 @@ spec:
 
     // A deleted pod comes back under its name.
     let uid = jsonpath(&cp, &["get", "pod", "db-1"], "{.metadata.uid}");
-    cp.ok(&["delete", "pod", "db-1"]);
+    // (Not waiting: kubectl's wait can miss a deletion when the same name is back within
+    // milliseconds, as with simulated nodes.)
+    cp.ok(&["delete", "pod", "db-1", "--wait=false"]);
     cp.eventually(30, "db-1 back", || {
         let now = cp.kubectl(&[
             "get",
@@ -943,4 +945,62 @@ spec:
             == ["db-0"]
     });
     assert_eq!(cp.ok(&["get", "pvc", "-o", "name"]).lines().count(), 3);
+}
+
+#[test]
+fn one_replica_leads_and_another_takes_over() {
+    use skiff_controllers::leader::{Elector, LEASE_DURATION};
+    let cp = ControlPlane::start();
+    // skiff-control's own controllers hold the controller-manager Lease.
+    cp.eventually(30, "the controller-manager lease held", || {
+        !jsonpath(
+            &cp,
+            &[
+                "get",
+                "lease",
+                "-n",
+                "kube-system",
+                "skiff-controller-manager",
+            ],
+            "{.spec.holderIdentity}",
+        )
+        .is_empty()
+    });
+    // Two candidates for another Lease, through the real API server.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(async {
+        let client = skiff_controllers::client_from_kubeconfig(&cp.kubeconfig())
+            .await
+            .expect("client");
+        let mut a = Elector::new(client.clone(), "election-test", "a".into());
+        let mut b = Elector::new(client, "election-test", "b".into());
+        assert!(a.try_acquire_or_renew().await.expect("a"));
+        assert!(
+            !b.try_acquire_or_renew().await.expect("b"),
+            "one leader at a time"
+        );
+        assert!(a.try_acquire_or_renew().await.expect("a renews"));
+        // a stops renewing: b waits out the lease duration, by its own clock, then takes over.
+        let start = std::time::Instant::now();
+        while !b.try_acquire_or_renew().await.expect("b") {
+            assert!(start.elapsed() < LEASE_DURATION * 3, "b never took over");
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+        assert!(
+            start.elapsed() >= LEASE_DURATION,
+            "took over before the lease ran out"
+        );
+        assert!(
+            !a.try_acquire_or_renew().await.expect("a"),
+            "a lost the lease"
+        );
+    });
+    assert_eq!(
+        jsonpath(
+            &cp,
+            &["get", "lease", "-n", "kube-system", "election-test"],
+            "{.spec.holderIdentity} {.spec.leaseTransitions}"
+        ),
+        "b 1"
+    );
 }

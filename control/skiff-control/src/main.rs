@@ -3,7 +3,8 @@
 //! It runs the replicated store (etcd's role) — with no flags an embedded single-member store in
 //! `--data-dir`, with `--peers` one member of a 3- or 5-member cluster — and the Kubernetes API
 //! server over it (HTTPS on `--api-listen`, bearer tokens, an admin kubeconfig written to
-//! `<data-dir>/admin.kubeconfig`). The scheduler and controllers are not built yet.
+//! `<data-dir>/admin.kubeconfig`), and the scheduler and controllers, on the replica that holds
+//! the `kube-system/skiff-controller-manager` Lease.
 
 use std::{collections::BTreeMap, net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -244,22 +245,31 @@ fn main() -> Result<()> {
             .context("starting the API server")?;
             tracing::info!(listen = %api.addr(), kubeconfig = %api.kubeconfig().display(), "API server ready");
             let kubeconfig = api.kubeconfig().to_path_buf();
+            let identity = format!(
+                "{}_{}_{}",
+                nix::unistd::gethostname()
+                    .map(|h| h.to_string_lossy().into_owned())
+                    .unwrap_or_else(|_| "skiff-control".into()),
+                api.addr(),
+                std::process::id()
+            );
             let controllers = tokio::spawn(async move {
-                // Controllers are clients of the API like any other; a failure is logged and the
-                // set restarted after a pause (they are level-triggered, so nothing is lost).
+                // Controllers are clients of the API like any other. With several replicas, the
+                // one holding the Lease runs them (see skiff_controllers::leader); a failure is
+                // logged and the set restarted (they are level-triggered, so nothing is lost).
                 let mut attempt = 0;
-                loop {
-                    let r = async {
-                        let client = skiff_controllers::client_from_kubeconfig(&kubeconfig).await?;
-                        skiff_controllers::run(client).await
-                    }
-                    .await;
-                    if let Err(e) = r {
-                        tracing::error!(error = format!("{e:#}"), "controllers stopped; restarting");
+                let client = loop {
+                    match skiff_controllers::client_from_kubeconfig(&kubeconfig).await {
+                        Ok(c) => break c,
+                        Err(e) => tracing::error!(error = format!("{e:#}"), "controller client"),
                     }
                     attempt += 1;
                     tokio::time::sleep(skiff_controllers::backoff(attempt)).await;
-                }
+                };
+                skiff_controllers::leader::run(client.clone(), identity, move || {
+                    skiff_controllers::run(client.clone())
+                })
+                .await;
             });
             println!(
                 "skiff-control: API server on https://{}\nadmin kubeconfig: {}\n  export KUBECONFIG={}\n  kubectl get namespaces",

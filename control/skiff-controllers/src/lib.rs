@@ -17,8 +17,9 @@
 //! - [`daemonset`] and [`statefulset`]: a pod per node; pods with stable identities, with
 //!   their templates kept as ControllerRevisions ([`history`]).
 //!
-//! The workload controllers share one list+watch per kind ([`informer`]) and reconcile keys
-//! from a deduplicating, rate-limited [`queue`], as kube-controller-manager's do.
+//! [`leader`] elects the replica that runs them. They share one list+watch per kind
+//! ([`informer`]) and reconcile keys from a deduplicating, rate-limited [`queue`], as
+//! kube-controller-manager's do.
 //! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
 //! them: a failed reconcile is retried with backoff.
 
@@ -40,6 +41,7 @@ pub mod gc;
 pub mod history;
 pub mod informer;
 pub mod job;
+pub mod leader;
 pub mod namespace;
 pub mod nodeipam;
 pub mod nodelifecycle;
