@@ -935,6 +935,35 @@ spec:
             && r[2] == "3"
     });
 
+    // A partition keeps the ordinals below it on the old template.
+    cp.ok(&[
+        "patch",
+        "sts",
+        "db",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"updateStrategy":{"rollingUpdate":{"partition":2}},"template":{"spec":{"containers":[{"name":"c","image":"busybox:1.38"}]}}}}"#,
+    ]);
+    cp.eventually(60, "only db-2 on the new template", || {
+        let mut p = pods(&cp, "db");
+        p.sort();
+        p.len() == 3
+            && p.iter().all(|(_, _, ph)| ph == "Running")
+            && p.iter()
+                .map(|(n, img, _)| format!("{n}={img}"))
+                .collect::<Vec<_>>()
+                == [
+                    "db-0=busybox:1.37",
+                    "db-1=busybox:1.37",
+                    "db-2=busybox:1.38",
+                ]
+    });
+    let out = cp.ok(&["rollout", "status", "sts/db", "--timeout=60s"]);
+    assert!(
+        out.contains("partitioned roll out complete: 1 new pods have been updated"),
+        "{out}"
+    );
+
     // Scaling down removes the highest ordinals; the claims stay.
     cp.ok(&["scale", "sts/db", "--replicas=1"]);
     cp.eventually(60, "only db-0 left", || {

@@ -353,16 +353,7 @@ async fn write_status(ctx: &Ctx, cj: &CronJob, status: CronJobStatus) -> anyhow:
     }
     let mut updated = cj.clone();
     updated.status = Some(status);
-    let api: Api<CronJob> =
-        Api::namespaced(ctx.client.clone(), &cj.namespace().unwrap_or_default());
-    let out = api
-        .replace_status(
-            &cj.name_any(),
-            &PostParams::default(),
-            serde_json::to_vec(&updated)?,
-        )
-        .await?;
-    ctx.cronjobs.cache().observe(out);
+    owners::replace_status(&ctx.client, ctx.cronjobs.cache(), &updated).await?;
     Ok(())
 }
 
@@ -385,9 +376,8 @@ pub async fn run(client: Client, cronjobs: Arc<Informer<CronJob>>, jobs: Arc<Inf
             tokio::select! {
                 Some(c) = cj_changes.recv() => q.add(Key::of(&**c.object())),
                 Some(c) = job_changes.recv() => {
-                    let j = c.object();
-                    if let Some(r) = controller_ref(&j.metadata).filter(|r| r.kind == "CronJob") {
-                        q.add(Key::new(&j.namespace().unwrap_or_default(), &r.name));
+                    if let Some(k) = owners::owner_key(&**c.object(), "CronJob") {
+                        q.add(k);
                     }
                 }
                 else => return,

@@ -25,14 +25,8 @@ use k8s_openapi::{
     },
     chrono::Utc,
 };
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams},
-};
-use skiff_apimachinery::{
-    events::{Kind, Recorder},
-    pod::{self as podfacts, controller_ref},
-};
+use kube::{Client, ResourceExt};
+use skiff_apimachinery::{events::Recorder, pod as podfacts};
 
 use crate::{
     Key,
@@ -195,7 +189,6 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         }
     }
     let nodes = ctx.nodes.cache().list();
-    let pods_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
     let (mut create, mut delete): (Vec<String>, Vec<Arc<Pod>>) = (Vec::new(), Vec::new());
     let mut status = DaemonSetStatus {
         observed_generation: ds.metadata.generation,
@@ -322,48 +315,11 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         }
     }
     for p in &delete {
-        match pods_api
-            .delete(&p.name_any(), &DeleteParams::default())
-            .await
-        {
-            Ok(either) => {
-                ctx.events.object(
-                    &*ds,
-                    Kind::Normal,
-                    "SuccessfulDelete",
-                    &format!("Deleted pod: {}", p.name_any()),
-                );
-                match either.left() {
-                    Some(t) => ctx.pods.cache().observe(t),
-                    None => ctx.pods.cache().observe_deleted(p),
-                }
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+        owners::delete_pod(&ctx.client, ctx.pods.cache(), &ctx.events, &*ds, p).await?;
     }
     for node in &create {
         let pod = pod_for(&ds, &template, &hash, node);
-        match pods_api.create(&PostParams::default(), &pod).await {
-            Ok(p) => {
-                ctx.events.object(
-                    &*ds,
-                    Kind::Normal,
-                    "SuccessfulCreate",
-                    &format!("Created pod: {}", p.name_any()),
-                );
-                ctx.pods.cache().observe(p);
-            }
-            Err(e) => {
-                ctx.events.object(
-                    &*ds,
-                    Kind::Warning,
-                    "FailedCreate",
-                    &format!("Error creating: {e}"),
-                );
-                return Err(e.into());
-            }
-        }
+        owners::create_pod(&ctx.client, ctx.pods.cache(), &ctx.events, &*ds, &pod).await?;
     }
     let in_use: Vec<String> = pods
         .iter()
@@ -381,15 +337,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     if ds.status.as_ref() != Some(&status) {
         let mut updated = (*ds).clone();
         updated.status = Some(status.clone());
-        let api: Api<DaemonSet> = Api::namespaced(ctx.client.clone(), &key.namespace);
-        let out = api
-            .replace_status(
-                &key.name,
-                &PostParams::default(),
-                serde_json::to_vec(&updated)?,
-            )
-            .await?;
-        ctx.sets.cache().observe(out);
+        owners::replace_status(&ctx.client, ctx.sets.cache(), &updated).await?;
     }
     // Ready pods become available after minReadySeconds.
     if min_ready > 0 && status.number_ready > status.number_available.unwrap_or(0) {
@@ -445,9 +393,8 @@ pub async fn run(
             tokio::select! {
                 Some(c) = set_changes.recv() => q.add(Key::of(&**c.object())),
                 Some(c) = pod_changes.recv() => {
-                    let p = c.object();
-                    if let Some(r) = controller_ref(&p.metadata).filter(|r| r.kind == "DaemonSet") {
-                        q.add(Key::new(&p.namespace().unwrap_or_default(), &r.name));
+                    if let Some(k) = owners::owner_key(&**c.object(), "DaemonSet") {
+                        q.add(k);
                     }
                 }
                 // A node added, relabelled or tainted concerns every DaemonSet.

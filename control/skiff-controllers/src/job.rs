@@ -27,7 +27,7 @@ use k8s_openapi::{
 };
 use kube::{
     Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams, PropagationPolicy},
+    api::{DeleteParams, PropagationPolicy},
 };
 use skiff_apimachinery::{
     events::{Kind, Recorder},
@@ -384,23 +384,8 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     let pods = owners::claim(&ctx.client, ctx.pods.cache(), &*job, &selector, candidates).await?;
     let now = Utc::now();
     let plan = plan(&job, &pods, now);
-    let pod_api: Api<Pod> = Api::namespaced(ctx.client.clone(), &key.namespace);
-    for name in &plan.delete {
-        match pod_api.delete(name, &DeleteParams::default()).await {
-            Ok(either) => {
-                if let Some(p) = either.left() {
-                    ctx.pods.cache().observe(p);
-                }
-                ctx.events.object(
-                    &*job,
-                    Kind::Normal,
-                    "SuccessfulDelete",
-                    &format!("Deleted pod: {name}"),
-                );
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => {}
-            Err(e) => return Err(e.into()),
-        }
+    for pod in pods.iter().filter(|p| plan.delete.contains(&p.name_any())) {
+        owners::delete_pod(&ctx.client, ctx.pods.cache(), &ctx.events, &*job, pod).await?;
     }
     let owner = owners::controller_reference(&*job);
     for index in &plan.create {
@@ -441,26 +426,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
             None => format!("{}-", key.name),
         };
         let pod = pod_from_template(&template, owner.clone(), &key.namespace, generate);
-        match pod_api.create(&PostParams::default(), &pod).await {
-            Ok(p) => {
-                ctx.events.object(
-                    &*job,
-                    Kind::Normal,
-                    "SuccessfulCreate",
-                    &format!("Created pod: {}", p.name_any()),
-                );
-                ctx.pods.cache().observe(p);
-            }
-            Err(e) => {
-                ctx.events.object(
-                    &*job,
-                    Kind::Warning,
-                    "FailedCreate",
-                    &format!("Error creating: {e}"),
-                );
-                return Err(e.into());
-            }
-        }
+        owners::create_pod(&ctx.client, ctx.pods.cache(), &ctx.events, &*job, &pod).await?;
     }
     for (warning, reason, message) in &plan.events {
         let kind = if *warning {
@@ -474,20 +440,13 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     if job.status.as_ref() != Some(&plan.status) {
         let mut updated = (*job).clone();
         updated.status = Some(plan.status);
-        let out = api
-            .replace_status(
-                &key.name,
-                &PostParams::default(),
-                serde_json::to_vec(&updated)?,
-            )
-            .await?;
+        let out = owners::replace_status(&ctx.client, ctx.jobs.cache(), &updated).await?;
         // A Job that just finished with a TTL is looked at again when it expires.
         if let (Some(at), Some(ttl)) = (finished(&out), spec.ttl_seconds_after_finished) {
             let due = at + k8s_openapi::chrono::Duration::seconds(ttl.into());
             again =
                 Some((due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100));
         }
-        ctx.jobs.cache().observe(out);
     } else if let (Some(at), Some(ttl)) = (finished(&job), spec.ttl_seconds_after_finished) {
         let due = at + k8s_openapi::chrono::Duration::seconds(ttl.into());
         again = Some((due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100));
@@ -514,9 +473,8 @@ pub async fn run(client: Client, jobs: Arc<Informer<Job>>, pods: Arc<Informer<Po
             tokio::select! {
                 Some(c) = job_changes.recv() => q.add(Key::of(&**c.object())),
                 Some(c) = pod_changes.recv() => {
-                    let p = c.object();
-                    if let Some(r) = controller_ref(&p.metadata).filter(|r| r.kind == "Job") {
-                        q.add(Key::new(&p.namespace().unwrap_or_default(), &r.name));
+                    if let Some(k) = owners::owner_key(&**c.object(), "Job") {
+                        q.add(k);
                     }
                     if let Change::Applied { old: Some(old), .. } = &*c
                         && let Some(r) = controller_ref(&old.metadata).filter(|r| r.kind == "Job")

@@ -151,3 +151,122 @@ where
         Err(e) => Err(e.into()),
     }
 }
+
+/// The key of the `kind` controlling `obj`, if one does.
+pub fn owner_key<K: Resource>(obj: &K, kind: &str) -> Option<crate::Key> {
+    controller_ref(obj.meta())
+        .filter(|r| r.kind == kind)
+        .map(|r| crate::Key::new(obj.meta().namespace.as_deref().unwrap_or(""), &r.name))
+}
+
+/// Creates `pod` for `owner`: a `SuccessfulCreate` (or `FailedCreate`) event, and the pod
+/// written through to `cache`.
+pub async fn create_pod<O: Resource<DynamicType = ()>>(
+    client: &Client,
+    cache: &Cache<k8s_openapi::api::core::v1::Pod>,
+    events: &skiff_apimachinery::events::Recorder,
+    owner: &O,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<Arc<k8s_openapi::api::core::v1::Pod>, kube::Error> {
+    use skiff_apimachinery::events::Kind;
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(
+        client.clone(),
+        pod.metadata.namespace.as_deref().unwrap_or(""),
+    );
+    match api.create(&kube::api::PostParams::default(), pod).await {
+        Ok(p) => {
+            events.object(
+                owner,
+                Kind::Normal,
+                "SuccessfulCreate",
+                &format!("Created pod: {}", p.name_any()),
+            );
+            cache.observe(p.clone());
+            Ok(Arc::new(p))
+        }
+        Err(e) => {
+            let msg = match &e {
+                kube::Error::Api(s) => s.message.clone(),
+                e => e.to_string(),
+            };
+            events.object(
+                owner,
+                Kind::Warning,
+                "FailedCreate",
+                &format!("Error creating: {msg}"),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Deletes `pod` of `owner`: a `SuccessfulDelete` event, and the deletion written through to
+/// `cache`. A pod already gone is not an error.
+pub async fn delete_pod<O: Resource<DynamicType = ()>>(
+    client: &Client,
+    cache: &Cache<k8s_openapi::api::core::v1::Pod>,
+    events: &skiff_apimachinery::events::Recorder,
+    owner: &O,
+    pod: &k8s_openapi::api::core::v1::Pod,
+) -> Result<(), kube::Error> {
+    use skiff_apimachinery::events::Kind;
+    let api: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(
+        client.clone(),
+        pod.metadata.namespace.as_deref().unwrap_or(""),
+    );
+    match api
+        .delete(&pod.name_any(), &kube::api::DeleteParams::default())
+        .await
+    {
+        Ok(either) => {
+            events.object(
+                owner,
+                Kind::Normal,
+                "SuccessfulDelete",
+                &format!("Deleted pod: {}", pod.name_any()),
+            );
+            match either.left() {
+                Some(terminating) => cache.observe(terminating),
+                None => cache.observe_deleted(pod),
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => {
+            cache.observe_deleted(pod);
+            Ok(())
+        }
+        Err(e) => {
+            events.object(
+                owner,
+                Kind::Warning,
+                "FailedDelete",
+                &format!("Error deleting: {e}"),
+            );
+            Err(e)
+        }
+    }
+}
+
+/// Writes `next` (the object with its new status) through `/status`, and into `cache`.
+pub async fn replace_status<K>(client: &Client, cache: &Cache<K>, next: &K) -> anyhow::Result<K>
+where
+    K: Resource<DynamicType = (), Scope = NamespaceResourceScope>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + Debug,
+{
+    let api: Api<K> = Api::namespaced(
+        client.clone(),
+        next.meta().namespace.as_deref().unwrap_or(""),
+    );
+    let out = api
+        .replace_status(
+            &next.name_any(),
+            &kube::api::PostParams::default(),
+            serde_json::to_vec(next)?,
+        )
+        .await?;
+    cache.observe(out.clone());
+    Ok(out)
+}

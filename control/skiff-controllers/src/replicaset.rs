@@ -17,12 +17,9 @@ use k8s_openapi::{
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     chrono::Utc,
 };
-use kube::{
-    Api, Client, ResourceExt,
-    api::{DeleteParams, PostParams},
-};
+use kube::{Client, ResourceExt};
 use skiff_apimachinery::{
-    events::{Kind, Recorder},
+    events::Recorder,
     labels,
     pod::{self, controller_ref},
 };
@@ -214,15 +211,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     if rs.status.as_ref() != Some(&status) {
         let mut updated = (*rs).clone();
         updated.status = Some(status.clone());
-        let api: Api<ReplicaSet> = Api::namespaced(ctx.client.clone(), &key.namespace);
-        let out = api
-            .replace_status(
-                &key.name,
-                &PostParams::default(),
-                serde_json::to_vec(&updated)?,
-            )
-            .await?;
-        ctx.sets.cache().observe(out);
+        owners::replace_status(&ctx.client, ctx.sets.cache(), &updated).await?;
     }
     if let Some((_, e)) = failure {
         anyhow::bail!("{e}");
@@ -244,43 +233,25 @@ async fn create_pods(ctx: &Ctx, rs: &ReplicaSet, n: usize) -> (Vec<Arc<Pod>>, Op
             Some("the ReplicaSet has no pod template".into()),
         );
     };
-    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let owner = owners::controller_reference(rs);
     let (mut created, mut batch, mut left) = (Vec::new(), 1usize, n);
     while left > 0 {
         let size = batch.min(left);
-        let results = join_all((0..size).map(|_| {
-            let pod =
-                pod_from_template(&template, owner.clone(), &ns, format!("{}-", rs.name_any()));
-            let api = api.clone();
-            async move { api.create(&PostParams::default(), &pod).await }
-        }))
-        .await;
+        let results =
+            join_all((0..size).map(|_| {
+                let pod =
+                    pod_from_template(&template, owner.clone(), &ns, format!("{}-", rs.name_any()));
+                async move {
+                    owners::create_pod(&ctx.client, ctx.pods.cache(), &ctx.events, rs, &pod).await
+                }
+            }))
+            .await;
         let mut error = None;
         for r in results {
             match r {
-                Ok(p) => {
-                    ctx.events.object(
-                        rs,
-                        Kind::Normal,
-                        "SuccessfulCreate",
-                        &format!("Created pod: {}", p.name_any()),
-                    );
-                    ctx.pods.cache().observe(p.clone());
-                    created.push(Arc::new(p));
-                }
+                Ok(p) => created.push(p),
                 Err(e) => {
-                    let msg = match &e {
-                        kube::Error::Api(s) => s.message.clone(),
-                        e => e.to_string(),
-                    };
-                    ctx.events.object(
-                        rs,
-                        Kind::Warning,
-                        "FailedCreate",
-                        &format!("Error creating: {msg}"),
-                    );
-                    error.get_or_insert(msg);
+                    error.get_or_insert(e.to_string());
                 }
             }
         }
@@ -295,43 +266,15 @@ async fn create_pods(ctx: &Ctx, rs: &ReplicaSet, n: usize) -> (Vec<Arc<Pod>>, Op
 
 /// Deletes `pods`; returns the first error.
 async fn delete_pods(ctx: &Ctx, rs: &ReplicaSet, pods: &[Arc<Pod>]) -> Option<String> {
-    let results = join_all(pods.iter().map(|p| {
-        let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
-        let p = p.clone();
-        async move {
-            let r = api.delete(&p.name_any(), &DeleteParams::default()).await;
-            (p, r)
-        }
-    }))
+    let results = join_all(
+        pods.iter()
+            .map(|p| owners::delete_pod(&ctx.client, ctx.pods.cache(), &ctx.events, rs, p)),
+    )
     .await;
-    let mut error = None;
-    for (p, r) in results {
-        match r {
-            Ok(either) => {
-                ctx.events.object(
-                    rs,
-                    Kind::Normal,
-                    "SuccessfulDelete",
-                    &format!("Deleted pod: {}", p.name_any()),
-                );
-                match either.left() {
-                    Some(terminating) => ctx.pods.cache().observe(terminating),
-                    None => ctx.pods.cache().observe_deleted(&p),
-                }
-            }
-            Err(kube::Error::Api(e)) if e.code == 404 => ctx.pods.cache().observe_deleted(&p),
-            Err(e) => {
-                ctx.events.object(
-                    rs,
-                    Kind::Warning,
-                    "FailedDelete",
-                    &format!("Error deleting: {e}"),
-                );
-                error.get_or_insert(e.to_string());
-            }
-        }
-    }
-    error
+    results
+        .into_iter()
+        .find_map(|r| r.err())
+        .map(|e| e.to_string())
 }
 
 /// The sets a pod change concerns: its controller (before and after), or, for an orphan,

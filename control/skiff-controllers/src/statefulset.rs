@@ -32,7 +32,7 @@ use kube::{
 };
 use skiff_apimachinery::{
     events::{Kind, Recorder},
-    pod::{self as podfacts, controller_ref},
+    pod as podfacts,
 };
 
 use crate::{
@@ -112,6 +112,31 @@ fn running_and_ready(p: &Pod) -> bool {
     podfacts::phase(p) == "Running"
         && podfacts::is_ready(p)
         && p.metadata.deletion_timestamp.is_none()
+}
+
+/// Deletes a member pod, with upstream's event; a pod already gone is fine.
+async fn delete_member(ctx: &Ctx, set: &StatefulSet, p: &Pod) -> anyhow::Result<()> {
+    let api: Api<Pod> = Api::namespaced(ctx.client.clone(), &p.namespace().unwrap_or_default());
+    match api.delete(&p.name_any(), &DeleteParams::default()).await {
+        Ok(either) => {
+            if let Some(t) = either.left() {
+                ctx.pods.cache().observe(t);
+            }
+            ctx.events.object(
+                set,
+                Kind::Normal,
+                "SuccessfulDelete",
+                &format!(
+                    "delete Pod {} in StatefulSet {} successful",
+                    p.name_any(),
+                    set.name_any()
+                ),
+            );
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
 }
 
 async fn ensure_claims(ctx: &Ctx, set: &StatefulSet, pod: &str) -> anyhow::Result<()> {
@@ -229,18 +254,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
             Some(p)
                 if podfacts::phase(p) == "Failed" && p.metadata.deletion_timestamp.is_none() =>
             {
-                api.delete(&p.name_any(), &DeleteParams::default())
-                    .await
-                    .ok();
-                ctx.events.object(
-                    &*set,
-                    Kind::Normal,
-                    "SuccessfulDelete",
-                    &format!(
-                        "delete Pod {} in StatefulSet {name} successful",
-                        p.name_any()
-                    ),
-                );
+                delete_member(&ctx, &set, p).await?;
                 acted = true;
                 if !parallel {
                     break;
@@ -323,18 +337,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
             if !parallel && !all_ready {
                 break;
             }
-            api.delete(&p.name_any(), &DeleteParams::default())
-                .await
-                .ok();
-            ctx.events.object(
-                &*set,
-                Kind::Normal,
-                "SuccessfulDelete",
-                &format!(
-                    "delete Pod {} in StatefulSet {name} successful",
-                    p.name_any()
-                ),
-            );
+            delete_member(&ctx, &set, p).await?;
             acted = true;
             if !parallel {
                 break;
@@ -354,18 +357,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
                 .filter_map(|o| by_ordinal.get(&o))
                 .find(|p| p.labels().get(REVISION_HASH) != Some(&update_hash));
             if let Some(p) = stale {
-                api.delete(&p.name_any(), &DeleteParams::default())
-                    .await
-                    .ok();
-                ctx.events.object(
-                    &*set,
-                    Kind::Normal,
-                    "SuccessfulDelete",
-                    &format!(
-                        "delete Pod {} in StatefulSet {name} successful",
-                        p.name_any()
-                    ),
-                );
+                delete_member(&ctx, &set, p).await?;
             }
         }
     }
@@ -427,15 +419,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     if set.status.as_ref() != Some(&status) {
         let mut updated_set = (*set).clone();
         updated_set.status = Some(status.clone());
-        let sapi: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &key.namespace);
-        let out = sapi
-            .replace_status(
-                &key.name,
-                &PostParams::default(),
-                serde_json::to_vec(&updated_set)?,
-            )
-            .await?;
-        ctx.sets.cache().observe(out);
+        owners::replace_status(&ctx.client, ctx.sets.cache(), &updated_set).await?;
     }
     if min_ready > 0 && status.ready_replicas != status.available_replicas {
         return Ok(Some(Duration::from_secs(min_ready as u64)));
@@ -472,9 +456,8 @@ pub async fn run(
             tokio::select! {
                 Some(c) = set_changes.recv() => q.add(Key::of(&**c.object())),
                 Some(c) = pod_changes.recv() => {
-                    let p = c.object();
-                    if let Some(r) = controller_ref(&p.metadata).filter(|r| r.kind == "StatefulSet") {
-                        q.add(Key::new(&p.namespace().unwrap_or_default(), &r.name));
+                    if let Some(k) = owners::owner_key(&**c.object(), "StatefulSet") {
+                        q.add(k);
                     }
                 }
                 else => return,

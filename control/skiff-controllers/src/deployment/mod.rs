@@ -334,16 +334,7 @@ impl Ctx {
         }
         let mut updated = d.clone();
         updated.status = Some(status);
-        let out = self
-            .deployments_api(&d.namespace().unwrap_or_default())
-            .replace_status(
-                &d.name_any(),
-                &PostParams::default(),
-                serde_json::to_vec(&updated)?,
-            )
-            .await?;
-        self.deployments.cache().observe(out.clone());
-        Ok(out)
+        owners::replace_status(&self.client, self.deployments.cache(), &updated).await
     }
 
     /// The status the sets give (`calculateStatus`), with the Available condition.
