@@ -23,13 +23,12 @@
 //! Controllers run inside `skiff-control` with the admin kubeconfig; their errors never stop
 //! them: a failed reconcile is retried with backoff.
 
-use std::{path::Path, time::Duration};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use futures::FutureExt;
 use kube::{
-    Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
+    Client,
     discovery::{ApiCapabilities, ApiResource, Discovery, Scope, verbs},
 };
 
@@ -84,15 +83,7 @@ pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(800u64.saturating_mul(1 << attempt.min(6))).min(Duration::from_secs(30))
 }
 
-/// A client from a kubeconfig file.
-pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(path)
-        .with_context(|| format!("read kubeconfig {}", path.display()))?;
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .context("kubeconfig")?;
-    Client::try_from(cfg).context("API client")
-}
+pub use skiff_apimachinery::client_from_kubeconfig;
 
 /// The served resources that can be listed and watched, with their capabilities.
 pub async fn resources(client: &Client) -> Result<Vec<(ApiResource, ApiCapabilities)>> {

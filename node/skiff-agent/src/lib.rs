@@ -25,20 +25,9 @@ pub use skiff_apimachinery::{events, quantity};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use kube::{
-    Client, Config,
-    config::{KubeConfigOptions, Kubeconfig},
-};
+use kube::config::Kubeconfig;
 
-/// A client from a kubeconfig file (the node kubeconfig `skiff-control` writes, or any other).
-pub async fn client_from_kubeconfig(path: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(path)
-        .with_context(|| format!("read kubeconfig {}", path.display()))?;
-    let cfg = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-        .await
-        .context("kubeconfig")?;
-    Client::try_from(cfg).context("API client")
-}
+pub use skiff_apimachinery::client_from_kubeconfig;
 
 /// The bearer token of a kubeconfig's current user (what the agent accepts from the API server).
 pub fn token_from_kubeconfig(path: &Path) -> Result<String> {
