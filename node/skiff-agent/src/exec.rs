@@ -41,6 +41,10 @@ const CLOSE: u8 = 255;
 /// How long a terminal session waits for the client's first resize before the process starts
 /// (kubectl sends it at once).
 const FIRST_RESIZE: Duration = Duration::from_secs(1);
+/// How long a session waits before its process can produce output: kubectl's WebSocket client
+/// starts reading the connection before it has registered its streams, and drops what arrives
+/// on a stream it does not know yet ("Unknown stream id"), which a fast command under load hit.
+const STREAMS_SETTLE: Duration = Duration::from_millis(100);
 /// How long the client has to answer the server's close.
 const CLOSE_WAIT: Duration = Duration::from_secs(5);
 /// After the process exits, output still flowing is forwarded; output that stops for this long
@@ -271,6 +275,16 @@ async fn session(
                     Some(size) => cfg.console_size = Some(size),
                     None => early.push(b),
                 },
+                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return,
+                Ok(Some(Ok(_))) => {}
+                Err(_) => break,
+            }
+        }
+    } else {
+        let deadline = tokio::time::Instant::now() + STREAMS_SETTLE;
+        loop {
+            match tokio::time::timeout_at(deadline, incoming.next()).await {
+                Ok(Some(Ok(Message::Binary(b)))) => early.push(b),
                 Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return,
                 Ok(Some(Ok(_))) => {}
                 Err(_) => break,

@@ -350,6 +350,9 @@ pub struct Snapshot {
     pub namespace_labels: HashMap<String, BTreeMap<String, String>>,
     /// How many placed pods have inter-pod (anti-)affinity terms.
     pub affinity_pods: usize,
+    /// Pending pods nominated to a node by preemption, by node: room held for them against
+    /// pods of lower or equal priority.
+    pub nominated: HashMap<String, Vec<Arc<PodInfo>>>,
 }
 
 impl Snapshot {
@@ -400,6 +403,20 @@ impl Snapshot {
                 self.affinity_pods -= 1;
             }
         }
+    }
+
+    /// Records that `p` is nominated to `node` (replacing an earlier nomination).
+    pub fn nominate(&mut self, p: Arc<PodInfo>, node: &str) {
+        self.unnominate(&p.uid);
+        self.nominated.entry(node.to_string()).or_default().push(p);
+    }
+
+    /// Forgets the nomination of the pod `uid`.
+    pub fn unnominate(&mut self, uid: &str) {
+        self.nominated.retain(|_, v| {
+            v.retain(|p| p.uid != uid);
+            !v.is_empty()
+        });
     }
 
     /// Whether the pod `uid` is placed.
@@ -500,7 +517,24 @@ pub fn schedule(pod: &PodInfo, snap: &mut Snapshot) -> Result<String, FitError> 
         .chain(snap.nodes.values().take(start))
     {
         visited += 1;
-        match filter(pod, &state, n) {
+        // Room held for nominated pods of at least this priority counts as taken.
+        let held: Vec<&Arc<PodInfo>> = snap
+            .nominated
+            .get(&n.name)
+            .into_iter()
+            .flatten()
+            .filter(|o| o.uid != pod.uid && o.priority >= pod.priority)
+            .collect();
+        let verdict = if held.is_empty() {
+            filter(pod, &state, n)
+        } else {
+            let mut view = n.clone();
+            for o in held {
+                view.add_pod(o.clone());
+            }
+            filter(pod, &state, &view)
+        };
+        match verdict {
             Ok(()) => {
                 feasible.push(n);
                 if feasible.len() >= want {
@@ -641,6 +675,38 @@ mod tests {
         assert_eq!(feasible_to_find(1000), 420); // 50 - 8 = 42%
         assert_eq!(feasible_to_find(5000), 500); // 50 - 40 = 10%
         assert_eq!(feasible_to_find(100_000), 5000); // floor of 5%
+    }
+
+    #[test]
+    fn nominated_pods_hold_room_against_lower_priorities() {
+        use serde_json::json;
+        let pod = |name: &str, prio: i32| {
+            Arc::new(PodInfo::new(Arc::new(
+                serde_json::from_value(json!({"metadata": {"name": name, "namespace": "d", "uid": name},
+                    "spec": {"priority": prio, "containers": [{"name": "c", "resources": {"requests": {"cpu": "1"}}}]}}))
+                .unwrap(),
+            )))
+        };
+        let mut snap = Snapshot::default();
+        snap.upsert_node(Arc::new(
+            serde_json::from_value(json!({"metadata": {"name": "n"},
+                "status": {"allocatable": {"cpu": "1", "memory": "1Gi", "pods": "10"},
+                    "conditions": [{"type": "Ready", "status": "True"}]}}))
+            .unwrap(),
+        ));
+        snap.nominate(pod("vip", 100), "n");
+        assert!(
+            schedule(&pod("low", 1), &mut snap).is_err(),
+            "the room is held"
+        );
+        assert_eq!(
+            schedule(&pod("vip", 100), &mut snap).unwrap(),
+            "n",
+            "for the nominee"
+        );
+        assert_eq!(schedule(&pod("higher", 200), &mut snap).unwrap(), "n");
+        snap.unnominate("vip");
+        assert_eq!(schedule(&pod("low", 1), &mut snap).unwrap(), "n");
     }
 
     #[test]

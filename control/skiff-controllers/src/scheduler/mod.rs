@@ -87,6 +87,7 @@ impl Scheduler {
                         lock(&self.pending).remove(&uid);
                         self.queue.remove(&uid);
                         let mut snap = lock(&self.snapshot);
+                        snap.unnominate(&uid);
                         if podfacts::is_terminal(new) {
                             if snap.is_placed(&uid) {
                                 snap.unplace(&uid);
@@ -116,8 +117,18 @@ impl Scheduler {
                         }
                         if new.metadata.deletion_timestamp.is_some() {
                             lock(&self.pending).remove(&uid);
+                            lock(&self.snapshot).unnominate(&uid);
                             self.queue.remove(&uid);
                             return;
+                        }
+                        match new
+                            .status
+                            .as_ref()
+                            .and_then(|s| s.nominated_node_name.as_deref())
+                        {
+                            Some(node) if !node.is_empty() => lock(&self.snapshot)
+                                .nominate(Arc::new(PodInfo::new(new.clone())), node),
+                            _ => lock(&self.snapshot).unnominate(&uid),
                         }
                         {
                             let mut assumed = lock(&self.assumed);
@@ -147,6 +158,7 @@ impl Scheduler {
                 lock(&self.assumed).remove(&uid);
                 self.queue.remove(&uid);
                 let mut snap = lock(&self.snapshot);
+                snap.unnominate(&uid);
                 if snap.is_placed(&uid) {
                     snap.unplace(&uid);
                     drop(snap);
@@ -216,6 +228,8 @@ impl Scheduler {
                     message.push_str(&preemption::message(&info, &fit));
                 }
                 if let Some(p) = &preemption {
+                    // Hold the room at once; the status write follows.
+                    lock(&self.snapshot).nominate(info.clone(), &p.node);
                     self.preempt(&pod, p).await;
                 }
                 self.queue.unschedulable(&uid, info.priority, cycle);
