@@ -251,6 +251,27 @@ spec:
             .iter()
             .all(|(_, img, _)| img == "busybox:1.38")
     );
+    // Three templates so far; a history limit of one keeps the current set and one old one.
+    assert_eq!(
+        cp.ok(&["get", "rs", "-l", "app=db", "-o", "name"])
+            .lines()
+            .count(),
+        3
+    );
+    cp.ok(&[
+        "patch",
+        "deployment",
+        "db",
+        "--type=merge",
+        "-p",
+        r#"{"spec":{"revisionHistoryLimit":1}}"#,
+    ]);
+    cp.eventually(30, "the oldest set pruned", || {
+        cp.ok(&["get", "rs", "-l", "app=db", "-o", "name"])
+            .lines()
+            .count()
+            == 2
+    });
 
     // A rollout that cannot become available exceeds its deadline, and rollout status says so.
     let out = cp.kubectl(&["rollout", "status", "deployment/stuck", "--timeout=60s"]);
