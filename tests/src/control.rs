@@ -116,6 +116,15 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// Runs `kubectl <args> -o jsonpath=<path>`, asserts success, and returns stdout.
+    #[track_caller]
+    pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
+        let mut a = args.to_vec();
+        let p = format!("jsonpath={path}");
+        a.extend(["-o", &p]);
+        self.ok(&a)
+    }
+
     /// Runs `kubectl`, asserts failure, and returns stderr.
     #[track_caller]
     pub fn fails(&self, args: &[&str]) -> String {

@@ -50,7 +50,9 @@ impl Simulator {
             log,
             nodes,
         };
-        cp.eventually(120, "the simulated nodes Ready", || {
+        // Registration is paced by the API: allow more time for many nodes.
+        let secs = 60 + nodes as u64 / 5;
+        cp.eventually(secs, "the simulated nodes Ready", || {
             cp.ok(&[
                 "get",
                 "nodes",
@@ -65,6 +67,11 @@ impl Simulator {
                 == nodes
         });
         sim
+    }
+
+    /// The simulator's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
     }
 
     /// The simulator's log so far.

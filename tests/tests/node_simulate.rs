@@ -3,9 +3,7 @@
 //! Ready after their readiness delay, complete when scripted to, and go when deleted. No root
 //! needed: nothing runs but API calls.
 
-use std::{process::Stdio, time::Duration};
-
-use skiff_tests::{bin, control::ControlPlane, stop_child};
+use skiff_tests::{control::ControlPlane, simulate::Simulator};
 
 const NODES: usize = 1000;
 
@@ -21,38 +19,12 @@ fn rss_kib(pid: u32) -> u64 {
 #[test]
 fn a_thousand_simulated_nodes_register_and_run_pods() {
     let cp = ControlPlane::start();
-    let log = cp.scratch().join("simulate.log");
-    let mut sim = std::process::Command::new(bin("skiff-node"))
-        .args(["--node-name", "sim", "--kubeconfig"])
-        .arg(cp.scratch().join("data/node.kubeconfig"))
-        .args([
-            "--simulate",
-            &NODES.to_string(),
-            "--simulate-start-delay",
-            "200ms",
-        ])
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("simulator log"))
-        .spawn()
-        .expect("start skiff-node --simulate");
+    // Waits for the thousand nodes to be Ready.
+    let mut sim = Simulator::start(&cp, NODES, "200ms");
     let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        let ready = || {
-            cp.ok(&[
-                "get",
-                "nodes",
-                "-l",
-                "skiff.dev/simulated=true",
-                "-o",
-                "jsonpath={range .items[*]}{.status.conditions[?(@.type==\"Ready\")].status}{\"\\n\"}{end}",
-            ])
-            .lines()
-            .filter(|l| *l == "True")
-            .count()
-        };
-        cp.eventually(240, "a thousand Ready simulated nodes", || ready() == NODES);
         let leases = cp.ok(&["get", "leases", "-n", "kube-node-lease", "-o", "name"]);
         assert_eq!(leases.lines().count(), NODES);
-        let rss = rss_kib(sim.id());
+        let rss = rss_kib(sim.pid().expect("the simulator runs"));
         eprintln!("simulator RSS with {NODES} nodes: {} MiB", rss / 1024);
         assert!(rss > 0 && rss < 512 * 1024, "simulator RSS {rss} KiB");
 
@@ -101,18 +73,11 @@ fn a_thousand_simulated_nodes_register_and_run_pods() {
         assert_eq!(cp.ok(&["get", "pods", "-o", "name"]), "");
     }));
     if outcome.is_err() {
-        eprintln!(
-            "simulator log (tail):\n{}",
-            std::fs::read_to_string(&log)
-                .unwrap_or_default()
-                .lines()
-                .rev()
-                .take(40)
-                .collect::<Vec<_>>()
-                .join("\n")
-        );
+        let log = sim.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        eprintln!("simulator log (tail):\n{}", tail.join("\n"));
     }
-    stop_child(&mut sim, Duration::from_secs(10));
+    sim.stop();
     if let Err(p) = outcome {
         std::panic::resume_unwind(p);
     }

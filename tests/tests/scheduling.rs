@@ -5,14 +5,6 @@
 
 use skiff_tests::{control::ControlPlane, simulate::Simulator};
 
-fn get(cp: &ControlPlane, what: &[&str], path: &str) -> String {
-    let mut a = vec!["get"];
-    a.extend_from_slice(what);
-    let p = format!("jsonpath={path}");
-    a.extend(["-o", &p]);
-    cp.ok(&a)
-}
-
 fn pod_yaml(name: &str, cpu: &str, extra: &str) -> String {
     format!(
         "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, labels: {{app: {name}}}}}\nspec:\n  containers: [{{name: c, image: \"busybox:1.36\", resources: {{requests: {{cpu: \"{cpu}\"}}}}}}]\n{extra}"
@@ -20,15 +12,13 @@ fn pod_yaml(name: &str, cpu: &str, extra: &str) -> String {
 }
 
 fn scheduled_reason(cp: &ControlPlane, pod: &str) -> String {
-    get(
-        cp,
-        &["pod", pod],
+    cp.jsonpath(&["get", "pod", pod],
         "{.status.conditions[?(@.type==\"PodScheduled\")].status} {.status.conditions[?(@.type==\"PodScheduled\")].reason}: {.status.conditions[?(@.type==\"PodScheduled\")].message}",
     )
 }
 
 fn node_of(cp: &ControlPlane, pod: &str) -> String {
-    get(cp, &["pod", pod], "{.spec.nodeName}")
+    cp.jsonpath(&["get", "pod", pod], "{.spec.nodeName}")
 }
 
 #[test]
@@ -96,7 +86,7 @@ fn unschedulable_pods_say_why_and_schedule_when_room_appears() {
     cp.ok(&["label", "node", "sim-1", "disk=ssd"]);
     cp.eventually(30, "picky on sim-1", || node_of(&cp, "picky") == "sim-1");
     cp.eventually(30, "picky Running", || {
-        get(&cp, &["pod", "picky"], "{.status.phase}") == "Running"
+        cp.jsonpath(&["get", "pod", "picky"], "{.status.phase}") == "Running"
     });
     let events = cp.ok(&[
         "get",
@@ -159,9 +149,8 @@ spec:
 "#,
     );
     cp.eventually(30, "two solo pods placed and one waiting", || {
-        let nodes = get(
-            &cp,
-            &["pods", "-l", "app=solo"],
+        let nodes = cp.jsonpath(
+            &["get", "pods", "-l", "app=solo"],
             "{range .items[*]}{.spec.nodeName}{\"\\n\"}{end}",
         );
         let mut placed: Vec<&str> = nodes.lines().filter(|l| !l.is_empty()).collect();
@@ -169,9 +158,9 @@ spec:
         placed == ["sim-0", "sim-1"] && nodes.lines().count() == 3
     });
     cp.eventually(30, "the third solo pod to say why it waits", || {
-        get(
-            &cp,
+        cp.jsonpath(
             &[
+                "get",
                 "pods",
                 "-l",
                 "app=solo",
@@ -228,7 +217,10 @@ value: 1000
     cp.eventually(30, "the low pods placed", || {
         !node_of(&cp, "low-a").is_empty() && !node_of(&cp, "low-b").is_empty()
     });
-    assert_eq!(get(&cp, &["pod", "low-a"], "{.spec.priority}"), "10");
+    assert_eq!(
+        cp.jsonpath(&["get", "pod", "low-a"], "{.spec.priority}"),
+        "10"
+    );
     cp.ok_stdin(
         &["apply", "-f", "-"],
         &pod_yaml("vip", "8", "  priorityClassName: urgent\n"),
@@ -238,7 +230,7 @@ value: 1000
     });
     let node = node_of(&cp, "vip");
     assert_eq!(
-        get(&cp, &["pod", "vip"], "{.status.nominatedNodeName}"),
+        cp.jsonpath(&["get", "pod", "vip"], "{.status.nominatedNodeName}"),
         node
     );
     let left = cp.ok(&["get", "pods", "-l", "app in (low-a,low-b)", "-o", "name"]);

@@ -5,18 +5,9 @@
 
 use skiff_tests::{control::ControlPlane, simulate::Simulator};
 
-fn jsonpath(cp: &ControlPlane, args: &[&str], path: &str) -> String {
-    let mut a = args.to_vec();
-    let p = format!("jsonpath={path}");
-    a.extend(["-o", &p]);
-    cp.ok(&a)
-}
-
 /// `(name, image, phase)` of the pods labelled `app=<app>`, not being deleted.
 fn pods(cp: &ControlPlane, app: &str) -> Vec<(String, String, String)> {
-    jsonpath(
-        cp,
-        &["get", "pods", "-l", &format!("app={app}")],
+    cp.jsonpath(&["get", "pods", "-l", &format!("app={app}")],
         "{range .items[*]}{.metadata.name} {.spec.containers[0].image} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
     )
     .lines()
@@ -72,21 +63,17 @@ fn deployments_roll_out_undo_scale_and_heal() {
     );
     let rs1 = cp.ok(&["get", "rs", "-l", "app=web", "-o", "name"]);
     assert_eq!(rs1.lines().count(), 1, "{rs1}");
-    let hash = jsonpath(
-        &cp,
+    let hash = cp.jsonpath(
         &["get", "rs", "-l", "app=web"],
         "{.items[0].metadata.labels.pod-template-hash}",
     );
     assert!(rs1.trim().ends_with(&format!("web-{hash}")), "{rs1} {hash}");
-    let status = jsonpath(
-        &cp,
-        &["get", "deployment", "web"],
+    let status = cp.jsonpath(&["get", "deployment", "web"],
         "{.status.replicas} {.status.updatedReplicas} {.status.readyReplicas} {.status.availableReplicas} {.status.conditions[?(@.type==\"Available\")].status} {.status.conditions[?(@.type==\"Progressing\")].reason}",
     );
     assert_eq!(status, "3 3 3 3 True NewReplicaSetAvailable");
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "deployment", "web"],
             "{.metadata.annotations.deployment\\.kubernetes\\.io/revision}"
         ),
@@ -100,9 +87,7 @@ fn deployments_roll_out_undo_scale_and_heal() {
         let p = pods(&cp, "web");
         p.len() == 3 && p.iter().all(|(_, img, _)| img == "busybox:1.37")
     });
-    let sets = jsonpath(
-        &cp,
-        &[
+    let sets = cp.jsonpath(&[
             "get",
             "rs",
             "-l",
@@ -212,8 +197,7 @@ spec:
         p.len() == 2 && p.iter().all(|(_, img, _)| img == "busybox:1.37"),
         "{p:?}"
     );
-    let events = jsonpath(
-        &cp,
+    let events = cp.jsonpath(
         &[
             "get",
             "events",
@@ -231,8 +215,7 @@ spec:
     cp.ok(&["rollout", "pause", "deployment/db"]);
     cp.ok(&["set", "image", "deployment/db", "db=busybox:1.38"]);
     cp.eventually(10, "the pause recorded", || {
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "deployment", "db"],
             "{.status.conditions[?(@.type==\"Progressing\")].reason}",
         ) == "DeploymentPaused"
@@ -279,8 +262,7 @@ spec:
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("exceeded its progress deadline"), "{err}");
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "deployment", "stuck"],
             "{.status.conditions[?(@.type==\"Progressing\")].status}"
         ),
@@ -315,20 +297,17 @@ spec:
 "#,
     );
     cp.eventually(30, "two ready replicas", || {
-        jsonpath(&cp, &["get", "rs", "cache"], "{.status.readyReplicas}") == "2"
+        cp.jsonpath(&["get", "rs", "cache"], "{.status.readyReplicas}") == "2"
     });
     assert_eq!(pods(&cp, "cache").len(), 2);
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "pod", "stray"],
             "{.metadata.ownerReferences[0].name}"
         ),
         "cache"
     );
-    let status = jsonpath(
-        &cp,
-        &["get", "rs", "cache"],
+    let status = cp.jsonpath(&["get", "rs", "cache"],
         "{.status.replicas} {.status.fullyLabeledReplicas} {.status.availableReplicas} {.status.observedGeneration}",
     );
     assert_eq!(status, "2 2 2 1");
@@ -343,7 +322,9 @@ spec:
     cp.ok(&["label", "pod", &moved, "app=elsewhere", "--overwrite"]);
     cp.eventually(30, "the relabelled pod released and replaced", || {
         pods(&cp, "cache").len() == 2
-            && jsonpath(&cp, &["get", "pod", &moved], "{.metadata.ownerReferences}").is_empty()
+            && cp
+                .jsonpath(&["get", "pod", &moved], "{.metadata.ownerReferences}")
+                .is_empty()
     });
 
     // Events name the pods created.
@@ -368,7 +349,7 @@ spec:
     assert_eq!(left.len(), 2, "{left:?}");
     for (name, _, _) in left {
         assert_eq!(
-            jsonpath(&cp, &["get", "pod", &name], "{.metadata.ownerReferences}"),
+            cp.jsonpath(&["get", "pod", &name], "{.metadata.ownerReferences}"),
             ""
         );
     }
@@ -412,19 +393,19 @@ spec:
     let slice_path =
         "{range .items[*].endpoints[*]}{.targetRef.name}={.conditions.ready}{\"\\n\"}{end}";
     let endpoints = |cp: &ControlPlane| -> Vec<String> {
-        let mut v: Vec<String> = jsonpath(
-            cp,
-            &[
-                "get",
-                "endpointslices",
-                "-l",
-                "kubernetes.io/service-name=web",
-            ],
-            slice_path,
-        )
-        .lines()
-        .map(str::to_string)
-        .collect();
+        let mut v: Vec<String> = cp
+            .jsonpath(
+                &[
+                    "get",
+                    "endpointslices",
+                    "-l",
+                    "kubernetes.io/service-name=web",
+                ],
+                slice_path,
+            )
+            .lines()
+            .map(str::to_string)
+            .collect();
         v.sort();
         v
     };
@@ -435,9 +416,7 @@ spec:
             && e.iter().filter(|x| x.ends_with("=true")).count() == 3
     });
     assert_eq!(
-        jsonpath(
-            &cp,
-            &[
+        cp.jsonpath(&[
                 "get",
                 "endpointslices",
                 "-l",
@@ -447,9 +426,7 @@ spec:
         ),
         "8080 IPv4 endpointslice-controller.k8s.io"
     );
-    let legacy = jsonpath(
-        &cp,
-        &["get", "endpoints", "web"],
+    let legacy = cp.jsonpath(&["get", "endpoints", "web"],
         "{.subsets[0].addresses[*].ip} | {.subsets[0].notReadyAddresses[*].targetRef.name} | {.subsets[0].ports[0].port}",
     );
     let parts: Vec<&str> = legacy.split(" | ").collect();
@@ -460,8 +437,7 @@ spec:
     });
 
     // Unchanged pods leave the slice alone (no rewrite loop).
-    let rv = jsonpath(
-        &cp,
+    let rv = cp.jsonpath(
         &[
             "get",
             "endpointslices",
@@ -472,8 +448,7 @@ spec:
     );
     std::thread::sleep(std::time::Duration::from_secs(2));
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &[
                 "get",
                 "endpointslices",
@@ -579,17 +554,13 @@ spec:
         "--timeout=60s",
     ]);
     assert_eq!(
-        jsonpath(
-            &cp,
-            &["get", "job", "work"],
+        cp.jsonpath(&["get", "job", "work"],
             "{.status.succeeded} {.status.failed} {.status.conditions[?(@.type==\"Complete\")].reason}"
         ),
         "3 0 CompletionsReached"
     );
     // Never more than two at once: the third pod was created after one of the first finished.
-    let created = jsonpath(
-        &cp,
-        &[
+    let created = cp.jsonpath(&[
             "get",
             "pods",
             "-l",
@@ -613,16 +584,10 @@ spec:
         "--timeout=60s",
     ]);
     assert_eq!(
-        jsonpath(
-            &cp,
-            &["get", "job", "indexed"],
-            "{.status.completedIndexes}"
-        ),
+        cp.jsonpath(&["get", "job", "indexed"], "{.status.completedIndexes}"),
         "0-2"
     );
-    let mut indexes: Vec<String> = jsonpath(
-        &cp,
-        &["get", "pods", "-l", "job-name=indexed"],
+    let mut indexes: Vec<String> = cp.jsonpath(&["get", "pods", "-l", "job-name=indexed"],
         "{range .items[*]}{.metadata.annotations.batch\\.kubernetes\\.io/job-completion-index}{\"\\n\"}{end}",
     )
     .lines()
@@ -639,8 +604,7 @@ spec:
         "--timeout=90s",
     ]);
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "job", "doomed"],
             "{.status.failed} {.status.conditions[?(@.type==\"Failed\")].reason}"
         ),
@@ -649,15 +613,10 @@ spec:
 
     // The CronJob fires at the next minute and its Job completes.
     cp.eventually(75, "the CronJob's first Job complete", || {
-        !jsonpath(
-            &cp,
-            &["get", "cronjob", "tick"],
-            "{.status.lastSuccessfulTime}",
-        )
-        .is_empty()
+        !cp.jsonpath(&["get", "cronjob", "tick"], "{.status.lastSuccessfulTime}")
+            .is_empty()
     });
-    let jobs = jsonpath(
-        &cp,
+    let jobs = cp.jsonpath(
         &["get", "jobs"],
         "{range .items[*]}{.metadata.name} {.metadata.ownerReferences[0].kind}{\"\\n\"}{end}",
     );
@@ -667,12 +626,8 @@ spec:
         "{jobs}"
     );
     assert!(
-        !jsonpath(
-            &cp,
-            &["get", "cronjob", "tick"],
-            "{.status.lastScheduleTime}"
-        )
-        .is_empty()
+        !cp.jsonpath(&["get", "cronjob", "tick"], "{.status.lastScheduleTime}")
+            .is_empty()
     );
 
     // A finished Job with a TTL is deleted with its pods.
@@ -718,8 +673,7 @@ spec:
 "#,
     );
     rollout(&cp, "deployment/web");
-    let placed = jsonpath(
-        &cp,
+    let placed = cp.jsonpath(
         &["get", "pods", "-l", "app=web"],
         "{.items[*].spec.nodeName}",
     );
@@ -731,14 +685,12 @@ spec:
     goes.stop();
     // 40 s of silence, then Unknown and tainted.
     cp.eventually(90, "goes-0 Unknown", || {
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "node", "goes-0"],
             "{.status.conditions[?(@.type==\"Ready\")].status}",
         ) == "Unknown"
     });
-    let taints = jsonpath(
-        &cp,
+    let taints = cp.jsonpath(
         &["get", "node", "goes-0"],
         "{range .spec.taints[*]}{.key}:{.effect} {end}",
     );
@@ -750,9 +702,7 @@ spec:
     // After the toleration, the pod there is evicted and replaced on the other node.
     // (The evicted pod stays Terminating: its node is gone and cannot confirm, as upstream.)
     cp.eventually(60, "both live replicas Running on stays-0", || {
-        let live = jsonpath(
-            &cp,
-            &["get", "pods", "-l", "app=web"],
+        let live = cp.jsonpath(&["get", "pods", "-l", "app=web"],
             "{range .items[*]}{.spec.nodeName} {.status.phase} {.metadata.deletionTimestamp}{\"\\n\"}{end}",
         );
         let live: Vec<&str> = live.lines().filter(|l| l.split(' ').nth(2).is_none_or(str::is_empty)).collect();
@@ -791,16 +741,14 @@ spec:
     let nodes = |cp: &ControlPlane| -> Vec<String> {
         let mut v: Vec<String> = pods(cp, "agent")
             .iter()
-            .map(|(name, _, _)| jsonpath(cp, &["get", "pod", name], "{.spec.nodeName}"))
+            .map(|(name, _, _)| cp.jsonpath(&["get", "pod", name], "{.spec.nodeName}"))
             .collect();
         v.sort();
         v
     };
     assert_eq!(nodes(&cp), ["sim-0", "sim-1"]);
     assert_eq!(
-        jsonpath(
-            &cp,
-            &["get", "ds", "agent"],
+        cp.jsonpath(&["get", "ds", "agent"],
             "{.status.desiredNumberScheduled} {.status.currentNumberScheduled} {.status.numberReady} {.status.updatedNumberScheduled}"
         ),
         "2 2 2 2"
@@ -877,8 +825,7 @@ spec:
         "{out}"
     );
     // In order: each pod was created after the one before it was Ready.
-    let rows = jsonpath(
-        &cp,
+    let rows = cp.jsonpath(
         &[
             "get",
             "pods",
@@ -893,8 +840,7 @@ spec:
         "db-0 db-0 db\ndb-1 db-1 db\ndb-2 db-2 db",
         "{rows}"
     );
-    let events = jsonpath(
-        &cp,
+    let events = cp.jsonpath(
         &[
             "get",
             "events",
@@ -921,7 +867,7 @@ spec:
     );
 
     // A deleted pod comes back under its name.
-    let uid = jsonpath(&cp, &["get", "pod", "db-1"], "{.metadata.uid}");
+    let uid = cp.jsonpath(&["get", "pod", "db-1"], "{.metadata.uid}");
     // (Not waiting: kubectl's wait can miss a deletion when the same name is back within
     // milliseconds, as with simulated nodes.)
     cp.ok(&["delete", "pod", "db-1", "--wait=false"]);
@@ -943,8 +889,7 @@ spec:
     assert!(out.contains("complete"), "{out}");
     cp.eventually(30, "every pod updated and the revisions equal", || {
         let p = pods(&cp, "db");
-        let revs = jsonpath(
-            &cp,
+        let revs = cp.jsonpath(
             &["get", "sts", "db"],
             "{.status.currentRevision} {.status.updateRevision} {.status.updatedReplicas}",
         );
@@ -1003,8 +948,7 @@ fn one_replica_leads_and_another_takes_over() {
     let cp = ControlPlane::start();
     // skiff-control's own controllers hold the controller-manager Lease.
     cp.eventually(30, "the controller-manager lease held", || {
-        !jsonpath(
-            &cp,
+        !cp.jsonpath(
             &[
                 "get",
                 "lease",
@@ -1046,8 +990,7 @@ fn one_replica_leads_and_another_takes_over() {
         );
     });
     assert_eq!(
-        jsonpath(
-            &cp,
+        cp.jsonpath(
             &["get", "lease", "-n", "kube-system", "election-test"],
             "{.spec.holderIdentity} {.spec.leaseTransitions}"
         ),
