@@ -485,7 +485,7 @@ pub fn filter(pod: &PodInfo, state: &CycleState, node: &NodeInfo) -> Result<(), 
     plugins::node_affinity(pod, node)?;
     plugins::node_ports(pod, node)?;
     plugins::node_resources_fit(pod, node)?;
-    plugins::topology_spread_filter(pod, &state.spread, node)?;
+    plugins::topology_spread_filter(&state.spread, node)?;
     plugins::inter_pod_affinity_filter(pod, &state.affinity, node)?;
     Ok(())
 }
@@ -614,7 +614,7 @@ pub fn score(pod: &PodInfo, state: &CycleState, nodes: &[&NodeInfo]) -> Vec<i64>
             normalize_signed(
                 nodes
                     .iter()
-                    .map(|n| plugins::inter_pod_affinity_score(pod, &state.affinity, n))
+                    .map(|n| plugins::inter_pod_affinity_score(&state.affinity, n))
                     .collect(),
             ),
             W_INTER_POD,

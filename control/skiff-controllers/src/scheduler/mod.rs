@@ -67,6 +67,22 @@ fn ours(p: &Pod) -> bool {
         .is_none_or(|s| s == SCHEDULER_NAME)
 }
 
+/// What of a node the scheduler reads: labels, taints, cordon, allocatable, Ready.
+fn placement_view(n: &Node) -> impl PartialEq + '_ {
+    let spec = n.spec.as_ref();
+    let status = n.status.as_ref();
+    (
+        n.labels(),
+        spec.and_then(|s| s.taints.as_ref()),
+        spec.and_then(|s| s.unschedulable),
+        status.and_then(|s| s.allocatable.as_ref()),
+        status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
+            .map(|c| c.status.as_str()),
+    )
+}
+
 fn priority(p: &Pod) -> i32 {
     p.spec.as_ref().and_then(|s| s.priority).unwrap_or(0)
 }
@@ -171,7 +187,16 @@ impl Scheduler {
     fn on_node(&self, change: &Change<Node>) {
         let mut snap = lock(&self.snapshot);
         match change {
-            Change::Applied { new, .. } => snap.upsert_node(new.clone()),
+            Change::Applied { old, new } => {
+                // Heartbeats rewrite node status often; only what placement reads is news.
+                if old
+                    .as_ref()
+                    .is_some_and(|o| placement_view(o) == placement_view(new))
+                {
+                    return;
+                }
+                snap.upsert_node(new.clone());
+            }
             Change::Deleted(n) => snap.remove_node(&n.name_any()),
         }
         drop(snap);

@@ -545,7 +545,8 @@ impl AffinityState {
 }
 
 /// InterPodAffinity (filter): the pod's required affinity, then its anti-affinity, then the
-/// placed pods' anti-affinity (upstream's order, which decides the reason reported).
+/// placed pods' anti-affinity (upstream's order, which decides the reason reported). None of
+/// these is offered to preemption: its counts are not redone without the victims.
 pub fn inter_pod_affinity_filter(
     pod: &PodInfo,
     s: &AffinityState,
@@ -575,7 +576,7 @@ pub fn inter_pod_affinity_filter(
         if let Some(d) = domain_of(n, &t.topology_key)
             && s.anti.get(&d).copied().unwrap_or(0) > 0
         {
-            return Err(Reject::resolvable(
+            return Err(Reject::unresolvable(
                 "node(s) didn't match pod anti-affinity rules",
             ));
         }
@@ -584,7 +585,7 @@ pub fn inter_pod_affinity_filter(
         .keys()
         .any(|(k, v)| n.labels().get(k) == Some(v))
     {
-        return Err(Reject::resolvable(
+        return Err(Reject::unresolvable(
             "node(s) didn't satisfy existing pods anti-affinity rules",
         ));
     }
@@ -592,7 +593,7 @@ pub fn inter_pod_affinity_filter(
 }
 
 /// InterPodAffinity (score): the preference sum of the node's domains.
-pub fn inter_pod_affinity_score(_pod: &PodInfo, s: &AffinityState, n: &NodeInfo) -> i64 {
+pub fn inter_pod_affinity_score(s: &AffinityState, n: &NodeInfo) -> i64 {
     s.scores
         .iter()
         .filter(|((k, v), _)| n.labels().get(k) == Some(v))
@@ -681,7 +682,9 @@ pub fn spread_constraints(pod: &Pod) -> Vec<SpreadConstraint> {
 /// PodTopologySpread's PreFilter results: per constraint, matching pods per domain.
 #[derive(Debug, Default)]
 pub struct SpreadState {
-    constraints: Vec<(SpreadConstraint, HashMap<String, i64>, bool)>,
+    /// Per constraint: the matching pods per domain, whether the pod matches its own
+    /// selector, and the global minimum a hard constraint's skew is measured from.
+    constraints: Vec<(SpreadConstraint, HashMap<String, i64>, bool, i64)>,
 }
 
 impl SpreadState {
@@ -719,33 +722,36 @@ impl SpreadState {
                 *counts.entry(v.clone()).or_default() += matching;
             }
             let self_match = labels::matches(&c.selector, pod.labels());
-            out.constraints.push((c.clone(), counts, self_match));
+            // Fewer eligible domains than minDomains count as a global minimum of zero.
+            let min = if c.min_domains.is_some_and(|m| (counts.len() as i32) < m) {
+                0
+            } else {
+                counts.values().copied().min().unwrap_or(0)
+            };
+            out.constraints.push((c.clone(), counts, self_match, min));
         }
         out
     }
 
     /// Whether any constraint scores.
     pub fn scoring(&self) -> bool {
-        self.constraints.iter().any(|(c, _, _)| !c.hard)
+        self.constraints.iter().any(|(c, ..)| !c.hard)
     }
 }
 
 /// PodTopologySpread (filter): placing the pod must keep each hard constraint's skew.
-pub fn topology_spread_filter(_pod: &PodInfo, s: &SpreadState, n: &NodeInfo) -> Result<(), Reject> {
-    for (c, counts, self_match) in s.constraints.iter().filter(|(c, _, _)| c.hard) {
+pub fn topology_spread_filter(s: &SpreadState, n: &NodeInfo) -> Result<(), Reject> {
+    for (c, counts, self_match, min) in s.constraints.iter().filter(|(c, ..)| c.hard) {
         let Some(v) = n.labels().get(&c.topology_key) else {
             return Err(Reject::unresolvable(
                 "node(s) didn't match pod topology spread constraints (missing required label)",
             ));
         };
-        let min = if c.min_domains.is_some_and(|m| (counts.len() as i32) < m) {
-            0
-        } else {
-            counts.values().copied().min().unwrap_or(0)
-        };
         let here = counts.get(v).copied().unwrap_or(0) + i64::from(*self_match);
         if here - min > i64::from(c.max_skew) {
-            return Err(Reject::resolvable(
+            // Not resolvable here: preemption does not recount the domains without its
+            // victims, so evicting could not be shown to help.
+            return Err(Reject::unresolvable(
                 "node(s) didn't match pod topology spread constraints",
             ));
         }
@@ -757,7 +763,7 @@ pub fn topology_spread_filter(_pod: &PodInfo, s: &SpreadState, n: &NodeInfo) -> 
 /// domains each constraint has (fewer is better).
 pub fn topology_spread_score(s: &SpreadState, n: &NodeInfo) -> i64 {
     let mut total = 0.0;
-    for (c, counts, _) in s.constraints.iter().filter(|(c, _, _)| !c.hard) {
+    for (c, counts, ..) in s.constraints.iter().filter(|(c, ..)| !c.hard) {
         let weight = ((counts.len() + 2) as f64).ln();
         let here = n
             .labels()
