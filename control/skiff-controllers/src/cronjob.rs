@@ -13,10 +13,7 @@ use std::{str::FromStr, sync::Arc, time::Duration};
 use chrono_tz::Tz;
 use croner::Cron;
 use k8s_openapi::{
-    api::{
-        batch::v1::{CronJob, CronJobStatus, Job},
-        core::v1::ObjectReference,
-    },
+    api::batch::v1::{CronJob, CronJobStatus, Job},
     apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time},
     chrono::{DateTime, SecondsFormat, Utc},
 };
@@ -25,7 +22,7 @@ use kube::{
     api::{DeleteParams, PostParams, PropagationPolicy},
 };
 use skiff_apimachinery::{
-    events::{Kind, Recorder},
+    events::{Kind, Recorder, reference},
     pod::controller_ref,
 };
 
@@ -132,18 +129,6 @@ fn job_finished(j: &Job) -> Option<(&'static str, DateTime<Utc>)> {
     None
 }
 
-fn reference(j: &Job) -> ObjectReference {
-    ObjectReference {
-        api_version: Some("batch/v1".into()),
-        kind: Some("Job".into()),
-        name: Some(j.name_any()),
-        namespace: j.namespace(),
-        uid: j.uid(),
-        resource_version: j.resource_version(),
-        ..Default::default()
-    }
-}
-
 /// The Job for the time `at`.
 pub fn job_for(cj: &CronJob, at: DateTime<Utc>) -> Job {
     let spec = cj.spec.clone().unwrap_or_default();
@@ -192,7 +177,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         .iter()
         .filter(|j| job_finished(j).is_none() && j.metadata.deletion_timestamp.is_none())
         .collect();
-    status.active = (!active.is_empty()).then(|| active.iter().map(|j| reference(j)).collect());
+    status.active = (!active.is_empty()).then(|| active.iter().map(|j| reference(&***j)).collect());
     if let Some(t) = children
         .iter()
         .filter_map(|j| {

@@ -96,16 +96,6 @@ impl<K: Resource + Clone> Cache<K> {
             .collect()
     }
 
-    /// How many objects the cache holds.
-    pub fn len(&self) -> usize {
-        self.read().values().map(HashMap::len).sum()
-    }
-
-    /// Whether the cache is empty.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, HashMap<String, Arc<K>>>> {
         self.objects.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -428,6 +428,14 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         let pod = pod_from_template(&template, owner.clone(), &key.namespace, generate);
         owners::create_pod(&ctx.client, ctx.pods.cache(), &ctx.events, &*job, &pod).await?;
     }
+    let written = if job.status.as_ref() != Some(&plan.status) {
+        let mut updated = (*job).clone();
+        updated.status = Some(plan.status);
+        owners::replace_status(&ctx.client, ctx.jobs.cache(), &updated).await?
+    } else {
+        (*job).clone()
+    };
+    // Only once the status that announces them is written (a failed write repeats the pass).
     for (warning, reason, message) in &plan.events {
         let kind = if *warning {
             Kind::Warning
@@ -436,21 +444,14 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         };
         ctx.events.object(&*job, kind, reason, message);
     }
-    let mut again = plan.again;
-    if job.status.as_ref() != Some(&plan.status) {
-        let mut updated = (*job).clone();
-        updated.status = Some(plan.status);
-        let out = owners::replace_status(&ctx.client, ctx.jobs.cache(), &updated).await?;
-        // A Job that just finished with a TTL is looked at again when it expires.
-        if let (Some(at), Some(ttl)) = (finished(&out), spec.ttl_seconds_after_finished) {
+    // A finished Job with a TTL is looked at again when it expires.
+    let again = match (finished(&written), spec.ttl_seconds_after_finished) {
+        (Some(at), Some(ttl)) => {
             let due = at + k8s_openapi::chrono::Duration::seconds(ttl.into());
-            again =
-                Some((due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100));
+            Some((due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100))
         }
-    } else if let (Some(at), Some(ttl)) = (finished(&job), spec.ttl_seconds_after_finished) {
-        let due = at + k8s_openapi::chrono::Duration::seconds(ttl.into());
-        again = Some((due - Utc::now()).to_std().unwrap_or_default() + Duration::from_millis(100));
-    }
+        _ => plan.again,
+    };
     Ok(again)
 }
 

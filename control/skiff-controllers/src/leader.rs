@@ -128,7 +128,8 @@ impl Elector {
         }
     }
 
-    /// Gives the Lease up (on shutdown), so another candidate need not wait it out.
+    /// Gives the Lease up (when this replica's controllers stop), so another candidate need not
+    /// wait it out.
     pub async fn release(&mut self) {
         if let Ok(Some(mut l)) = self.api.get_opt(&self.name).await
             && l.spec.as_ref().and_then(|s| s.holder_identity.as_deref())
@@ -186,6 +187,7 @@ where
                         Ok(false) => {
                             tracing::warn!("lost the lease to another replica; stopping the controllers");
                             work.abort();
+                            let _ = (&mut work).await;
                             break;
                         }
                         Err(err) => tracing::debug!(error = %err, "renewing the lease failed"),
@@ -193,6 +195,7 @@ where
                     if last_renewed.elapsed() > RENEW_DEADLINE {
                         tracing::warn!("could not renew the lease in time; stopping the controllers");
                         work.abort();
+                        let _ = (&mut work).await;
                         break;
                     }
                 }

@@ -232,18 +232,22 @@ impl Ctx {
             "NodeNotReady",
             &format!("Node {} status is now: NodeNotReady", node.name_any()),
         );
-        // Its pods are not Ready any more.
+        Ok(())
+    }
+
+    /// Marks the pods on a silent node not Ready (so Services stop sending them traffic); run
+    /// on every pass while the node is silent, so a failed write is retried.
+    async fn mark_pods_not_ready(&self, node: &str) {
+        let now = Utc::now();
         for pod in self.pods.cache().list() {
-            if podfacts::node_name(&pod) != Some(node.name_any().as_str())
-                || !podfacts::is_ready(&pod)
-            {
+            if podfacts::node_name(&pod) != Some(node) || !podfacts::is_ready(&pod) {
                 continue;
             }
             let patch = json!({"status": {"conditions": [{"type": "Ready", "status": "False",
                 "lastTransitionTime": now.to_rfc3339_opts(SecondsFormat::Secs, true)}]}});
             let api: Api<Pod> =
                 Api::namespaced(self.client.clone(), &pod.namespace().unwrap_or_default());
-            if let Err(e) = api
+            match api
                 .patch_status(
                     &pod.name_any(),
                     &PatchParams::default(),
@@ -251,10 +255,12 @@ impl Ctx {
                 )
                 .await
             {
-                tracing::debug!(pod = %pod.name_any(), error = %e, "marking a pod not ready");
+                Ok(out) => self.pods.cache().observe(out),
+                Err(e) => {
+                    tracing::debug!(pod = %pod.name_any(), error = %e, "marking a pod not ready; retrying next pass")
+                }
             }
         }
-        Ok(())
     }
 
     async fn sync_taints(&self, node: &Node) -> anyhow::Result<()> {
@@ -354,11 +360,12 @@ impl Ctx {
 
     async fn pass(&self) {
         for node in self.nodes.cache().list() {
-            if self.silent(&node)
-                && let Err(e) = self.mark_unknown(&node).await
-            {
-                tracing::warn!(node = %node.name_any(), error = format!("{e:#}"), "marking a node Unknown failed");
-                continue;
+            if self.silent(&node) {
+                if let Err(e) = self.mark_unknown(&node).await {
+                    tracing::warn!(node = %node.name_any(), error = format!("{e:#}"), "marking a node Unknown failed");
+                    continue;
+                }
+                self.mark_pods_not_ready(&node.name_any()).await;
             }
             let fresh = self.nodes.cache().get("", &node.name_any()).unwrap_or(node);
             if let Err(e) = self.sync_taints(&fresh).await {

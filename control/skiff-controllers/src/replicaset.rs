@@ -321,9 +321,6 @@ pub async fn run(client: Client, sets: Arc<Informer<ReplicaSet>>, pods: Arc<Info
     let mut pod_changes = pods.subscribe();
     sets.synced().await;
     pods.synced().await;
-    for rs in sets.cache().list() {
-        queue.add(Key::of(&*rs));
-    }
     let ctx = Arc::new(Ctx {
         events: Recorder::new(client.clone(), "replicaset-controller", None),
         client,

@@ -264,31 +264,24 @@ async fn session(
     mut cfg: ExecConfig,
 ) {
     let (mut sink, mut incoming) = socket.split();
-    // A terminal starts at the client's size: wait for its first resize, keeping what else
-    // arrives meanwhile for the process.
     let mut early = Vec::new();
-    if cfg.tty {
-        let deadline = tokio::time::Instant::now() + FIRST_RESIZE;
-        while cfg.console_size.is_none() {
-            match tokio::time::timeout_at(deadline, incoming.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => match resize_of(&b) {
-                    Some(size) => cfg.console_size = Some(size),
-                    None => early.push(b),
-                },
-                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return,
-                Ok(Some(Ok(_))) => {}
-                Err(_) => break,
-            }
-        }
+    // Before the process starts: a terminal waits for the client's first resize (at most
+    // FIRST_RESIZE); other sessions wait STREAMS_SETTLE. Input arriving meanwhile is kept.
+    let wait = if cfg.tty {
+        FIRST_RESIZE
     } else {
-        let deadline = tokio::time::Instant::now() + STREAMS_SETTLE;
-        loop {
-            match tokio::time::timeout_at(deadline, incoming.next()).await {
-                Ok(Some(Ok(Message::Binary(b)))) => early.push(b),
-                Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return,
-                Ok(Some(Ok(_))) => {}
-                Err(_) => break,
-            }
+        STREAMS_SETTLE
+    };
+    let deadline = tokio::time::Instant::now() + wait;
+    while !(cfg.tty && cfg.console_size.is_some()) {
+        match tokio::time::timeout_at(deadline, incoming.next()).await {
+            Ok(Some(Ok(Message::Binary(b)))) => match resize_of(&b).filter(|_| cfg.tty) {
+                Some(size) => cfg.console_size = Some(size),
+                None => early.push(b),
+            },
+            Ok(Some(Ok(Message::Close(_)) | Err(_)) | None) => return,
+            Ok(Some(Ok(_))) => {}
+            Err(_) => break,
         }
     }
     let finish = |status: Value| {

@@ -822,6 +822,8 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
         let p = ctx.split(&d, sets, false).await?;
         ctx.scale_pass(&p).await?;
         ctx.cleanup(&p).await?;
+        // `split` may have written the Deployment (its revision): go on from that.
+        let d = p.d.clone();
         let p = ctx.split(&d, current_sets(&ctx, &d), false).await?;
         ctx.sync_status_only(&p).await?;
         return Ok(None);
@@ -829,6 +831,7 @@ async fn reconcile(key: Key, ctx: Arc<Ctx>) -> anyhow::Result<Option<Duration>> 
     let probe = ctx.split(&d, sets.clone(), false).await?;
     if Ctx::scaling_event(&probe) {
         ctx.scale_pass(&probe).await?;
+        let d = probe.d.clone();
         let p = ctx.split(&d, current_sets(&ctx, &d), false).await?;
         ctx.sync_status_only(&p).await?;
         return Ok(None);
@@ -895,9 +898,6 @@ pub async fn run(
     deployments.synced().await;
     sets.synced().await;
     pods.synced().await;
-    for d in deployments.cache().list() {
-        queue.add(Key::of(&*d));
-    }
     let ctx = Arc::new(Ctx {
         events: Recorder::new(client.clone(), "deployment-controller", None),
         client,
