@@ -8,7 +8,7 @@
 
 use std::{env, fs, path::PathBuf};
 
-const OBJECTS: &[&str] = &["from-pod", "xdp-uplink"];
+const OBJECTS: &[&str] = &["from-pod", "to-pod", "xdp-uplink"];
 
 fn main() {
     println!("cargo::rerun-if-env-changed=SKIFF_EBPF_DIR");

@@ -77,3 +77,176 @@ pub fn arp_request(sender: [u8; 4], target: [u8; 4]) -> Vec<u8> {
     f.extend_from_slice(&target);
     f
 }
+
+/// TCP flags for [`tcp`].
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Flags {
+    pub syn: bool,
+    pub ack: bool,
+    pub fin: bool,
+    pub rst: bool,
+}
+
+/// SYN.
+pub const SYN: Flags = Flags {
+    syn: true,
+    ack: false,
+    fin: false,
+    rst: false,
+};
+/// ACK.
+pub const ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: false,
+    rst: false,
+};
+/// FIN|ACK.
+pub const FIN_ACK: Flags = Flags {
+    syn: false,
+    ack: true,
+    fin: true,
+    rst: false,
+};
+
+/// A valid Ethernet/IPv4/TCP frame with the given flags, sequence and acknowledgment numbers.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one argument per header field a test varies"
+)]
+pub fn tcp(
+    src: [u8; 4],
+    dst: [u8; 4],
+    sport: u16,
+    dport: u16,
+    flags: Flags,
+    seq: u32,
+    ack: u32,
+    payload: &[u8],
+) -> Vec<u8> {
+    let mut b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(src, dst, 64)
+        .tcp(sport, dport, seq, 64240);
+    if flags.syn {
+        b = b.syn();
+    }
+    if flags.ack {
+        b = b.ack(ack);
+    }
+    if flags.fin {
+        b = b.fin();
+    }
+    if flags.rst {
+        b = b.rst();
+    }
+    let mut out = Vec::with_capacity(b.size(payload.len()));
+    b.write(&mut out, payload).expect("write to Vec");
+    out
+}
+
+/// What a test reads back from a frame a program returned.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decoded {
+    pub src_mac: [u8; 6],
+    pub dst_mac: [u8; 6],
+    pub src: [u8; 4],
+    pub dst: [u8; 4],
+    pub proto: u8,
+    pub sport: u16,
+    pub dport: u16,
+    /// The IPv4 header checksum is right.
+    pub ip_checksum_ok: bool,
+    /// The TCP/UDP/ICMP checksum is right (a UDP checksum of 0, "none", counts as right).
+    pub l4_checksum_ok: bool,
+    /// TCP: (SYN, ACK, FIN, RST).
+    pub tcp_flags: (bool, bool, bool, bool),
+    pub seq: u32,
+    pub ack: u32,
+    /// ICMP messages.
+    pub icmp: Option<Icmp>,
+    pub payload: Vec<u8>,
+}
+
+/// An ICMP error message and what it quotes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Icmp {
+    pub icmp_type: u8,
+    pub code: u8,
+    /// The quoted IPv4 header's source, destination and protocol.
+    pub quoted_src: [u8; 4],
+    pub quoted_dst: [u8; 4],
+    pub quoted_proto: u8,
+    /// The quoted L4 ports.
+    pub quoted_sport: u16,
+    pub quoted_dport: u16,
+}
+
+/// Decodes an Ethernet/IPv4 frame, checking its checksums.
+pub fn decode(frame: &[u8]) -> Decoded {
+    use etherparse::{InternetSlice, SlicedPacket, TransportSlice};
+    let p = SlicedPacket::from_ethernet(frame).expect("a well-formed frame");
+    let Some(etherparse::LinkSlice::Ethernet2(eth)) = &p.link else {
+        panic!("not Ethernet II")
+    };
+    let Some(InternetSlice::Ipv4(ip)) = &p.net else {
+        panic!("not IPv4")
+    };
+    let iph = ip.header().to_header();
+    let mut d = Decoded {
+        src_mac: eth.source(),
+        dst_mac: eth.destination(),
+        src: iph.source,
+        dst: iph.destination,
+        proto: iph.protocol.0,
+        sport: 0,
+        dport: 0,
+        ip_checksum_ok: iph.calc_header_checksum() == iph.header_checksum,
+        l4_checksum_ok: false,
+        tcp_flags: (false, false, false, false),
+        seq: 0,
+        ack: 0,
+        icmp: None,
+        payload: Vec::new(),
+    };
+    match &p.transport {
+        Some(TransportSlice::Tcp(t)) => {
+            let h = t.to_header();
+            d.sport = h.source_port;
+            d.dport = h.destination_port;
+            d.tcp_flags = (h.syn, h.ack, h.fin, h.rst);
+            d.seq = h.sequence_number;
+            d.ack = h.acknowledgment_number;
+            d.payload = t.payload().to_vec();
+            d.l4_checksum_ok = h
+                .calc_checksum_ipv4(&iph, t.payload())
+                .is_ok_and(|c| c == h.checksum);
+        }
+        Some(TransportSlice::Udp(u)) => {
+            let h = u.to_header();
+            d.sport = h.source_port;
+            d.dport = h.destination_port;
+            d.payload = u.payload().to_vec();
+            d.l4_checksum_ok = h.checksum == 0
+                || h.calc_checksum_ipv4(&iph, u.payload())
+                    .is_ok_and(|c| c == h.checksum);
+        }
+        Some(TransportSlice::Icmpv4(i)) => {
+            let h = i.header();
+            d.l4_checksum_ok = h.icmp_type.calc_checksum(i.payload()) == h.checksum;
+            let q = i.payload();
+            let quoted = etherparse::Ipv4HeaderSlice::from_slice(q).expect("quoted IPv4 header");
+            let l4 = &q[quoted.slice().len()..];
+            d.icmp = Some(Icmp {
+                icmp_type: i.type_u8(),
+                code: i.code_u8(),
+                quoted_src: quoted.source(),
+                quoted_dst: quoted.destination(),
+                quoted_proto: quoted.protocol().0,
+                quoted_sport: u16::from_be_bytes([l4[0], l4[1]]),
+                quoted_dport: u16::from_be_bytes([l4[2], l4[3]]),
+            });
+        }
+        _ => {}
+    }
+    d
+}

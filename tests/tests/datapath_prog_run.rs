@@ -23,7 +23,7 @@ const B: [u8; 4] = [10, 244, 2, 20];
 fn verdicts(kind: ProgramKind) -> (u32, u32) {
     match kind {
         ProgramKind::XdpUplink => (XDP_PASS, XDP_DROP),
-        ProgramKind::FromPod => (TC_ACT_OK, TC_ACT_SHOT),
+        ProgramKind::FromPod | ProgramKind::ToPod => (TC_ACT_OK, TC_ACT_SHOT),
     }
 }
 
@@ -31,6 +31,7 @@ fn hook(kind: ProgramKind) -> Hook {
     match kind {
         ProgramKind::XdpUplink => Hook::XdpUplink,
         ProgramKind::FromPod => Hook::FromPod,
+        ProgramKind::ToPod => Hook::ToPod,
     }
 }
 
@@ -108,7 +109,7 @@ fn check_program(kind: ProgramKind) {
     let mut expected_drops = std::collections::BTreeMap::new();
     let mut expected_forwarded = 0u64;
     for (name, frame, reason) in cases() {
-        if kind == ProgramKind::FromPod && name == TRUNCATED_IPV4 {
+        if kind != ProgramKind::XdpUplink && name == TRUNCATED_IPV4 {
             // BPF_PROG_RUN for skb programs refuses (EINVAL) an IPv4 frame shorter than an IP
             // header before the program runs; the netns suite sends this frame through a veth.
             continue;
@@ -161,6 +162,14 @@ fn tc_from_pod_verdicts_and_drop_reasons() {
         return;
     }
     check_program(ProgramKind::FromPod);
+}
+
+#[test]
+fn tc_to_pod_verdicts_and_drop_reasons() {
+    if !privileged("tc_to_pod_verdicts_and_drop_reasons") {
+        return;
+    }
+    check_program(ProgramKind::ToPod);
 }
 
 #[test]

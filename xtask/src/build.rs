@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// The program binaries of `ebpf/skiff-ebpf`, one per attach point.
-const EBPF_BINS: &[&str] = &["from-pod", "xdp-uplink"];
+const EBPF_BINS: &[&str] = &["from-pod", "to-pod", "xdp-uplink"];
 
 /// ELF machine number of eBPF objects.
 const EM_BPF: u16 = 247;

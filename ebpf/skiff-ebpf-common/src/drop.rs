@@ -3,7 +3,7 @@
 //!
 //! Ranges, so related causes stay together as the list grows:
 //! - `1..=9`    packet parsing (malformed or truncated headers)
-//! - `10..=29`  service load balancing and connection tracking (reserved)
+//! - `10..=29`  service load balancing and connection tracking
 //! - `30..=49`  network policy (reserved)
 //!
 //! `0` is not a drop: in [`crate::metrics::MetricsKey::reason`] it means "forwarded".
@@ -18,14 +18,24 @@ pub enum DropReason {
     MalformedIpv4 = 2,
     /// The TCP or UDP header is truncated, or its header length field is invalid.
     MalformedL4 = 3,
+    /// A new connection to a Service frontend with no ready or terminating endpoint: rejected
+    /// at once (TCP RST, ICMP port unreachable) rather than black-holed.
+    ServiceNoBackend = 10,
+    /// A backend slot names a backend id that is gone (an update raced the packet).
+    ServiceBackendMissing = 11,
+    /// A connection-tracking entry could not be created for a new translated flow.
+    CtCreateFailed = 12,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 3] = [
+    pub const ALL: [DropReason; 6] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedIpv4,
         DropReason::MalformedL4,
+        DropReason::ServiceNoBackend,
+        DropReason::ServiceBackendMissing,
+        DropReason::CtCreateFailed,
     ];
 
     /// The numeric code stored in maps.
@@ -39,6 +49,9 @@ impl DropReason {
             1 => Some(DropReason::MalformedEthernet),
             2 => Some(DropReason::MalformedIpv4),
             3 => Some(DropReason::MalformedL4),
+            10 => Some(DropReason::ServiceNoBackend),
+            11 => Some(DropReason::ServiceBackendMissing),
+            12 => Some(DropReason::CtCreateFailed),
             _ => None,
         }
     }
@@ -49,6 +62,9 @@ impl DropReason {
             DropReason::MalformedEthernet => "malformed_ethernet",
             DropReason::MalformedIpv4 => "malformed_ipv4",
             DropReason::MalformedL4 => "malformed_l4",
+            DropReason::ServiceNoBackend => "service_no_backend",
+            DropReason::ServiceBackendMissing => "service_backend_missing",
+            DropReason::CtCreateFailed => "ct_create_failed",
         }
     }
 
@@ -58,6 +74,9 @@ impl DropReason {
             DropReason::MalformedEthernet => "frame shorter than an Ethernet header",
             DropReason::MalformedIpv4 => "IPv4 header truncated or invalid",
             DropReason::MalformedL4 => "TCP/UDP header truncated or invalid",
+            DropReason::ServiceNoBackend => "service has no endpoint: connection rejected",
+            DropReason::ServiceBackendMissing => "backend slot names a removed backend",
+            DropReason::CtCreateFailed => "connection tracking entry not created",
         }
     }
 }
@@ -74,6 +93,9 @@ mod tests {
             (1, "malformed_ethernet"),
             (2, "malformed_ipv4"),
             (3, "malformed_l4"),
+            (10, "service_no_backend"),
+            (11, "service_backend_missing"),
+            (12, "ct_create_failed"),
         ];
         assert_eq!(DropReason::ALL.len(), published.len());
         for (r, (code, name)) in DropReason::ALL.iter().zip(published) {

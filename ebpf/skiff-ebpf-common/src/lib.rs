@@ -10,8 +10,10 @@
 
 #![no_std]
 
+pub mod ct;
 pub mod drop;
 pub mod hook;
+pub mod lb;
 pub mod metrics;
 
 pub use drop::DropReason;
@@ -24,9 +26,19 @@ pub use metrics::{MetricsKey, MetricsValue};
 pub mod map_names {
     /// Per-CPU packet/byte counters by hook and verdict; see [`crate::metrics`].
     pub const METRICS: &str = "skiff_metrics";
+    /// Service frontends and their backend slots; see [`crate::lb`].
+    pub const SERVICES: &str = "skiff_lb_svc";
+    /// Backends by id; see [`crate::lb`].
+    pub const BACKENDS: &str = "skiff_lb_be";
+    /// ClientIP session affinity; see [`crate::lb`].
+    pub const AFFINITY: &str = "skiff_lb_aff";
+    /// Per-CPU packet/byte counters per frontend; see [`crate::lb`].
+    pub const SERVICE_STATS: &str = "skiff_lb_stats";
+    /// Connection tracking of translated flows; see [`crate::ct`].
+    pub const CT: &str = "skiff_ct";
 
     /// Every map a node pins, for inspection and cleanup.
-    pub const ALL: &[&str] = &[METRICS];
+    pub const ALL: &[&str] = &[METRICS, SERVICES, BACKENDS, AFFINITY, SERVICE_STATS, CT];
 }
 
 /// Asserts at compile time that a map type has the size the kernel side expects.

@@ -6,8 +6,14 @@
 
 #![no_std]
 
+pub mod ct;
+pub mod lb;
 pub mod metrics;
+pub mod nat;
 pub mod packet;
+pub mod reject;
+pub mod service;
+pub mod tc;
 
 /// Shared by every program binary. Unreachable in a verified program: the verifier rejects any
 /// path that could get here.

@@ -10,8 +10,8 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use skiff_ebpf_common::DropReason;
 
 const ETH_P_IP: u16 = 0x0800;
-const IPPROTO_TCP: u8 = 6;
-const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
 /// Offset mask of IPv4 `frag_off`: non-zero means a non-first fragment (no L4 header).
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -36,7 +36,19 @@ pub struct Ipv4Info {
     /// Source and destination port for TCP/UDP first fragments, else 0.
     pub sport: u16,
     pub dport: u16,
+    /// IPv4 header length in bytes.
+    pub ihl: u8,
+    /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) of a TCP first fragment, else 0.
+    pub tcp_flags: u8,
+    /// True when the packet is a TCP or UDP first fragment with its ports parsed.
+    pub has_ports: bool,
 }
+
+/// TCP flag bits in [`Ipv4Info::tcp_flags`].
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
 
 /// Why [`parse`] did not return a packet.
 #[derive(Clone, Copy)]
@@ -115,6 +127,9 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         l4_off: EthHdr::LEN + ihl,
         sport: 0,
         dport: 0,
+        ihl: ihl as u8,
+        tcp_flags: 0,
+        has_ports: false,
     };
     if u16::from_be_bytes(ip.frags) & IP_OFFSET_MASK != 0 {
         // A later fragment carries no L4 header.
@@ -139,6 +154,9 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
             }
             info.sport = u16::from_ne_bytes(tcp.source);
             info.dport = u16::from_ne_bytes(tcp.dest);
+            // SAFETY: byte 13 of the TCP header is inside the bounds-checked `TcpHdr`.
+            info.tcp_flags = unsafe { *((tcp as *const TcpHdr as *const u8).add(13)) };
+            info.has_ports = true;
         }
         IPPROTO_UDP => {
             let udp: *const UdpHdr = ptr_at(data, data_end, info.l4_off).ok_or_else(|| {
@@ -153,6 +171,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
             }
             info.sport = u16::from_ne_bytes(udp.src);
             info.dport = u16::from_ne_bytes(udp.dst);
+            info.has_ports = true;
         }
         _ => {}
     }

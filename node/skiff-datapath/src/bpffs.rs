@@ -94,7 +94,13 @@ impl PinDir {
         };
         for entry in entries {
             let entry = entry.map_err(err("read pin directory", &self.path))?;
-            fs::remove_file(entry.path()).map_err(err("unpin", &entry.path()))?;
+            let path = entry.path();
+            if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                // `links/`: pinned program links.
+                fs::remove_dir_all(&path).map_err(err("unpin", &path))?;
+            } else {
+                fs::remove_file(&path).map_err(err("unpin", &path))?;
+            }
         }
         fs::remove_dir(&self.path).map_err(err("remove pin directory", &self.path))?;
         if let Some(parent) = self.path.parent() {

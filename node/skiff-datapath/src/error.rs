@@ -64,6 +64,22 @@ pub enum DatapathError {
         #[source]
         source: Box<aya::maps::MapError>,
     },
+    /// A map has no room for another entry.
+    #[error("BPF map {map} is full: raise its size or remove entries")]
+    MapFull {
+        /// Map name.
+        map: &'static str,
+    },
+    /// Taking, pinning or reusing a program link failed.
+    #[error("{op} link {path}: {detail}")]
+    Link {
+        /// What was being done.
+        op: &'static str,
+        /// The link's pin path.
+        path: PathBuf,
+        /// aya's error.
+        detail: String,
+    },
     /// A pinned map exists but its layout differs from the one this binary was built for.
     /// It is reported, never silently replaced (that would drop live state).
     #[error(

@@ -5,6 +5,7 @@
 
 pub mod bpffs;
 pub mod error;
+pub mod lb;
 pub mod metrics;
 pub mod objects;
 pub mod program;

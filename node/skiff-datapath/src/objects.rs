@@ -8,6 +8,7 @@ struct Aligned<B: ?Sized>(B);
 
 static FROM_POD: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/from-pod.o")));
+static TO_POD: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/to-pod.o")));
 static XDP_UPLINK: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/xdp-uplink.o")));
 
@@ -16,18 +17,25 @@ static XDP_UPLINK: &Aligned<[u8]> =
 pub enum ProgramKind {
     /// TC ingress on a pod's host-side veth (packets leaving the pod).
     FromPod,
+    /// TC egress on a pod's host-side veth (packets entering the pod).
+    ToPod,
     /// XDP on the node's uplink.
     XdpUplink,
 }
 
 impl ProgramKind {
     /// Every program, in load order.
-    pub const ALL: [ProgramKind; 2] = [ProgramKind::FromPod, ProgramKind::XdpUplink];
+    pub const ALL: [ProgramKind; 3] = [
+        ProgramKind::FromPod,
+        ProgramKind::ToPod,
+        ProgramKind::XdpUplink,
+    ];
 
     /// Object (file) name.
     pub const fn object_name(self) -> &'static str {
         match self {
             ProgramKind::FromPod => "from-pod",
+            ProgramKind::ToPod => "to-pod",
             ProgramKind::XdpUplink => "xdp-uplink",
         }
     }
@@ -36,6 +44,7 @@ impl ProgramKind {
     pub const fn program_name(self) -> &'static str {
         match self {
             ProgramKind::FromPod => "from_pod",
+            ProgramKind::ToPod => "to_pod",
             ProgramKind::XdpUplink => "xdp_uplink",
         }
     }
@@ -44,6 +53,7 @@ impl ProgramKind {
     pub fn object(self) -> Result<&'static [u8], DatapathError> {
         let bytes: &'static [u8] = match self {
             ProgramKind::FromPod => &FROM_POD.0,
+            ProgramKind::ToPod => &TO_POD.0,
             ProgramKind::XdpUplink => &XDP_UPLINK.0,
         };
         if bytes.is_empty() {

@@ -2,14 +2,23 @@
 //! directory, checked against the layouts this binary expects, then the program goes through
 //! the verifier.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, MapType},
-    programs::{Program, TcAttachType, TestRun, TestRunOptions, XdpMode, tc::qdisc_add_clsact},
+    programs::{
+        Program, TcAttachType, TestRun, TestRunOptions, XdpMode,
+        links::{FdLink, PinnedLink},
+        tc::{SchedClassifierLink, qdisc_add_clsact},
+    },
 };
-use skiff_ebpf_common::{MetricsKey, MetricsValue, map_names};
+use skiff_ebpf_common::{
+    MetricsKey, MetricsValue,
+    ct::{CtEntry, CtKey},
+    lb::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue},
+    map_names,
+};
 
 use crate::{DatapathError, PinDir, ProgramKind};
 
@@ -21,12 +30,44 @@ struct MapSpec {
     value_size: usize,
 }
 
-const MAP_SPECS: &[MapSpec] = &[MapSpec {
-    name: map_names::METRICS,
-    map_type: MapType::PerCpuHash,
-    key_size: size_of::<MetricsKey>(),
-    value_size: size_of::<MetricsValue>(),
-}];
+const MAP_SPECS: &[MapSpec] = &[
+    MapSpec {
+        name: map_names::METRICS,
+        map_type: MapType::PerCpuHash,
+        key_size: size_of::<MetricsKey>(),
+        value_size: size_of::<MetricsValue>(),
+    },
+    MapSpec {
+        name: map_names::SERVICES,
+        map_type: MapType::Hash,
+        key_size: size_of::<ServiceKey>(),
+        value_size: size_of::<ServiceValue>(),
+    },
+    MapSpec {
+        name: map_names::BACKENDS,
+        map_type: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<Backend>(),
+    },
+    MapSpec {
+        name: map_names::AFFINITY,
+        map_type: MapType::LruHash,
+        key_size: size_of::<AffinityKey>(),
+        value_size: size_of::<AffinityValue>(),
+    },
+    MapSpec {
+        name: map_names::SERVICE_STATS,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<MetricsValue>(),
+    },
+    MapSpec {
+        name: map_names::CT,
+        map_type: MapType::LruHash,
+        key_size: size_of::<CtKey>(),
+        value_size: size_of::<CtEntry>(),
+    },
+];
 
 /// A program loaded into the kernel (verified), with its maps pinned.
 #[derive(Debug)]
@@ -106,7 +147,7 @@ impl LoadedProgram {
     }
 
     /// Attaches the program to `iface` in the calling thread's network namespace: TC programs
-    /// on the ingress side (adding the clsact qdisc if needed), XDP in the mode the driver
+    /// on their side (adding the clsact qdisc if needed), XDP in the mode the driver
     /// supports. The attachment lasts as long as this value.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
         let kind = self.kind;
@@ -117,7 +158,7 @@ impl LoadedProgram {
         match program_mut(&mut self.ebpf, kind)? {
             Program::SchedClassifier(p) => {
                 add_clsact(iface)?;
-                p.attach(iface, TcAttachType::Ingress).map_err(prog_err)?;
+                p.attach(iface, tc_side(kind)).map_err(prog_err)?;
             }
             Program::Xdp(p) => {
                 p.attach(iface, XdpMode::Default).map_err(prog_err)?;
@@ -127,6 +168,117 @@ impl LoadedProgram {
         tracing::info!(program = kind.program_name(), iface, "attached");
         Ok(())
     }
+}
+
+/// Which side of an interface a TC program runs on.
+fn tc_side(kind: ProgramKind) -> TcAttachType {
+    match kind {
+        ProgramKind::ToPod => TcAttachType::Egress,
+        _ => TcAttachType::Ingress,
+    }
+}
+
+impl LoadedProgram {
+    /// Attaches this TC program to `iface` through a TCX link pinned at
+    /// `<pins>/links/<iface>.<object>`, so the attachment outlives the agent: a restarted agent
+    /// swaps its freshly loaded program into the pinned link atomically (no packet sees the
+    /// interface without a program), and a link left by a deleted interface is replaced.
+    pub fn attach_pinned(&mut self, iface: &str, pins: &PinDir) -> Result<(), DatapathError> {
+        let kind = self.kind;
+        let path = link_pin_path(pins, iface, kind);
+        let prog_err = |source| DatapathError::Program {
+            program: kind.program_name(),
+            source: Box::new(source),
+        };
+        let Program::SchedClassifier(p) = program_mut(&mut self.ebpf, kind)? else {
+            unreachable!("attach_pinned is for TC programs")
+        };
+        if path.exists() {
+            let replaced = PinnedLink::from_pin(&path)
+                .ok()
+                .map(FdLink::from)
+                .and_then(|l| SchedClassifierLink::try_from(l).ok())
+                .map(|link| p.attach_to_link(link));
+            match replaced {
+                Some(Ok(id)) => {
+                    // The pin keeps the link; our fd can go.
+                    drop(p.take_link(id));
+                    tracing::debug!(
+                        program = kind.program_name(),
+                        iface,
+                        "program replaced in pinned link"
+                    );
+                    return Ok(());
+                }
+                _ => {
+                    // The interface it belonged to is gone (or the pin is not a TCX link).
+                    let _ = std::fs::remove_file(&path);
+                }
+            }
+        }
+        let id = p.attach(iface, tc_side(kind)).map_err(prog_err)?;
+        let link = p.take_link(id).map_err(prog_err)?;
+        let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
+            op: "take the TCX link of",
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir).map_err(|source| DatapathError::Bpffs {
+                op: "create link pin directory",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        }
+        fd.pin(&path).map_err(|e| DatapathError::Link {
+            op: "pin",
+            path: path.clone(),
+            detail: e.to_string(),
+        })?;
+        tracing::debug!(
+            program = kind.program_name(),
+            iface,
+            "attached, link pinned"
+        );
+        Ok(())
+    }
+}
+
+/// Removes the pinned link of `kind` on `iface` (detaching the program if the interface still
+/// exists). Missing pins are fine.
+pub fn unpin_link(pins: &PinDir, iface: &str, kind: ProgramKind) -> Result<(), DatapathError> {
+    let path = link_pin_path(pins, iface, kind);
+    match std::fs::remove_file(&path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(source) => Err(DatapathError::Bpffs {
+            op: "unpin link",
+            path,
+            source,
+        }),
+    }
+}
+
+fn link_pin_path(pins: &PinDir, iface: &str, kind: ProgramKind) -> PathBuf {
+    pins.path()
+        .join("links")
+        .join(format!("{iface}.{}", kind.object_name()))
+}
+
+/// The interfaces that have a pinned link of `kind` (for cleaning up after deleted pods).
+pub fn pinned_link_ifaces(pins: &PinDir, kind: ProgramKind) -> Vec<String> {
+    let suffix = format!(".{}", kind.object_name());
+    let dir: &Path = &pins.path().join("links");
+    std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()
+                .and_then(|n| n.strip_suffix(&suffix).map(str::to_string))
+        })
+        .collect()
 }
 
 fn program_mut(ebpf: &mut Ebpf, kind: ProgramKind) -> Result<&mut Program, DatapathError> {

@@ -1,7 +1,7 @@
 //! TC program on a pod's host-side veth, ingress direction: every packet the pod sends.
 //!
-//! Today: validate headers, count, drop malformed packets with their reason. Service
-//! translation and egress policy attach here as they are built.
+//! Validates headers (malformed packets are dropped with their reason), then does service
+//! translation (see `skiff_ebpf::service`). Egress policy attaches here as it is built.
 
 #![no_std]
 #![no_main]
@@ -13,39 +13,46 @@ use aya_ebpf::{
 };
 use skiff_ebpf::{
     metrics,
-    packet::{self, ParseError},
+    packet::Packet,
+    service::{self, Verdict},
+    tc,
 };
-use skiff_ebpf_common::Hook;
+use skiff_ebpf_common::{DropReason, Hook};
 
 const HOOK: Hook = Hook::FromPod;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
     let len = ctx.len();
-    let mut parsed = packet::parse(ctx.data(), ctx.data_end(), len);
-    if let Err(ParseError::NeedPull(need)) = parsed {
-        // Headers live partly in paged data: make them linear and look again.
-        if ctx.pull_data(need).is_ok() {
-            parsed = packet::parse(ctx.data(), ctx.data_end(), len);
-        }
-    }
-    match parsed {
+    let info = match tc::parse(&ctx) {
+        Ok(Packet::Ipv4(info)) if info.has_ports => info,
         Ok(_) => {
+            metrics::forwarded(HOOK, len);
+            return TC_ACT_OK;
+        }
+        Err(reason) => return drop(reason, len),
+    };
+    match service::from_pod(&ctx, &info) {
+        Verdict::Pass => {
             metrics::forwarded(HOOK, len);
             TC_ACT_OK
         }
-        Err(ParseError::Drop(reason)) => drop(reason.code(), len),
-        // Still not linear after a pull: the kernel could not make it so; treat as malformed.
-        Err(ParseError::NeedPull(_)) => {
-            drop(skiff_ebpf_common::DropReason::MalformedL4.code(), len)
+        Verdict::Redirected(r) => {
+            metrics::forwarded(HOOK, len);
+            r
         }
+        Verdict::Rejected(r) => {
+            metrics::count(HOOK, DropReason::ServiceNoBackend.code(), len);
+            r
+        }
+        Verdict::Drop(reason) => drop(reason, len),
     }
 }
 
 /// The single drop exit of this program: counts the reason, then drops.
 #[inline(always)]
-fn drop(reason: u8, len: u32) -> i32 {
-    metrics::count(HOOK, reason, len);
+fn drop(reason: DropReason, len: u32) -> i32 {
+    metrics::count(HOOK, reason.code(), len);
     TC_ACT_SHOT
 }
 

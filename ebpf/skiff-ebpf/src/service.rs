@@ -1,0 +1,172 @@
+//! Service translation for TC hooks: what kube-proxy's rules do, as one connection-tracking
+//! lookup per packet of an established flow.
+//!
+//! - [`from_pod`] (TC ingress on a pod's host-side veth): a packet of a tracked flow is
+//!   translated as its entry says (forward: to the backend; reply: back from the frontend); an
+//!   untracked packet to a frontend starts a flow (backend choice, both entries, translation) or,
+//!   with no backend, is turned into a rejection and sent back.
+//! - [`to_pod`] (TC egress on the same veth): replies from backends on other nodes get their
+//!   source restored before the pod sees them.
+
+use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use skiff_ebpf_common::{
+    DropReason,
+    ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CtEntry, CtKey},
+    lb::HAIRPIN_ADDR,
+};
+
+use crate::{
+    ct, lb,
+    nat::{self, End},
+    packet::{IPPROTO_TCP, Ipv4Info, TCP_ACK, TCP_SYN},
+    reject,
+};
+
+/// What the hook does with the packet.
+pub enum Verdict {
+    /// Let the kernel carry on (translated or not).
+    Pass,
+    /// Sent back out of the interface it came in on (`bpf_redirect` was called; return its
+    /// result).
+    Redirected(i32),
+    /// Drop, with this reason.
+    Drop(DropReason),
+    /// The connection was rejected: the packet now is the rejection and was redirected. Counted
+    /// as a drop of the original with [`DropReason::ServiceNoBackend`].
+    Rejected(i32),
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `ctx.skb.skb` is the program's own context, valid for the whole run.
+    unsafe { (*ctx.skb.skb).ifindex }
+}
+
+#[inline(always)]
+fn redirect_back(ctx: &TcContext) -> Result<i32, ()> {
+    nat::swap_macs(ctx)?;
+    // SAFETY: a helper taking plain integers.
+    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+}
+
+/// Applies a tracked entry to the packet.
+#[inline(always)]
+fn apply(ctx: &TcContext, info: &Ipv4Info, e: &CtEntry) -> Result<Verdict, ()> {
+    if e.flags & CT_REPLY != 0 {
+        nat::rewrite(ctx, info, End::Source, e.from_addr, e.from_port)?;
+        if e.to_addr != 0 {
+            nat::rewrite(ctx, info, End::Destination, e.to_addr, e.to_port)?;
+        }
+    } else {
+        // The destination first: `rewrite` reads the old values from `info`, which still
+        // describes the packet as it arrived.
+        nat::rewrite(ctx, info, End::Destination, e.to_addr, e.to_port)?;
+        if e.from_addr != 0 {
+            nat::rewrite(ctx, info, End::Source, e.from_addr, e.from_port)?;
+        }
+    }
+    if e.flags & CT_HAIRPIN != 0 {
+        return Ok(Verdict::Redirected(redirect_back(ctx)?));
+    }
+    Ok(Verdict::Pass)
+}
+
+/// A packet leaving a pod.
+#[inline(always)]
+pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
+    match from_pod_inner(ctx, info) {
+        Ok(v) => v,
+        // A helper refused to rewrite the packet: it is no longer what its headers say.
+        Err(()) => Verdict::Drop(DropReason::MalformedL4),
+    }
+}
+
+#[inline(always)]
+fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
+    let now = ct::now();
+    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
+    let new_syn = info.proto == IPPROTO_TCP && info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(e) = ct::lookup(&key, now) {
+        // SAFETY: pointer from a successful lookup, valid for this run.
+        let entry = unsafe { *e };
+        // A SYN on a closing flow is a new connection reusing the tuple: choose again.
+        if !(new_syn && entry.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING) {
+            ct::touch(e, info.proto, info.tcp_flags, now);
+            lb::count(entry.service_id, ctx.len());
+            return apply(ctx, info, &entry);
+        }
+    }
+    let Some(fe) = lb::frontend(info.daddr, info.dport, info.proto, true) else {
+        return Ok(Verdict::Pass);
+    };
+    let (backend_id, be) = match lb::select(&fe, info.saddr, now) {
+        Ok(b) => b,
+        Err(DropReason::ServiceNoBackend) => {
+            if reject::reject(ctx, info).is_err() {
+                return Ok(Verdict::Drop(DropReason::ServiceNoBackend));
+            }
+            // SAFETY: a helper taking plain integers.
+            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
+            return Ok(Verdict::Rejected(r));
+        }
+        Err(reason) => return Ok(Verdict::Drop(reason)),
+    };
+    let hairpin = be.address == info.saddr;
+    let (src, sport) = if hairpin {
+        (u32::from_ne_bytes(HAIRPIN_ADDR), info.sport)
+    } else {
+        (info.saddr, info.sport)
+    };
+    let expires = now + ct::lifetime(info.proto);
+    let flags = if hairpin { CT_HAIRPIN } else { 0 };
+    let fwd = CtEntry {
+        expires,
+        to_addr: be.address,
+        to_port: be.port,
+        from_addr: if hairpin { src } else { 0 },
+        from_port: if hairpin { sport } else { 0 },
+        service_id: fe.svc.service_id,
+        backend_id,
+        flags,
+        pad: 0,
+    };
+    let rev_key = CtKey::new(be.address, src, be.port, sport, info.proto);
+    let rev = CtEntry {
+        expires,
+        from_addr: info.daddr,
+        from_port: info.dport,
+        to_addr: if hairpin { info.saddr } else { 0 },
+        to_port: if hairpin { info.sport } else { 0 },
+        service_id: fe.svc.service_id,
+        backend_id,
+        flags: flags | CT_REPLY,
+        pad: 0,
+    };
+    if ct::create(&key, &fwd, &rev_key, &rev).is_err() {
+        return Ok(Verdict::Drop(DropReason::CtCreateFailed));
+    }
+    lb::count(fe.svc.service_id, ctx.len());
+    apply(ctx, info, &fwd)
+}
+
+/// A packet about to enter a pod: replies of flows translated on this node get their source
+/// (and, if it was translated, destination) restored.
+#[inline(always)]
+pub fn to_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
+    let now = ct::now();
+    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
+    let Some(e) = ct::lookup(&key, now) else {
+        return Verdict::Pass;
+    };
+    // SAFETY: pointer from a successful lookup, valid for this run.
+    let entry = unsafe { *e };
+    if entry.flags & CT_REPLY == 0 {
+        return Verdict::Pass;
+    }
+    ct::touch(e, info.proto, info.tcp_flags, now);
+    lb::count(entry.service_id, ctx.len());
+    match apply(ctx, info, &entry) {
+        Ok(v) => v,
+        Err(()) => Verdict::Drop(DropReason::MalformedL4),
+    }
+}

@@ -1,0 +1,499 @@
+//! BPF_PROG_RUN tests of service load balancing: frames built in the test run through the real
+//! `from-pod` and `to-pod` programs with real (pinned) maps; each test checks the verdict, the
+//! rewritten frame (addresses, ports, checksums) and the maps.
+
+use std::collections::BTreeSet;
+
+use skiff_datapath::{
+    LoadedProgram, ProgramKind,
+    lb::{LbMaps, ct_entries},
+    metrics::{self, Verdict},
+};
+use skiff_ebpf_common::{
+    DropReason, Hook,
+    ct::CT_REPLY,
+    lb::{BE_TERMINATING, Backend, HAIRPIN_ADDR, SCOPE_EXTERNAL, ServiceKey, ServiceValue},
+};
+use skiff_tests::{
+    TestPins,
+    packets::{self, ACK, FIN_ACK, SYN, decode},
+    privileged,
+};
+
+const TC_ACT_OK: u32 = 0;
+const TC_ACT_REDIRECT: u32 = 7;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
+
+const VIP: [u8; 4] = [10, 96, 0, 20];
+const CLIENT: [u8; 4] = [10, 244, 1, 10];
+const BACKENDS: [[u8; 4]; 2] = [[10, 244, 1, 5], [10, 244, 2, 6]];
+
+/// The two TC programs of one node, sharing its pinned maps.
+struct Node {
+    _pins: TestPins,
+    from_pod: LoadedProgram,
+    to_pod: LoadedProgram,
+    maps: LbMaps,
+    pins_dir: skiff_datapath::PinDir,
+}
+
+impl Node {
+    fn new() -> Node {
+        let pins = TestPins::new();
+        let from_pod =
+            LoadedProgram::load(ProgramKind::FromPod, pins.dir()).expect("load from-pod");
+        let to_pod = LoadedProgram::load(ProgramKind::ToPod, pins.dir()).expect("load to-pod");
+        let maps = LbMaps::open(pins.dir()).expect("open service maps");
+        let pins_dir = pins.dir().clone();
+        Node {
+            _pins: pins,
+            from_pod,
+            to_pod,
+            maps,
+            pins_dir,
+        }
+    }
+
+    /// Programs frontend `vip:port/proto` (service id `id`) with `backends` (address, port,
+    /// terminating), ready ones first.
+    fn service(
+        &mut self,
+        id: u32,
+        vip: [u8; 4],
+        port: u16,
+        proto: u8,
+        backends: &[([u8; 4], u16, bool)],
+        affinity_timeout: u32,
+    ) {
+        let key = |slot| {
+            ServiceKey::new(
+                u32::from_ne_bytes(vip),
+                port.to_be(),
+                proto,
+                SCOPE_EXTERNAL,
+                slot,
+            )
+        };
+        let ready = backends.iter().filter(|b| !b.2).count() as u16;
+        for (i, (addr, bport, terminating)) in backends.iter().enumerate() {
+            let be_id = id * 100 + i as u32 + 1;
+            self.maps
+                .set_backend(
+                    be_id,
+                    Backend {
+                        address: u32::from_ne_bytes(*addr),
+                        port: bport.to_be(),
+                        proto,
+                        flags: if *terminating { BE_TERMINATING } else { 0 },
+                    },
+                )
+                .expect("backend");
+            self.maps
+                .set_service(
+                    key(i as u16 + 1),
+                    ServiceValue {
+                        backend_id: be_id,
+                        ..ServiceValue::default()
+                    },
+                )
+                .expect("slot");
+        }
+        self.maps
+            .set_service(
+                key(0),
+                ServiceValue {
+                    service_id: id,
+                    affinity_timeout,
+                    count: ready,
+                    terminating: backends.len() as u16 - ready,
+                    ..ServiceValue::default()
+                },
+            )
+            .expect("frontend");
+    }
+
+    fn drops(&self, hook: Hook, reason: DropReason) -> u64 {
+        let rows = metrics::read(&self.pins_dir).expect("metrics");
+        metrics::packets(&rows, hook, Verdict::Dropped(reason))
+    }
+}
+
+fn syn(sport: u16, dst: [u8; 4], dport: u16) -> Vec<u8> {
+    packets::tcp(CLIENT, dst, sport, dport, SYN, 1000, 0, b"")
+}
+
+#[test]
+fn new_connection_is_dnated_to_a_backend_with_valid_checksums() {
+    if !privileged("new_connection_is_dnated_to_a_backend_with_valid_checksums") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(
+        1,
+        VIP,
+        80,
+        TCP,
+        &[(BACKENDS[0], 8080, false), (BACKENDS[1], 8080, false)],
+        0,
+    );
+
+    let out = node.from_pod.test_run(&syn(40000, VIP, 80)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let d = decode(&out.packet);
+    assert!(
+        BACKENDS.contains(&d.dst),
+        "sent to a backend, got {:?}",
+        d.dst
+    );
+    assert_eq!((d.src, d.sport, d.dport), (CLIENT, 40000, 8080));
+    assert!(d.ip_checksum_ok, "IPv4 checksum after DNAT");
+    assert!(d.l4_checksum_ok, "TCP checksum after DNAT");
+
+    // Both directions are tracked.
+    let ct = ct_entries(&node.pins_dir).expect("ct");
+    assert_eq!(ct.len(), 2, "{ct:?}");
+    let reply = ct
+        .iter()
+        .find(|(_, e)| e.flags & CT_REPLY != 0)
+        .expect("reply entry");
+    assert_eq!(reply.0.saddr, u32::from_ne_bytes(d.dst));
+    assert_eq!(reply.1.from_addr, u32::from_ne_bytes(VIP));
+
+    // UDP, with a payload and a real checksum.
+    node.service(2, VIP, 53, UDP, &[(BACKENDS[1], 5353, false)], 0);
+    let q = packets::udp(CLIENT, VIP, 41000, 53, b"a query");
+    let out = node.from_pod.test_run(&q).expect("run");
+    let d = decode(&out.packet);
+    assert_eq!((d.dst, d.dport), (BACKENDS[1], 5353));
+    assert!(
+        d.ip_checksum_ok && d.l4_checksum_ok,
+        "UDP checksums after DNAT"
+    );
+    assert_eq!(d.payload, b"a query");
+    assert!(node.maps.stats(1).expect("stats").packets >= 1);
+}
+
+#[test]
+fn replies_get_the_frontend_back_as_source() {
+    if !privileged("replies_get_the_frontend_back_as_source") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(1, VIP, 80, TCP, &[(BACKENDS[1], 8080, false)], 0);
+    node.from_pod.test_run(&syn(40001, VIP, 80)).expect("run");
+
+    // A reply from a backend on another node meets to-pod on the client's veth.
+    let synack = packets::tcp(
+        BACKENDS[1],
+        CLIENT,
+        8080,
+        40001,
+        packets::Flags {
+            syn: true,
+            ack: true,
+            ..Default::default()
+        },
+        5000,
+        1001,
+        b"",
+    );
+    let out = node.to_pod.test_run(&synack).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.sport, d.dst, d.dport), (VIP, 80, CLIENT, 40001));
+    assert!(
+        d.ip_checksum_ok && d.l4_checksum_ok,
+        "checksums after reverse NAT"
+    );
+
+    // A reply from a local backend meets from-pod on the backend's veth first: same result.
+    let out = node.from_pod.test_run(&synack).expect("run");
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.sport), (VIP, 80));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+    // Traffic that is no reply passes untouched.
+    let other = packets::tcp(BACKENDS[0], CLIENT, 8080, 40001, ACK, 1, 1, b"x");
+    let out = node.to_pod.test_run(&other).expect("run");
+    assert_eq!(out.packet, other);
+}
+
+#[test]
+fn established_flows_keep_their_backend_and_new_ones_spread() {
+    if !privileged("established_flows_keep_their_backend_and_new_ones_spread") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(
+        1,
+        VIP,
+        80,
+        TCP,
+        &[(BACKENDS[0], 8080, false), (BACKENDS[1], 8080, false)],
+        0,
+    );
+    let first = decode(
+        &node
+            .from_pod
+            .test_run(&syn(40002, VIP, 80))
+            .expect("run")
+            .packet,
+    )
+    .dst;
+    let data = packets::tcp(
+        CLIENT,
+        VIP,
+        40002,
+        80,
+        ACK,
+        1001,
+        1,
+        b"GET / HTTP/1.0\r\n\r\n",
+    );
+    for _ in 0..20 {
+        let d = decode(&node.from_pod.test_run(&data).expect("run").packet);
+        assert_eq!(d.dst, first, "an established flow stays on its backend");
+        assert!(d.l4_checksum_ok, "checksum with payload");
+    }
+    let mut seen = BTreeSet::new();
+    for sport in 41000..41040 {
+        seen.insert(
+            decode(
+                &node
+                    .from_pod
+                    .test_run(&syn(sport, VIP, 80))
+                    .expect("run")
+                    .packet,
+            )
+            .dst,
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        2,
+        "40 new connections use both backends: {seen:?}"
+    );
+
+    // After FIN the entry closes; a new SYN on the same tuple is a new connection.
+    let fin = packets::tcp(CLIENT, VIP, 40002, 80, FIN_ACK, 1020, 1, b"");
+    node.from_pod.test_run(&fin).expect("run");
+    let ct = ct_entries(&node.pins_dir).expect("ct");
+    let fwd = ct
+        .iter()
+        .find(|(k, _)| k.sport == 40002u16.to_be() && k.daddr == u32::from_ne_bytes(VIP))
+        .expect("forward entry");
+    assert_ne!(
+        fwd.1.flags & skiff_ebpf_common::ct::CT_CLOSING,
+        0,
+        "FIN marks the entry closing"
+    );
+}
+
+#[test]
+fn client_ip_affinity_sticks_to_one_backend() {
+    if !privileged("client_ip_affinity_sticks_to_one_backend") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(
+        3,
+        VIP,
+        80,
+        TCP,
+        &[(BACKENDS[0], 8080, false), (BACKENDS[1], 8080, false)],
+        10800,
+    );
+    let mut seen = BTreeSet::new();
+    for sport in 42000..42030 {
+        seen.insert(
+            decode(
+                &node
+                    .from_pod
+                    .test_run(&syn(sport, VIP, 80))
+                    .expect("run")
+                    .packet,
+            )
+            .dst,
+        );
+    }
+    assert_eq!(
+        seen.len(),
+        1,
+        "30 connections from one client, one backend: {seen:?}"
+    );
+    let aff = node.maps.affinity().expect("affinity");
+    assert_eq!(aff.len(), 1);
+    assert_eq!(aff[0].0.client, u32::from_ne_bytes(CLIENT));
+
+    // Without affinity the same client spreads.
+    node.service(
+        4,
+        VIP,
+        81,
+        TCP,
+        &[(BACKENDS[0], 8080, false), (BACKENDS[1], 8080, false)],
+        0,
+    );
+    let mut seen = BTreeSet::new();
+    for sport in 43000..43030 {
+        seen.insert(
+            decode(
+                &node
+                    .from_pod
+                    .test_run(&syn(sport, VIP, 81))
+                    .expect("run")
+                    .packet,
+            )
+            .dst,
+        );
+    }
+    assert_eq!(seen.len(), 2);
+}
+
+#[test]
+fn no_endpoint_rejects_tcp_with_rst_and_udp_with_icmp() {
+    if !privileged("no_endpoint_rejects_tcp_with_rst_and_udp_with_icmp") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(5, VIP, 80, TCP, &[], 0);
+    node.service(6, VIP, 53, UDP, &[], 0);
+
+    let out = node.from_pod.test_run(&syn(40003, VIP, 80)).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "sent back to the pod");
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.sport, d.dst, d.dport), (VIP, 80, CLIENT, 40003));
+    assert_eq!(d.tcp_flags, (false, true, false, true), "RST|ACK");
+    assert_eq!(d.ack, 1001, "acknowledges the SYN");
+    assert_eq!((d.src_mac, d.dst_mac), (packets::DST_MAC, packets::SRC_MAC));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "RST checksums");
+
+    let q = packets::udp(CLIENT, VIP, 41001, 53, b"query");
+    let out = node.from_pod.test_run(&q).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.dst, d.proto), (VIP, CLIENT, 1));
+    assert_eq!(
+        d.icmp,
+        Some(packets::Icmp {
+            icmp_type: 3,
+            code: 3,
+            quoted_src: CLIENT,
+            quoted_dst: VIP,
+            quoted_proto: UDP,
+            quoted_sport: 41001,
+            quoted_dport: 53,
+        }),
+        "port unreachable quoting the query"
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok, "ICMP checksums");
+
+    assert_eq!(node.drops(Hook::FromPod, DropReason::ServiceNoBackend), 2);
+    assert!(
+        ct_entries(&node.pins_dir).expect("ct").is_empty(),
+        "nothing tracked"
+    );
+}
+
+#[test]
+fn terminating_endpoints_are_a_fallback_only() {
+    if !privileged("terminating_endpoints_are_a_fallback_only") {
+        return;
+    }
+    let mut node = Node::new();
+    // One ready, one terminating: new connections go to the ready one.
+    node.service(
+        7,
+        VIP,
+        80,
+        TCP,
+        &[(BACKENDS[0], 8080, false), (BACKENDS[1], 8080, true)],
+        0,
+    );
+    for sport in 44000..44020 {
+        let d = decode(
+            &node
+                .from_pod
+                .test_run(&syn(sport, VIP, 80))
+                .expect("run")
+                .packet,
+        );
+        assert_eq!(d.dst, BACKENDS[0]);
+    }
+    // Only terminating left: they still serve rather than the service going dark.
+    node.maps
+        .remove_service(&ServiceKey::new(
+            u32::from_ne_bytes(VIP),
+            80u16.to_be(),
+            TCP,
+            SCOPE_EXTERNAL,
+            2,
+        ))
+        .expect("remove");
+    node.service(7, VIP, 80, TCP, &[(BACKENDS[1], 8080, true)], 0);
+    let d = decode(
+        &node
+            .from_pod
+            .test_run(&syn(44100, VIP, 80))
+            .expect("run")
+            .packet,
+    );
+    assert_eq!(d.dst, BACKENDS[1]);
+}
+
+#[test]
+fn a_pod_reaches_itself_through_its_service() {
+    if !privileged("a_pod_reaches_itself_through_its_service") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(8, VIP, 80, TCP, &[(CLIENT, 8080, false)], 0);
+    let out = node.from_pod.test_run(&syn(40004, VIP, 80)).expect("run");
+    assert_eq!(
+        out.verdict, TC_ACT_REDIRECT,
+        "hairpin goes straight back to the pod"
+    );
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.dst, d.dport), (HAIRPIN_ADDR, CLIENT, 8080));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+    // The pod answers the hairpin address; it sees the reply come from the service.
+    let synack = packets::tcp(
+        CLIENT,
+        HAIRPIN_ADDR,
+        8080,
+        40004,
+        packets::Flags {
+            syn: true,
+            ack: true,
+            ..Default::default()
+        },
+        7,
+        1001,
+        b"",
+    );
+    let out = node.from_pod.test_run(&synack).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT);
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.sport, d.dst, d.dport), (VIP, 80, CLIENT, 40004));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+}
+
+#[test]
+fn traffic_to_no_frontend_passes_untouched() {
+    if !privileged("traffic_to_no_frontend_passes_untouched") {
+        return;
+    }
+    let mut node = Node::new();
+    node.service(9, VIP, 80, TCP, &[(BACKENDS[0], 8080, false)], 0);
+    for frame in [
+        syn(40005, VIP, 81),
+        syn(40005, BACKENDS[1], 80),
+        packets::udp(CLIENT, VIP, 1, 80, b"udp is another frontend"),
+    ] {
+        let out = node.from_pod.test_run(&frame).expect("run");
+        assert_eq!((out.verdict, out.packet), (TC_ACT_OK, frame));
+    }
+    assert!(ct_entries(&node.pins_dir).expect("ct").is_empty());
+}
