@@ -6,16 +6,21 @@
 //! - [`pods`]: pods bound to this node, on containerd, with their network and status.
 //! - [`routes`]: routes to the other nodes' pod CIDRs (direct routing).
 //! - [`server`]: the agent's HTTPS endpoint (container logs for `kubectl logs`).
+//! - [`services`]: Service load balancing (the kube-proxy role) through the eBPF maps.
+//! - [`metrics`]: the Prometheus endpoint.
 
+pub mod datapath;
 pub mod env;
 pub mod exec;
 pub mod machine;
+pub mod metrics;
 pub mod pods;
 pub mod probes;
 pub mod qos;
 pub mod register;
 pub mod routes;
 pub mod server;
+pub mod services;
 pub mod simulate;
 pub mod volumes;
 

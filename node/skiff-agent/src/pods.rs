@@ -73,6 +73,16 @@ pub struct PodConfig {
     pub insecure_registries: Vec<String>,
     /// How often configMap, secret, downwardAPI and projected volumes are brought up to date.
     pub volume_sync: Duration,
+    /// The data path's programs for pod interfaces (none: pods get no service translation).
+    pub datapath: Option<Arc<dyn PodDatapath>>,
+}
+
+/// Attaches the data path to a pod's host-side interface, and detaches it.
+pub trait PodDatapath: Send + Sync + std::fmt::Debug {
+    /// Attaches the pod programs to `host_if` (idempotent; replaces older programs).
+    fn attach(&self, host_if: &str) -> Result<()>;
+    /// Forgets the attachment of `host_if` (its interface is gone or going).
+    fn detach(&self, host_if: &str);
 }
 
 /// Normalises an image reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
@@ -167,6 +177,9 @@ pub struct PodManager {
     /// Containers an earlier run of the agent left, by pod uid, as listed at start: what
     /// supervisors adopt (each takes its own out).
     leftovers: Mutex<HashMap<String, Vec<container::Listed>>>,
+    /// Set when the agent stops: containers are left running for the next run, and a
+    /// supervisor that loses containerd then does nothing to them.
+    shutting_down: std::sync::atomic::AtomicBool,
 }
 
 impl std::fmt::Debug for PodManager {
@@ -225,6 +238,7 @@ impl PodManager {
             }
         }
         Ok(Arc::new(PodManager {
+            shutting_down: std::sync::atomic::AtomicBool::new(false),
             leftovers: Mutex::new(leftovers),
             events,
             client,
@@ -239,6 +253,36 @@ impl PodManager {
             log_driver: std::env::current_exe()
                 .context("this executable's path (the containers' logging binary)")?,
         }))
+    }
+
+    /// The agent is stopping: from now on supervisors leave their containers alone (they keep
+    /// running under their shims and the next run adopts them). Call before containerd stops.
+    pub fn shutdown(&self) {
+        self.shutting_down
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    fn is_shutting_down(&self) -> bool {
+        self.shutting_down.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// The container's exit code. Losing containerd is not an exit: while the agent stops, the
+    /// supervisor parks (the container runs on); otherwise the wait is retried a few times
+    /// before the container counts as failed.
+    async fn wait_exit(&self, id: &str) -> u32 {
+        let mut tries = 0;
+        loop {
+            match container::wait(&self.ch, id).await {
+                Ok(code) => return code,
+                Err(_) if self.is_shutting_down() => std::future::pending::<()>().await,
+                Err(e) if tries < 5 => {
+                    tries += 1;
+                    tracing::warn!(container = %id, error = format!("{e:#}"), "waiting for a container failed; retrying");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(_) => return 255,
+            }
+        }
     }
 
     /// The containerd id of `container` in pod `namespace/name` while it runs.
@@ -493,6 +537,10 @@ impl PodManager {
                 .await
                 .with_context(|| format!("pod network of {}", pod.name_any()))?,
         };
+        if let Some(dp) = &self.cfg.datapath {
+            dp.attach(&net.host_if)
+                .with_context(|| format!("data path on the network of {}", pod.name_any()))?;
+        }
         {
             let mut pods = self.pods.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(s) = pods.get_mut(&uid) {
@@ -800,7 +848,7 @@ impl PodManager {
                         let _ = container::kill(&self.ch, &id, 9).await;
                     }
                     let prober = self.spawn_prober(uid, &pod, &c, &id);
-                    let code = container::wait(&self.ch, &id).await.unwrap_or(255);
+                    let code = self.wait_exit(&id).await;
                     if let Some(p) = prober {
                         p.abort();
                     }
@@ -1050,6 +1098,10 @@ impl PodManager {
 
     /// Removes a stopped container (task, record, snapshot).
     async fn remove_container(&self, id: &str) {
+        if self.is_shutting_down() {
+            // The next run adopts or collects it.
+            return;
+        }
         if let Err(e) = container::remove(&self.ch, id).await {
             tracing::warn!(container = %id, error = format!("{e:#}"), "removing a container failed");
         }
@@ -1058,6 +1110,9 @@ impl PodManager {
     /// Releases what pod `uid` holds besides its containers: volumes, network, address.
     async fn release(&self, uid: &str) {
         volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
+        if let Some(dp) = &self.cfg.datapath {
+            dp.detach(&podnet::host_if(uid));
+        }
         if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
             tracing::warn!(uid, error = %e, "pod network teardown failed");
         }
@@ -1264,9 +1319,10 @@ impl PodManager {
     /// go.
     async fn kill_container(&self, id: &str, grace: Duration) {
         let _ = container::kill(&self.ch, id, 15).await;
-        if tokio::time::timeout(grace, container::wait(&self.ch, id))
+        if tokio::time::timeout(grace, self.wait_exit(id))
             .await
             .is_err()
+            && !self.is_shutting_down()
         {
             let _ = container::kill(&self.ch, id, 9).await;
             let _ =

@@ -11,6 +11,52 @@ use skiff_ebpf_common::{
 
 use crate::{DatapathError, PinDir};
 
+/// The writes the agent makes to a node's service maps: the seam between its sync logic and the
+/// kernel (unit tests record the calls instead).
+pub trait LbTable {
+    /// Writes a frontend or backend-slot entry.
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError>;
+    /// Deletes a frontend or backend-slot entry (absent is fine).
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError>;
+    /// Writes a backend.
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError>;
+    /// Deletes a backend (absent is fine).
+    fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError>;
+    /// Deletes the affinity entries of `service_id` whose backend is not kept.
+    fn prune_affinity(
+        &mut self,
+        service_id: u32,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<(), DatapathError>;
+    /// Zeroes the counters of `service_id`.
+    fn reset_stats(&mut self, service_id: u32) -> Result<(), DatapathError>;
+}
+
+impl LbTable for LbMaps {
+    fn set_service(&mut self, key: ServiceKey, value: ServiceValue) -> Result<(), DatapathError> {
+        LbMaps::set_service(self, key, value)
+    }
+    fn remove_service(&mut self, key: &ServiceKey) -> Result<(), DatapathError> {
+        LbMaps::remove_service(self, key)
+    }
+    fn set_backend(&mut self, id: u32, backend: Backend) -> Result<(), DatapathError> {
+        LbMaps::set_backend(self, id, backend)
+    }
+    fn remove_backend(&mut self, id: u32) -> Result<(), DatapathError> {
+        LbMaps::remove_backend(self, id)
+    }
+    fn prune_affinity(
+        &mut self,
+        service_id: u32,
+        keep: &dyn Fn(u32) -> bool,
+    ) -> Result<(), DatapathError> {
+        LbMaps::prune_affinity(self, service_id, keep)
+    }
+    fn reset_stats(&mut self, service_id: u32) -> Result<(), DatapathError> {
+        LbMaps::reset_stats(self, service_id)
+    }
+}
+
 /// The service maps of one node, opened from their pins (the programs create them at load).
 pub struct LbMaps {
     services: HashMap<MapData, ServiceKey, ServiceValue>,

@@ -180,7 +180,7 @@ fn tc_side(kind: ProgramKind) -> TcAttachType {
 
 impl LoadedProgram {
     /// Attaches this TC program to `iface` through a TCX link pinned at
-    /// `<pins>/links/<iface>.<object>`, so the attachment outlives the agent: a restarted agent
+    /// `<pins>/links/<iface>-<object>` (bpffs names cannot hold dots), so the attachment outlives the agent: a restarted agent
     /// swaps its freshly loaded program into the pinned link atomically (no packet sees the
     /// interface without a program), and a link left by a deleted interface is replaced.
     pub fn attach_pinned(&mut self, iface: &str, pins: &PinDir) -> Result<(), DatapathError> {
@@ -221,7 +221,7 @@ impl LoadedProgram {
         let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
             op: "take the TCX link of",
             path: path.clone(),
-            detail: e.to_string(),
+            detail: chain(&e),
         })?;
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).map_err(|source| DatapathError::Bpffs {
@@ -233,7 +233,7 @@ impl LoadedProgram {
         fd.pin(&path).map_err(|e| DatapathError::Link {
             op: "pin",
             path: path.clone(),
-            detail: e.to_string(),
+            detail: chain(&e),
         })?;
         tracing::debug!(
             program = kind.program_name(),
@@ -242,6 +242,18 @@ impl LoadedProgram {
         );
         Ok(())
     }
+}
+
+/// An error with its sources, `outer: inner: …`.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        cur = s.source();
+    }
+    out
 }
 
 /// Removes the pinned link of `kind` on `iface` (detaching the program if the interface still
@@ -262,12 +274,12 @@ pub fn unpin_link(pins: &PinDir, iface: &str, kind: ProgramKind) -> Result<(), D
 fn link_pin_path(pins: &PinDir, iface: &str, kind: ProgramKind) -> PathBuf {
     pins.path()
         .join("links")
-        .join(format!("{iface}.{}", kind.object_name()))
+        .join(format!("{iface}-{}", kind.object_name()))
 }
 
 /// The interfaces that have a pinned link of `kind` (for cleaning up after deleted pods).
 pub fn pinned_link_ifaces(pins: &PinDir, kind: ProgramKind) -> Vec<String> {
-    let suffix = format!(".{}", kind.object_name());
+    let suffix = format!("-{}", kind.object_name());
     let dir: &Path = &pins.path().join("links");
     std::fs::read_dir(dir)
         .into_iter()

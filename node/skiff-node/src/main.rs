@@ -17,6 +17,8 @@ use skiff_datapath::{
 };
 use skiff_ebpf_common::DropReason;
 
+mod inspect;
+
 #[derive(Debug, Parser)]
 #[command(name = "skiff-node", version, about, long_about = None)]
 struct Cli {
@@ -89,6 +91,10 @@ struct Cli {
     #[arg(long, default_value = "1m", value_parser = parse_duration)]
     volume_sync_period: std::time::Duration,
 
+    /// Where the Prometheus endpoint (`/metrics`, plain HTTP) listens; `off` disables it.
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: String,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -137,9 +143,27 @@ enum BpfCommand {
     Metrics,
     /// The stable drop reasons: code, name, meaning.
     DropReasons,
+    /// Service load balancing maps (like `cilium bpf lb list`).
+    #[command(subcommand)]
+    Lb(LbCommand),
+    /// Connection tracking of translated flows (like `cilium bpf ct list global`).
+    #[command(subcommand)]
+    Ct(CtCommand),
     /// Remove this node's pinned maps (run only when the agent is stopped: counters and
     /// connection state are lost).
     Unpin,
+}
+
+#[derive(Debug, Subcommand)]
+enum LbCommand {
+    /// Every frontend with its backend slots, decoded.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum CtCommand {
+    /// Every live connection-tracking entry, decoded.
+    List,
 }
 
 fn main() -> Result<()> {
@@ -158,6 +182,8 @@ fn main() -> Result<()> {
     match cli.command {
         None => run_agent(&cli, &node),
         Some(Command::Bpf(BpfCommand::Metrics)) => print_metrics(&cli.bpffs, &node),
+        Some(Command::Bpf(BpfCommand::Lb(LbCommand::List))) => inspect::lb_list(&cli.bpffs, &node),
+        Some(Command::Bpf(BpfCommand::Ct(CtCommand::List))) => inspect::ct_list(&cli.bpffs, &node),
         Some(Command::Bpf(BpfCommand::DropReasons)) => {
             println!("{:<6} {:<20} DESCRIPTION", "CODE", "NAME");
             for r in DropReason::ALL {
@@ -269,6 +295,21 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     for kind in ProgramKind::ALL {
         programs.push(LoadedProgram::load(kind, &pins)?);
     }
+    let (pod_programs, mut programs): (Vec<_>, Vec<_>) = programs
+        .into_iter()
+        .partition(|p| matches!(p.kind(), ProgramKind::FromPod | ProgramKind::ToPod));
+    let pod_programs = std::sync::Arc::new(skiff_agent::datapath::PodPrograms::new(
+        pins.clone(),
+        pod_programs,
+    ));
+    let lb_metrics = std::sync::Arc::new(skiff_agent::metrics::LbMetrics::default());
+    let metrics_addr: Option<std::net::SocketAddr> = match cli.metrics_addr.as_str() {
+        "off" => None,
+        a => Some(
+            a.parse()
+                .with_context(|| format!("--metrics-addr {a:?} is not host:port or off"))?,
+        ),
+    };
     for iface in uplinks {
         programs
             .iter_mut()
@@ -288,7 +329,16 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async {
+        if let Some(addr) = metrics_addr {
+            let registry = skiff_agent::metrics::registry(Some(pins.clone()), lb_metrics.clone());
+            tokio::spawn(async move {
+                if let Err(e) = skiff_agent::metrics::serve(addr, registry).await {
+                    tracing::error!(error = format!("{e:#}"), "metrics endpoint stopped");
+                }
+            });
+        }
         let mut supervised = None;
+        let mut pods_for_shutdown = None;
         let heartbeat = match join {
             Some((kubeconfig, mut cfg)) => {
                 let socket = match &cli.containerd {
@@ -353,17 +403,34 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         run_dir: cli.run_dir.clone(),
                         insecure_registries: cli.insecure_registries.clone(),
                         volume_sync: cli.volume_sync_period,
+                        datapath: Some(pod_programs.clone()),
                     },
                     ch,
                     images,
                 )
                 .await?;
                 let _ = served.pods.set(pods.clone());
+                pods_for_shutdown = Some(pods.clone());
                 let pods_task = tokio::spawn(async move {
                     if let Err(e) = pods.run().await {
                         tracing::error!(error = format!("{e:#}"), "pod manager stopped");
                     }
                 });
+                {
+                    let view = skiff_agent::services::desired::NodeView {
+                        name: cfg.name.clone(),
+                        addresses: vec![cfg.internal_ip],
+                    };
+                    let (client, pins, metrics) =
+                        (client.clone(), pins.clone(), lb_metrics.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            skiff_agent::services::run(client, view, pins, metrics).await
+                        {
+                            tracing::error!(error = format!("{e:#}"), "service sync stopped");
+                        }
+                    });
+                }
                 {
                     let (client, me) = (client.clone(), cfg.name.clone());
                     tokio::spawn(async move {
@@ -387,6 +454,9 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
             _ = tokio::signal::ctrl_c() => {}
             _ = term.recv() => {}
         }
+        if let Some(p) = &pods_for_shutdown {
+            p.shutdown();
+        }
         if let Some(h) = heartbeat {
             h.abort();
         }
@@ -394,8 +464,9 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         drop(supervised);
         anyhow::Ok(())
     })?;
-    tracing::info!("stopping: programs detach, pinned maps stay");
+    tracing::info!("stopping: the uplink program detaches; pinned maps and pod links stay");
     drop(programs);
+    drop(pod_programs);
     Ok(())
 }
 
