@@ -8,7 +8,7 @@
 
 use std::{env, fs, path::PathBuf};
 
-const OBJECTS: &[&str] = &["from-pod", "to-pod", "xdp-uplink"];
+const OBJECTS: &[&str] = &["from-pod", "to-pod", "from-netdev", "xdp-uplink"];
 
 fn main() {
     println!("cargo::rerun-if-env-changed=SKIFF_EBPF_DIR");

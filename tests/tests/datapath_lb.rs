@@ -12,7 +12,10 @@ use skiff_datapath::{
 use skiff_ebpf_common::{
     DropReason, Hook,
     ct::CT_REPLY,
-    lb::{BE_TERMINATING, Backend, HAIRPIN_ADDR, SCOPE_EXTERNAL, ServiceKey, ServiceValue},
+    lb::{
+        BE_LOCAL, BE_TERMINATING, Backend, HAIRPIN_ADDR, LbConfig, SCOPE_EXTERNAL, SVC_NODEPORT,
+        ServiceKey, ServiceValue,
+    },
 };
 use skiff_tests::{
     TestPins,
@@ -111,6 +114,10 @@ impl Node {
                 },
             )
             .expect("frontend");
+    }
+
+    fn pins_dir(&self) -> &skiff_datapath::PinDir {
+        &self.pins_dir
     }
 
     fn drops(&self, hook: Hook, reason: DropReason) -> u64 {
@@ -496,4 +503,110 @@ fn traffic_to_no_frontend_passes_untouched() {
         assert_eq!((out.verdict, out.packet), (TC_ACT_OK, frame));
     }
     assert!(ct_entries(&node.pins_dir).expect("ct").is_empty());
+}
+
+/// NodePort from outside the cluster, on the uplink (`from-netdev`): a backend on this node is
+/// only destination-translated; one on another node is also source-translated to the node's
+/// address, and its reply, arriving on the uplink, is turned back into frontend → client.
+#[test]
+fn node_port_from_outside_translates_both_ways() {
+    if !privileged("node_port_from_outside_translates_both_ways") {
+        return;
+    }
+    const NODE: [u8; 4] = [192, 168, 77, 1];
+    const OUTSIDE: [u8; 4] = [203, 0, 113, 9];
+    let mut node = Node::new();
+    let netdev =
+        LoadedProgram::load(ProgramKind::FromNetdev, node.pins_dir()).expect("load from-netdev");
+    node.maps
+        .set_config(LbConfig {
+            node_addr: u32::from_ne_bytes(NODE),
+            pad: 0,
+        })
+        .expect("config");
+    let np = |id, backend: [u8; 4], local: bool, node: &mut Node| {
+        let key = |slot| {
+            ServiceKey::new(
+                u32::from_ne_bytes(NODE),
+                30080u16.to_be(),
+                TCP,
+                SCOPE_EXTERNAL,
+                slot,
+            )
+        };
+        node.maps
+            .set_backend(
+                id,
+                Backend {
+                    address: u32::from_ne_bytes(backend),
+                    port: 8080u16.to_be(),
+                    proto: TCP,
+                    flags: if local { BE_LOCAL } else { 0 },
+                },
+            )
+            .expect("backend");
+        node.maps
+            .set_service(
+                key(1),
+                ServiceValue {
+                    backend_id: id,
+                    ..ServiceValue::default()
+                },
+            )
+            .expect("slot");
+        node.maps
+            .set_service(
+                key(0),
+                ServiceValue {
+                    service_id: 9,
+                    count: 1,
+                    flags: SVC_NODEPORT,
+                    ..ServiceValue::default()
+                },
+            )
+            .expect("frontend");
+    };
+
+    // A local backend: only the destination changes.
+    np(901, BACKENDS[0], true, &mut node);
+    let syn = packets::tcp(OUTSIDE, NODE, 40000, 30080, SYN, 1, 0, b"");
+    let out = netdev.test_run(&syn).expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK);
+    let d = decode(&out.packet);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (OUTSIDE, 40000, BACKENDS[0], 8080)
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    // Its reply leaves the backend pod: from-pod restores the NodePort as the source.
+    let reply = packets::tcp(BACKENDS[0], OUTSIDE, 8080, 40000, ACK, 1, 2, b"hi");
+    let d = decode(&node.from_pod.test_run(&reply).expect("run").packet);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (NODE, 30080, OUTSIDE, 40000)
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+    // A backend on another node: source-translated to the node, reply translated back.
+    np(902, BACKENDS[1], false, &mut node);
+    let syn = packets::tcp(OUTSIDE, NODE, 40001, 30080, SYN, 1, 0, b"");
+    let d = decode(&netdev.test_run(&syn).expect("run").packet);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (NODE, 40001, BACKENDS[1], 8080)
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    let reply = packets::tcp(BACKENDS[1], NODE, 8080, 40001, ACK, 1, 2, b"hi");
+    let d = decode(&netdev.test_run(&reply).expect("run").packet);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (NODE, 30080, OUTSIDE, 40001)
+    );
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+    // ClusterIPs are not served to the outside.
+    node.service(1, VIP, 80, TCP, &[(BACKENDS[0], 8080, false)], 0);
+    let to_vip = packets::tcp(OUTSIDE, VIP, 40002, 80, SYN, 1, 0, b"");
+    let out = netdev.test_run(&to_vip).expect("run");
+    assert_eq!((out.verdict, out.packet), (TC_ACT_OK, to_vip));
 }

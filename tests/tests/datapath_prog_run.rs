@@ -23,7 +23,9 @@ const B: [u8; 4] = [10, 244, 2, 20];
 fn verdicts(kind: ProgramKind) -> (u32, u32) {
     match kind {
         ProgramKind::XdpUplink => (XDP_PASS, XDP_DROP),
-        ProgramKind::FromPod | ProgramKind::ToPod => (TC_ACT_OK, TC_ACT_SHOT),
+        ProgramKind::FromPod | ProgramKind::ToPod | ProgramKind::FromNetdev => {
+            (TC_ACT_OK, TC_ACT_SHOT)
+        }
     }
 }
 
@@ -32,6 +34,7 @@ fn hook(kind: ProgramKind) -> Hook {
         ProgramKind::XdpUplink => Hook::XdpUplink,
         ProgramKind::FromPod => Hook::FromPod,
         ProgramKind::ToPod => Hook::ToPod,
+        ProgramKind::FromNetdev => Hook::FromNetdev,
     }
 }
 
@@ -170,6 +173,14 @@ fn tc_to_pod_verdicts_and_drop_reasons() {
         return;
     }
     check_program(ProgramKind::ToPod);
+}
+
+#[test]
+fn tc_from_netdev_verdicts_and_drop_reasons() {
+    if !privileged("tc_from_netdev_verdicts_and_drop_reasons") {
+        return;
+    }
+    check_program(ProgramKind::FromNetdev);
 }
 
 #[test]

@@ -125,6 +125,16 @@ impl Conn {
     }
 }
 
+/// One HTTP/1.0 GET to `addr` from the test's own namespace; the body's last line.
+fn http_get(addr: SocketAddrV4) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut s, &mut body).ok()?;
+    body.lines().last().map(str::to_string)
+}
+
 /// The pod names that answered `n` HTTP requests to `addr` (`ip port`) from the client pod.
 /// (`nc`, not the image's static `wget`, which needs NSS to look up the `http` port.)
 fn hostnames(cp: &ControlPlane, addr: &str, n: usize) -> Vec<String> {
@@ -337,6 +347,45 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             std::thread::sleep(Duration::from_millis(10));
         }
 
+        // NodePort from outside the cluster (the test's own namespace, on the LAN): through
+        // node 1's address to backends on both nodes (those on node 2 source-translated).
+        cp.ok(&[
+            "patch",
+            "service",
+            "web",
+            "-p",
+            r#"{"spec":{"type":"NodePort","ports":[{"name":"http","port":80,"targetPort":"http","nodePort":30080},{"name":"echo","port":9000,"targetPort":"echo","nodePort":30090}]}}"#,
+        ]);
+        let node_port = SocketAddrV4::new(n1.node_ip, 30080);
+        let mut from_outside = BTreeSet::new();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while from_outside.len() < 4 && Instant::now() < deadline {
+            if let Some(name) = http_get(node_port) {
+                from_outside.insert(name);
+            } else {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        let on_node2: BTreeSet<String> = get(
+            &cp,
+            &[
+                "pods",
+                "-l",
+                "app=web",
+                "--field-selector",
+                &format!("spec.nodeName={name2}"),
+            ],
+            "{.items[*].metadata.name}",
+        )
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+        assert!(
+            from_outside.iter().any(|n| on_node2.contains(n))
+                && from_outside.iter().any(|n| !on_node2.contains(n)),
+            "NodePort on node 1 reaches backends on both nodes: {from_outside:?} (node 2: {on_node2:?})"
+        );
+
         // ClientIP affinity: one backend for every request of the client.
         cp.ok(&[
             "patch",
@@ -363,6 +412,10 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             "affinity holds: {answers:?}"
         );
 
+        // A long-lived connection to a backend that stays (the drained one may be gone by now).
+        drop(long);
+        let mut long = Conn::open(&client_ns, SocketAddrV4::new(vip, 9000));
+        assert_eq!(long.echo("before").expect("echo"), "before");
         // An agent restart leaves the connection alone: programs stay attached through their
         // pinned links, connection tracking lives in pinned maps.
         a1.stop();

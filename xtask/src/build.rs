@@ -10,7 +10,7 @@ use crate::{
 };
 
 /// The program binaries of `ebpf/skiff-ebpf`, one per attach point.
-const EBPF_BINS: &[&str] = &["from-pod", "to-pod", "xdp-uplink"];
+const EBPF_BINS: &[&str] = &["from-pod", "to-pod", "from-netdev", "xdp-uplink"];
 
 /// ELF machine number of eBPF objects.
 const EM_BPF: u16 = 247;
@@ -174,6 +174,9 @@ pub enum BenchName {
     /// The scheduler: 5000 nodes / 10,000 pods in process (vs upstream's scheduler_perf floor),
     /// and Deployments onto 1000 simulated nodes through the API.
     Scheduler,
+    /// Service routing (needs root): skiff's eBPF path against kube-proxy's iptables rules at
+    /// 1, 1k and 10k Services, programming time, iperf3, BPF_PROG_RUN per-packet cost.
+    Datapath,
 }
 
 /// Builds `skiff-node` and has it write the busybox test image to `out`.
@@ -201,6 +204,8 @@ pub fn test_image(out: &Path) -> Result<()> {
 /// Builds release binaries and runs the benchmark; its last line is the summary ratio.
 pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
     setup::all()?;
+    // The agent and the datapath benchmark embed the eBPF objects.
+    ebpf(false)?;
     let root = root();
     step("build release binaries");
     run(cargo_with(None).current_dir(&root).args([
@@ -236,6 +241,16 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
             "target/bench-data-scheduler",
             "scheduler benchmark: in process (vs upstream's scheduler_perf) and through the API",
         ),
+        BenchName::Datapath => {
+            step("datapath benchmark: eBPF service routing vs kube-proxy's iptables rules");
+            return run(Command::new(bin.join("skiff-bench")).args([
+                "datapath",
+                "--seconds",
+                &seconds.to_string(),
+                "--chart",
+                &root.join("target/bench-datapath.png").display().to_string(),
+            ]));
+        }
     };
     let data = root.join(data);
     step(what);

@@ -25,6 +25,10 @@ pub const CT_CLOSING: u16 = 1 << 1;
 /// [`crate::lb::HAIRPIN_ADDR`]); its packets are sent straight back out of the interface they
 /// came in on.
 pub const CT_HAIRPIN: u16 = 1 << 2;
+/// Entry flag: after translation the packet carries one of the node's own addresses as its
+/// source (NodePort), which the kernel's input path would drop as martian; it is routed by the
+/// program instead (FIB lookup, redirect to the egress interface).
+pub const CT_ROUTE: u16 = 1 << 3;
 
 /// Lifetime of a TCP entry while the connection is open (Cilium's default, 6 h).
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;

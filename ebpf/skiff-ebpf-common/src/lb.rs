@@ -12,6 +12,7 @@
 //! - `skiff_lb_aff` ([`AffinityKey`] → [`AffinityValue`], LRU): `sessionAffinity: ClientIP`.
 //! - `skiff_lb_stats` (service id → [`crate::MetricsValue`], per-CPU array): packets and bytes
 //!   forwarded per frontend.
+//! - `skiff_lb_cfg` (index 0 → [`LbConfig`]): the node's address.
 //!
 //! Addresses and ports are in network byte order (as in packets); counts, slots and ids in host
 //! order.
@@ -46,6 +47,25 @@ pub const SVC_TWO_SCOPES: u16 = 1 << 3;
 
 /// Backend flag: the endpoint is terminating (serving, not ready).
 pub const BE_TERMINATING: u8 = 1 << 0;
+/// Backend flag: the endpoint runs on this node (NodePort traffic to it needs no source NAT).
+pub const BE_LOCAL: u8 = 1 << 1;
+
+/// Source ports tried for NodePort source NAT when the client's own port is taken.
+pub const NAT_PORT_MIN: u16 = 32768;
+/// Upper end (inclusive) of [`NAT_PORT_MIN`]'s range.
+pub const NAT_PORT_MAX: u16 = 60999;
+
+/// Value of `skiff_lb_cfg` (an array of one): node facts the programs need.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct LbConfig {
+    /// The node's address (network order): the source of NodePort traffic forwarded to
+    /// backends on other nodes.
+    pub node_addr: u32,
+    /// Always zero.
+    pub pad: u32,
+}
+assert_size!(LbConfig, 8);
 
 /// The address pods see as the source of their own connections through a Service (hairpin):
 /// a pod cannot receive a packet from its own address, so such flows are source-NATed to this
@@ -162,4 +182,6 @@ mod user {
     unsafe impl aya::Pod for super::AffinityKey {}
     // SAFETY: see above.
     unsafe impl aya::Pod for super::AffinityValue {}
+    // SAFETY: see above.
+    unsafe impl aya::Pod for super::LbConfig {}
 }

@@ -36,9 +36,19 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "skiff_lb_stats";
     /// Connection tracking of translated flows; see [`crate::ct`].
     pub const CT: &str = "skiff_ct";
+    /// Node facts for the programs; see [`crate::lb::LbConfig`].
+    pub const LB_CONFIG: &str = "skiff_lb_cfg";
 
     /// Every map a node pins, for inspection and cleanup.
-    pub const ALL: &[&str] = &[METRICS, SERVICES, BACKENDS, AFFINITY, SERVICE_STATS, CT];
+    pub const ALL: &[&str] = &[
+        METRICS,
+        SERVICES,
+        BACKENDS,
+        AFFINITY,
+        SERVICE_STATS,
+        CT,
+        LB_CONFIG,
+    ];
 }
 
 /// Asserts at compile time that a map type has the size the kernel side expects.

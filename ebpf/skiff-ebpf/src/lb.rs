@@ -3,7 +3,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, HashMap, LruHashMap, PerCpuArray},
     helpers::bpf_get_prandom_u32,
     macros::btf_map,
 };
@@ -11,7 +11,7 @@ use skiff_ebpf_common::{
     DropReason, MetricsValue,
     lb::{
         AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BE_TERMINATING,
-        Backend, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_IDS, SERVICES_MAX_ENTRIES, SVC_TWO_SCOPES,
+        Backend, LbConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_IDS, SERVICES_MAX_ENTRIES, SVC_TWO_SCOPES,
         ServiceKey, ServiceValue,
     },
 };
@@ -42,6 +42,16 @@ pub static AFFINITY: LruHashMap<AffinityKey, AffinityValue, { AFFINITY_MAX_ENTRI
 /// Packets and bytes per frontend id.
 #[btf_map(name = "skiff_lb_stats")]
 pub static STATS: PerCpuArray<MetricsValue, { SERVICE_IDS as usize }> = PerCpuArray::new();
+
+/// Node facts written by the agent.
+#[btf_map(name = "skiff_lb_cfg")]
+pub static CONFIG: Array<LbConfig, 1> = Array::new();
+
+/// The node's address (0 until the agent has written it).
+#[inline(always)]
+pub fn node_addr() -> u32 {
+    CONFIG.get(0).map_or(0, |c| c.node_addr)
+}
 
 /// A frontend found for a packet.
 #[derive(Clone, Copy)]

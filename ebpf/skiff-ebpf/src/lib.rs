@@ -7,6 +7,7 @@
 #![no_std]
 
 pub mod ct;
+pub mod fib;
 pub mod lb;
 pub mod metrics;
 pub mod nat;

@@ -11,12 +11,14 @@
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use skiff_ebpf_common::{
     DropReason,
-    ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CtEntry, CtKey},
-    lb::HAIRPIN_ADDR,
+    ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CT_ROUTE, CtEntry, CtKey},
+    lb::{
+        BE_LOCAL, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP, SVC_NODEPORT,
+    },
 };
 
 use crate::{
-    ct, lb,
+    ct, fib, lb,
     nat::{self, End},
     packet::{IPPROTO_TCP, Ipv4Info, TCP_ACK, TCP_SYN},
     reject,
@@ -67,6 +69,17 @@ fn apply(ctx: &TcContext, info: &Ipv4Info, e: &CtEntry) -> Result<Verdict, ()> {
     }
     if e.flags & CT_HAIRPIN != 0 {
         return Ok(Verdict::Redirected(redirect_back(ctx)?));
+    }
+    if e.flags & CT_ROUTE != 0 {
+        let (src, dst) = if e.flags & CT_REPLY != 0 {
+            (e.from_addr, if e.to_addr != 0 { e.to_addr } else { info.daddr })
+        } else {
+            (if e.from_addr != 0 { e.from_addr } else { info.saddr }, e.to_addr)
+        };
+        let tot_len: u16 = u16::from_be(ctx.load(14 + 2).map_err(|_| ())?);
+        if let Some(r) = fib::redirect_routed(ctx, src, dst, tot_len) {
+            return Ok(Verdict::Redirected(r));
+        }
     }
     Ok(Verdict::Pass)
 }
@@ -119,6 +132,12 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     };
     let expires = now + ct::lifetime(info.proto);
     let flags = if hairpin { CT_HAIRPIN } else { 0 };
+    // Replies from a NodePort carry the node's own address as source.
+    let reply_route = if fe.svc.flags & SVC_NODEPORT != 0 {
+        CT_ROUTE
+    } else {
+        0
+    };
     let fwd = CtEntry {
         expires,
         to_addr: be.address,
@@ -139,7 +158,7 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
         to_port: if hairpin { info.sport } else { 0 },
         service_id: fe.svc.service_id,
         backend_id,
-        flags: flags | CT_REPLY,
+        flags: flags | CT_REPLY | reply_route,
         pad: 0,
     };
     if ct::create(&key, &fwd, &rev_key, &rev).is_err() {
@@ -147,6 +166,113 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     }
     lb::count(fe.svc.service_id, ctx.len());
     apply(ctx, info, &fwd)
+}
+
+/// A packet arriving from the network on the node's uplink: NodePort and external-IP traffic
+/// from outside the cluster, and replies to it from backends on other nodes.
+///
+/// A new connection to a backend on this node is only destination-translated (its reply
+/// meets `from-pod` on the backend's interface). One to a backend elsewhere is also
+/// source-translated to the node's address (externalTrafficPolicy=Cluster, as kube-proxy
+/// masquerades), so the reply comes back here; both are then routed by the program.
+#[inline(always)]
+pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
+    match from_netdev_inner(ctx, info) {
+        Ok(v) => v,
+        Err(()) => Verdict::Drop(DropReason::MalformedL4),
+    }
+}
+
+#[inline(always)]
+fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
+    let now = ct::now();
+    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
+    let new_syn = info.proto == IPPROTO_TCP && info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    if let Some(e) = ct::lookup(&key, now) {
+        // SAFETY: pointer from a successful lookup, valid for this run.
+        let entry = unsafe { *e };
+        if !(new_syn && entry.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING) {
+            ct::touch(e, info.proto, info.tcp_flags, now);
+            lb::count(entry.service_id, ctx.len());
+            return apply(ctx, info, &entry);
+        }
+    }
+    let Some(fe) = lb::frontend(info.daddr, info.dport, info.proto, false) else {
+        return Ok(Verdict::Pass);
+    };
+    // ClusterIPs are not reachable from outside.
+    if fe.svc.flags & (SVC_NODEPORT | SVC_EXTERNAL_IP) == 0 {
+        return Ok(Verdict::Pass);
+    }
+    let (backend_id, be) = match lb::select(&fe, info.saddr, now) {
+        Ok(b) => b,
+        Err(DropReason::ServiceNoBackend) => {
+            if reject::reject(ctx, info).is_err() {
+                return Ok(Verdict::Drop(DropReason::ServiceNoBackend));
+            }
+            // SAFETY: a helper taking plain integers.
+            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
+            return Ok(Verdict::Rejected(r));
+        }
+        Err(reason) => return Ok(Verdict::Drop(reason)),
+    };
+    let expires = now + ct::lifetime(info.proto);
+    let local = be.flags & BE_LOCAL != 0;
+    let (snat, nat_port) = if local {
+        (0, 0)
+    } else {
+        let node = lb::node_addr();
+        let addr = if node != 0 { node } else { info.daddr };
+        (addr, nat_port(addr, &be, info, now).ok_or(())?)
+    };
+    let src = if local { info.saddr } else { snat };
+    let sport = if local { info.sport } else { nat_port };
+    let fwd = CtEntry {
+        expires,
+        to_addr: be.address,
+        to_port: be.port,
+        from_addr: snat,
+        from_port: nat_port,
+        service_id: fe.svc.service_id,
+        backend_id,
+        flags: if local { 0 } else { CT_ROUTE },
+        pad: 0,
+    };
+    let rev_key = CtKey::new(be.address, src, be.port, sport, info.proto);
+    let rev = CtEntry {
+        expires,
+        from_addr: info.daddr,
+        from_port: info.dport,
+        to_addr: if local { 0 } else { info.saddr },
+        to_port: if local { 0 } else { info.sport },
+        service_id: fe.svc.service_id,
+        backend_id,
+        flags: CT_REPLY | CT_ROUTE,
+        pad: 0,
+    };
+    if ct::create(&key, &fwd, &rev_key, &rev).is_err() {
+        return Ok(Verdict::Drop(DropReason::CtCreateFailed));
+    }
+    lb::count(fe.svc.service_id, ctx.len());
+    apply(ctx, info, &fwd)
+}
+
+/// A source port for a flow source-translated to `addr` towards `be`: the client's own port
+/// when no tracked flow uses it, else a few random tries in the NAT range.
+#[inline(always)]
+fn nat_port(addr: u32, be: &skiff_ebpf_common::lb::Backend, info: &Ipv4Info, now: u64) -> Option<u16> {
+    let mut port = info.sport;
+    let span = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
+    for _ in 0..5 {
+        let k = CtKey::new(be.address, addr, be.port, port, info.proto);
+        if ct::lookup(&k, now).is_none() {
+            return Some(port);
+        }
+        // SAFETY: a helper without arguments.
+        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
+        port = (NAT_PORT_MIN + (r % span) as u16).to_be();
+    }
+    None
 }
 
 /// A packet about to enter a pod: replies of flows translated on this node get their source

@@ -140,6 +140,15 @@ pub fn default_ipv4() -> Option<Ipv4Addr> {
     found
 }
 
+/// The interface (in this network namespace) that holds `ip`.
+pub fn iface_with_addr(ip: Ipv4Addr) -> Option<String> {
+    nix::ifaddrs::getifaddrs().ok()?.find_map(|a| {
+        let addr = a.address?;
+        let v4 = addr.as_sockaddr_in()?;
+        (v4.ip() == ip).then_some(a.interface_name)
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

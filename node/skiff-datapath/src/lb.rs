@@ -1,11 +1,11 @@
 //! Userspace side of the service maps (`skiff_lb_*`, `skiff_ct`): writing frontends and
 //! backends, reading them back for the CLI and for adoption after a restart.
 
-use aya::maps::{HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
 use skiff_ebpf_common::{
     MetricsValue,
     ct::{CtEntry, CtKey},
-    lb::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue},
+    lb::{AffinityKey, AffinityValue, Backend, LbConfig, ServiceKey, ServiceValue},
     map_names,
 };
 
@@ -63,6 +63,7 @@ pub struct LbMaps {
     backends: HashMap<MapData, u32, Backend>,
     affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     stats: PerCpuArray<MapData, MetricsValue>,
+    config: Array<MapData, LbConfig>,
 }
 
 impl std::fmt::Debug for LbMaps {
@@ -123,7 +124,15 @@ impl LbMaps {
             backends: open(pins, map_names::BACKENDS)?,
             affinity: open(pins, map_names::AFFINITY)?,
             stats: open(pins, map_names::SERVICE_STATS)?,
+            config: open(pins, map_names::LB_CONFIG)?,
         })
+    }
+
+    /// Writes the node facts the programs read.
+    pub fn set_config(&mut self, config: LbConfig) -> Result<(), DatapathError> {
+        self.config
+            .set(0, config, 0)
+            .map_err(|e| update_err(map_names::LB_CONFIG, e))
     }
 
     /// Writes a frontend or backend-slot entry.

@@ -8,6 +8,8 @@ struct Aligned<B: ?Sized>(B);
 
 static FROM_POD: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/from-pod.o")));
+static FROM_NETDEV: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/from-netdev.o")));
 static TO_POD: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/to-pod.o")));
 static XDP_UPLINK: &Aligned<[u8]> =
     &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/xdp-uplink.o")));
@@ -19,15 +21,18 @@ pub enum ProgramKind {
     FromPod,
     /// TC egress on a pod's host-side veth (packets entering the pod).
     ToPod,
+    /// TC ingress on the node's uplink (NodePort and external IPs from outside).
+    FromNetdev,
     /// XDP on the node's uplink.
     XdpUplink,
 }
 
 impl ProgramKind {
     /// Every program, in load order.
-    pub const ALL: [ProgramKind; 3] = [
+    pub const ALL: [ProgramKind; 4] = [
         ProgramKind::FromPod,
         ProgramKind::ToPod,
+        ProgramKind::FromNetdev,
         ProgramKind::XdpUplink,
     ];
 
@@ -36,6 +41,7 @@ impl ProgramKind {
         match self {
             ProgramKind::FromPod => "from-pod",
             ProgramKind::ToPod => "to-pod",
+            ProgramKind::FromNetdev => "from-netdev",
             ProgramKind::XdpUplink => "xdp-uplink",
         }
     }
@@ -45,6 +51,7 @@ impl ProgramKind {
         match self {
             ProgramKind::FromPod => "from_pod",
             ProgramKind::ToPod => "to_pod",
+            ProgramKind::FromNetdev => "from_netdev",
             ProgramKind::XdpUplink => "xdp_uplink",
         }
     }
@@ -54,6 +61,7 @@ impl ProgramKind {
         let bytes: &'static [u8] = match self {
             ProgramKind::FromPod => &FROM_POD.0,
             ProgramKind::ToPod => &TO_POD.0,
+            ProgramKind::FromNetdev => &FROM_NETDEV.0,
             ProgramKind::XdpUplink => &XDP_UPLINK.0,
         };
         if bytes.is_empty() {

@@ -16,7 +16,7 @@ use aya::{
 use skiff_ebpf_common::{
     MetricsKey, MetricsValue,
     ct::{CtEntry, CtKey},
-    lb::{AffinityKey, AffinityValue, Backend, ServiceKey, ServiceValue},
+    lb::{AffinityKey, AffinityValue, Backend, LbConfig, ServiceKey, ServiceValue},
     map_names,
 };
 
@@ -60,6 +60,12 @@ const MAP_SPECS: &[MapSpec] = &[
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<MetricsValue>(),
+    },
+    MapSpec {
+        name: map_names::LB_CONFIG,
+        map_type: MapType::Array,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<LbConfig>(),
     },
     MapSpec {
         name: map_names::CT,
@@ -144,6 +150,36 @@ impl LoadedProgram {
             verdict: result.return_value,
             packet: out,
         })
+    }
+
+    /// Runs the program `repeat` times on `packet` with BPF_PROG_RUN and returns the kernel's
+    /// average time per run (for benchmarks).
+    pub fn bench_run(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<std::time::Duration, DatapathError> {
+        let mut out = vec![0u8; packet.len() + 256];
+        let opts = TestRunOptions {
+            data_in: Some(packet),
+            data_out: Some(&mut out),
+            repeat,
+            ..TestRunOptions::default()
+        };
+        let prog_err = |source| DatapathError::Program {
+            program: self.kind.program_name(),
+            source: Box::new(source),
+        };
+        let program = self
+            .ebpf
+            .program(self.kind.program_name())
+            .expect("checked at load");
+        let result = match program {
+            Program::SchedClassifier(p) => p.test_run(opts).map_err(prog_err)?,
+            Program::Xdp(p) => p.test_run(opts).map_err(prog_err)?,
+            _ => unreachable!("ProgramKind only names TC and XDP programs"),
+        };
+        Ok(result.duration)
     }
 
     /// Attaches the program to `iface` in the calling thread's network namespace: TC programs

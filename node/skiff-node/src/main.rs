@@ -318,10 +318,28 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
             .attach(iface)
             .with_context(|| format!("attaching to uplink {iface}"))?;
     }
+    // NodePort from outside: `from-netdev` on the uplinks, or on the interface holding the
+    // node's address when none is named.
+    let mut netdevs = uplinks.clone();
+    if netdevs.is_empty()
+        && let Some(ip) = join.as_ref().map(|(_, cfg)| cfg.internal_ip)
+        && let Some(iface) = skiff_agent::machine::iface_with_addr(ip)
+    {
+        netdevs.push(iface);
+    }
+    for iface in &netdevs {
+        programs
+            .iter_mut()
+            .find(|p| p.kind() == ProgramKind::FromNetdev)
+            .expect("loaded above")
+            .attach_pinned(iface, &pins)
+            .with_context(|| format!("attaching from-netdev to {iface}"))?;
+    }
     tracing::info!(
         node,
         pins = %pins.path().display(),
         uplinks = ?uplinks,
+        netdevs = ?netdevs,
         "data path ready"
     );
     let rt = tokio::runtime::Builder::new_multi_thread()

@@ -34,6 +34,8 @@ pub struct FrontendKey {
 pub struct Endpoint {
     pub addr: Ipv4Addr,
     pub port: u16,
+    /// It runs on this node.
+    pub local: bool,
 }
 
 /// What one frontend does.
@@ -248,8 +250,9 @@ fn endpoints_for(
             let Some(addr) = e.addresses.first().and_then(|a| a.parse::<Ipv4Addr>().ok()) else {
                 continue;
             };
-            let ep = Endpoint { addr, port };
-            if !seen.insert(ep) {
+            let local = e.node_name.as_deref() == Some(node.name.as_str());
+            let ep = Endpoint { addr, port, local };
+            if !seen.insert((addr, port)) {
                 continue;
             }
             let c = e.conditions.as_ref();
@@ -262,7 +265,7 @@ fn endpoints_for(
                 ready,
                 serving,
                 terminating,
-                local: e.node_name.as_deref() == Some(node.name.as_str()),
+                local,
             });
         }
     }
@@ -330,6 +333,14 @@ mod tests {
         Endpoint {
             addr: Ipv4Addr::from(ip),
             port,
+            local: false,
+        }
+    }
+
+    fn local_ep(ip: [u8; 4], port: u16) -> Endpoint {
+        Endpoint {
+            local: true,
+            ..ep(ip, port)
         }
     }
 
@@ -367,7 +378,7 @@ mod tests {
         let http = &d.frontends[&key([10, 96, 0, 50], 80, 6, SCOPE_EXTERNAL)];
         assert_eq!(
             http.ready,
-            vec![ep([10, 244, 1, 5], 8080), ep([10, 244, 2, 6], 8080)]
+            vec![local_ep([10, 244, 1, 5], 8080), ep([10, 244, 2, 6], 8080)]
         );
         assert_eq!(http.terminating, vec![ep([10, 244, 2, 7], 8080)]);
         let dns = &d.frontends[&key([10, 96, 0, 50], 53, 17, SCOPE_EXTERNAL)];
@@ -417,8 +428,8 @@ mod tests {
             ]),
         );
         let d = desired([&s], [&sl], &node());
-        let local = vec![ep([10, 244, 1, 5], 8080)];
-        let both = vec![ep([10, 244, 1, 5], 8080), ep([10, 244, 2, 6], 8080)];
+        let local = vec![local_ep([10, 244, 1, 5], 8080)];
+        let both = vec![local_ep([10, 244, 1, 5], 8080), ep([10, 244, 2, 6], 8080)];
         let cip = &d.frontends[&key([10, 96, 0, 52], 80, 6, SCOPE_EXTERNAL)];
         assert_eq!(
             (cip.ready.clone(), cip.affinity_timeout),

@@ -99,6 +99,13 @@ pub async fn run(
     metrics: Arc<LbMetrics>,
 ) -> Result<()> {
     let mut maps = LbMaps::open(&pins).context("open the service maps")?;
+    if let Some(addr) = node.addresses.first() {
+        maps.set_config(skiff_ebpf_common::lb::LbConfig {
+            node_addr: u32::from_ne_bytes(addr.octets()),
+            pad: 0,
+        })
+        .context("write the node's address for NodePort")?;
+    }
     let mut programmer = Programmer::adopt(
         &maps.services().context("read the service map")?,
         &maps.backends().context("read the backend map")?,

@@ -10,7 +10,9 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 
 use skiff_datapath::{DatapathError, lb::LbTable};
-use skiff_ebpf_common::lb::{BE_TERMINATING, Backend, SERVICE_IDS, ServiceKey, ServiceValue};
+use skiff_ebpf_common::lb::{
+    BE_LOCAL, BE_TERMINATING, Backend, SERVICE_IDS, ServiceKey, ServiceValue,
+};
 
 use super::desired::{Endpoint, FrontendKey, FrontendSpec};
 
@@ -111,7 +113,7 @@ fn backend_value(ep: &Endpoint, proto: u8, terminating: bool) -> Backend {
         address: u32::from_ne_bytes(ep.addr.octets()),
         port: ep.port.to_be(),
         proto,
-        flags: if terminating { BE_TERMINATING } else { 0 },
+        flags: if terminating { BE_TERMINATING } else { 0 } | if ep.local { BE_LOCAL } else { 0 },
     }
 }
 
@@ -173,6 +175,7 @@ impl Programmer {
                         let ep = Endpoint {
                             addr: Ipv4Addr::from(b.address.to_ne_bytes()),
                             port: u16::from_be(b.port),
+                            local: b.flags & BE_LOCAL != 0,
                         };
                         let term = usize::from(slot) > v.count as usize;
                         if term {
@@ -455,6 +458,7 @@ mod tests {
         Endpoint {
             addr: Ipv4Addr::new(10, 244, 0, last),
             port: 8080,
+            local: last.is_multiple_of(2),
         }
     }
 
