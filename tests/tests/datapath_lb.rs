@@ -11,10 +11,10 @@ use skiff_datapath::{
 };
 use skiff_ebpf_common::{
     DropReason, Hook,
-    ct::CT_REPLY,
+    ct::{CT_CLOSING, CT_FIN, CT_REPLY},
     lb::{
-        BE_LOCAL, BE_TERMINATING, Backend, HAIRPIN_ADDR, LbConfig, SCOPE_EXTERNAL, SVC_NODEPORT,
-        ServiceKey, ServiceValue,
+        BE_LOCAL, BE_TERMINATING, Backend, HAIRPIN_ADDR, LbConfig, NAT_PORT_MAX, NAT_PORT_MIN,
+        SCOPE_EXTERNAL, SVC_NODEPORT, ServiceKey, ServiceValue,
     },
 };
 use skiff_tests::{
@@ -282,18 +282,66 @@ fn established_flows_keep_their_backend_and_new_ones_spread() {
         "40 new connections use both backends: {seen:?}"
     );
 
-    // After FIN the entry closes; a new SYN on the same tuple is a new connection.
+    // A FIN from the client half-closes: the backend may still send, the flow stays tracked.
+    let flags_of = |node: &Node, fwd: bool| {
+        let ct = ct_entries(&node.pins_dir).expect("ct");
+        ct.iter()
+            .find(|(k, _)| {
+                if fwd {
+                    k.sport == 40002u16.to_be() && k.daddr == u32::from_ne_bytes(VIP)
+                } else {
+                    k.dport == 40002u16.to_be() && k.saddr == u32::from_ne_bytes(first)
+                }
+            })
+            .map(|(_, e)| e.flags)
+            .expect("entry")
+    };
     let fin = packets::tcp(CLIENT, VIP, 40002, 80, FIN_ACK, 1020, 1, b"");
     node.from_pod.test_run(&fin).expect("run");
-    let ct = ct_entries(&node.pins_dir).expect("ct");
-    let fwd = ct
-        .iter()
-        .find(|(k, _)| k.sport == 40002u16.to_be() && k.daddr == u32::from_ne_bytes(VIP))
-        .expect("forward entry");
-    assert_ne!(
-        fwd.1.flags & skiff_ebpf_common::ct::CT_CLOSING,
+    assert_eq!(
+        flags_of(&node, true) & CT_CLOSING,
         0,
-        "FIN marks the entry closing"
+        "half-closed, not closing"
+    );
+    assert_ne!(flags_of(&node, true) & CT_FIN, 0);
+    let late = packets::tcp(first, CLIENT, 8080, 40002, ACK, 1, 1021, b"more data");
+    let d = decode(&node.to_pod.test_run(&late).expect("run").packet);
+    assert_eq!(
+        (d.src, d.sport),
+        (VIP, 80),
+        "the backend's data still translated"
+    );
+    // The backend's FIN closes both directions; a new SYN on the tuple then starts over.
+    let fin_back = packets::tcp(first, CLIENT, 8080, 40002, FIN_ACK, 10, 1021, b"");
+    node.to_pod.test_run(&fin_back).expect("run");
+    assert_ne!(
+        flags_of(&node, true) & CT_CLOSING,
+        0,
+        "closing after both FINs"
+    );
+    assert_ne!(flags_of(&node, false) & CT_CLOSING, 0);
+    let again = node.from_pod.test_run(&syn(40002, VIP, 80)).expect("run");
+    assert_eq!(again.verdict, TC_ACT_OK);
+    assert_eq!(
+        flags_of(&node, true) & CT_CLOSING,
+        0,
+        "a fresh forward entry"
+    );
+
+    // A removed backend: a tracked UDP flow to it chooses again.
+    node.service(2, VIP, 53, UDP, &[(BACKENDS[0], 53, false)], 0);
+    let q = packets::udp(CLIENT, VIP, 45000, 53, b"q");
+    assert_eq!(
+        decode(&node.from_pod.test_run(&q).expect("run").packet).dst,
+        BACKENDS[0]
+    );
+    // (The helper reuses the id for the new endpoint: the entry's backend id now names another
+    // address, as a removed id would name none.)
+    node.service(2, VIP, 53, UDP, &[(BACKENDS[1], 53, false)], 0);
+    assert_eq!(
+        decode(&node.from_pod.test_run(&q).expect("run").packet).dst,
+        BACKENDS[1],
+        "a UDP flow follows its Service off a removed backend"
     );
 }
 
@@ -591,12 +639,14 @@ fn node_port_from_outside_translates_both_ways() {
     np(902, BACKENDS[1], false, &mut node);
     let syn = packets::tcp(OUTSIDE, NODE, 40001, 30080, SYN, 1, 0, b"");
     let d = decode(&netdev.test_run(&syn).expect("run").packet);
-    assert_eq!(
-        (d.src, d.sport, d.dst, d.dport),
-        (NODE, 40001, BACKENDS[1], 8080)
+    assert_eq!((d.src, d.dst, d.dport), (NODE, BACKENDS[1], 8080));
+    let nat_port = d.sport;
+    assert!(
+        (NAT_PORT_MIN..=NAT_PORT_MAX).contains(&nat_port),
+        "a NAT port above the node's own ephemeral range: {nat_port}"
     );
     assert!(d.ip_checksum_ok && d.l4_checksum_ok);
-    let reply = packets::tcp(BACKENDS[1], NODE, 8080, 40001, ACK, 1, 2, b"hi");
+    let reply = packets::tcp(BACKENDS[1], NODE, 8080, nat_port, ACK, 1, 2, b"hi");
     let d = decode(&netdev.test_run(&reply).expect("run").packet);
     assert_eq!(
         (d.src, d.sport, d.dst, d.dport),

@@ -19,7 +19,8 @@ pub const CT_MAX_ENTRIES: u32 = 1 << 17;
 
 /// Entry flag: this is a reply entry.
 pub const CT_REPLY: u16 = 1 << 0;
-/// Entry flag: a FIN or RST was seen in this direction; the entry expires soon.
+/// Entry flag: the connection is closing (a FIN in both directions, or a RST); the entry
+/// expires soon.
 pub const CT_CLOSING: u16 = 1 << 1;
 /// Entry flag: the flow is a pod reaching itself through a Service (source-NATed to
 /// [`crate::lb::HAIRPIN_ADDR`]); its packets are sent straight back out of the interface they
@@ -29,6 +30,9 @@ pub const CT_HAIRPIN: u16 = 1 << 2;
 /// source (NodePort), which the kernel's input path would drop as martian; it is routed by the
 /// program instead (FIB lookup, redirect to the egress interface).
 pub const CT_ROUTE: u16 = 1 << 3;
+/// Entry flag: a FIN was seen in this entry's direction (a half-close: the other direction
+/// may go on sending; the connection closes once both have).
+pub const CT_FIN: u16 = 1 << 4;
 
 /// Lifetime of a TCP entry while the connection is open (Cilium's default, 6 h).
 pub const CT_LIFETIME_TCP_NS: u64 = 21_600 * 1_000_000_000;

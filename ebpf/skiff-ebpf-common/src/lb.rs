@@ -50,10 +50,11 @@ pub const BE_TERMINATING: u8 = 1 << 0;
 /// Backend flag: the endpoint runs on this node (NodePort traffic to it needs no source NAT).
 pub const BE_LOCAL: u8 = 1 << 1;
 
-/// Source ports tried for NodePort source NAT when the client's own port is taken.
-pub const NAT_PORT_MIN: u16 = 32768;
+/// Source ports for NodePort source NAT: above Linux's default local port range
+/// (32768–60999), so the node's own connections do not take them.
+pub const NAT_PORT_MIN: u16 = 61000;
 /// Upper end (inclusive) of [`NAT_PORT_MIN`]'s range.
-pub const NAT_PORT_MAX: u16 = 60999;
+pub const NAT_PORT_MAX: u16 = 65535;
 
 /// Value of `skiff_lb_cfg` (an array of one): node facts the programs need.
 #[repr(C)]

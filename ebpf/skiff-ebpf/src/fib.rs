@@ -14,13 +14,14 @@ const AF_INET: u8 = 2;
 /// with the neighbour's MAC when known, else through `bpf_redirect_neigh`. `None` when the
 /// FIB has no usable route (the caller lets the kernel try).
 #[inline(always)]
-pub fn redirect_routed(ctx: &TcContext, saddr: u32, daddr: u32, tot_len: u16) -> Option<i32> {
+pub fn redirect_routed(ctx: &TcContext, saddr: u32, daddr: u32) -> Option<i32> {
     // SAFETY: an all-zero `bpf_fib_lookup` is a valid (empty) request.
     let mut p: bpf_fib_lookup = unsafe { core::mem::zeroed() };
     p.family = AF_INET;
     // SAFETY: `ctx.skb.skb` is the program's own context, valid for the whole run.
     p.ifindex = unsafe { (*ctx.skb.skb).ifindex };
-    p.__bindgen_anon_1.tot_len = tot_len;
+    // `tot_len` stays 0: the kernel then checks the skb itself (GSO-aware) instead of comparing
+    // an aggregated packet's length with the route's MTU.
     p.__bindgen_anon_3.ipv4_src = saddr;
     p.__bindgen_anon_4.ipv4_dst = daddr;
     // SAFETY: `p` is a properly sized, initialised request on our stack; the context pointer

@@ -11,8 +11,8 @@ use skiff_ebpf_common::{
     DropReason, MetricsValue,
     lb::{
         AFFINITY_MAX_ENTRIES, AffinityKey, AffinityValue, BACKENDS_MAX_ENTRIES, BE_TERMINATING,
-        Backend, LbConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_IDS, SERVICES_MAX_ENTRIES, SVC_TWO_SCOPES,
-        ServiceKey, ServiceValue,
+        Backend, LbConfig, SCOPE_EXTERNAL, SCOPE_INTERNAL, SERVICE_IDS, SERVICES_MAX_ENTRIES,
+        SVC_TWO_SCOPES, ServiceKey, ServiceValue,
     },
 };
 
@@ -130,6 +130,12 @@ pub fn select(fe: &Frontend, client: u32, now: u64) -> Result<(u32, Backend), Dr
         let _ = AFFINITY.insert(&akey, &v, 0);
     }
     Ok((id, be))
+}
+
+/// Whether backend `id` still exists and is `addr:port` (network order).
+#[inline(always)]
+pub fn backend_is(id: u32, addr: u32, port: u16) -> bool {
+    backend(id).is_some_and(|b| b.address == addr && b.port == port)
 }
 
 #[inline(always)]

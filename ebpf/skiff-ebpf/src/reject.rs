@@ -9,7 +9,7 @@ use aya_ebpf::{
 
 use crate::{
     nat,
-    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK},
+    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_RST},
 };
 
 const IP_OFF: usize = 14;
@@ -19,7 +19,8 @@ const IPPROTO_ICMP: u8 = 1;
 /// options, other protocols); the caller drops those.
 #[inline(always)]
 pub fn reject(ctx: &TcContext, info: &Ipv4Info) -> Result<(), ()> {
-    if info.ihl != 20 {
+    // A RST is never answered with a RST (RFC 793); IP options are not copied.
+    if info.ihl != 20 || (info.proto == IPPROTO_TCP && info.tcp_flags & TCP_RST != 0) {
         return Err(());
     }
     match info.proto {

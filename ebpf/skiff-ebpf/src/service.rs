@@ -12,15 +12,13 @@ use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use skiff_ebpf_common::{
     DropReason,
     ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CT_ROUTE, CtEntry, CtKey},
-    lb::{
-        BE_LOCAL, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP, SVC_NODEPORT,
-    },
+    lb::{BE_LOCAL, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP, SVC_NODEPORT},
 };
 
 use crate::{
     ct, fib, lb,
     nat::{self, End},
-    packet::{IPPROTO_TCP, Ipv4Info, TCP_ACK, TCP_SYN},
+    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_SYN},
     reject,
 };
 
@@ -72,16 +70,46 @@ fn apply(ctx: &TcContext, info: &Ipv4Info, e: &CtEntry) -> Result<Verdict, ()> {
     }
     if e.flags & CT_ROUTE != 0 {
         let (src, dst) = if e.flags & CT_REPLY != 0 {
-            (e.from_addr, if e.to_addr != 0 { e.to_addr } else { info.daddr })
+            (
+                e.from_addr,
+                if e.to_addr != 0 {
+                    e.to_addr
+                } else {
+                    info.daddr
+                },
+            )
         } else {
-            (if e.from_addr != 0 { e.from_addr } else { info.saddr }, e.to_addr)
+            (
+                if e.from_addr != 0 {
+                    e.from_addr
+                } else {
+                    info.saddr
+                },
+                e.to_addr,
+            )
         };
-        let tot_len: u16 = u16::from_be(ctx.load(14 + 2).map_err(|_| ())?);
-        if let Some(r) = fib::redirect_routed(ctx, src, dst, tot_len) {
+        if let Some(r) = fib::redirect_routed(ctx, src, dst) {
             return Ok(Verdict::Redirected(r));
         }
     }
     Ok(Verdict::Pass)
+}
+
+/// Whether a packet found a tracked entry it should follow. A SYN on a closing forward entry is
+/// a new connection reusing the tuple; a SYN or a UDP datagram whose backend was removed from
+/// the Service (kube-proxy flushes UDP conntrack for this) chooses again.
+#[inline(always)]
+fn keep_tracked(entry: &CtEntry, info: &Ipv4Info, new_syn: bool) -> bool {
+    if entry.flags & CT_REPLY != 0 {
+        return true;
+    }
+    if new_syn && entry.flags & CT_CLOSING != 0 {
+        return false;
+    }
+    if new_syn || info.proto == IPPROTO_UDP {
+        return lb::backend_is(entry.backend_id, entry.to_addr, entry.to_port);
+    }
+    true
 }
 
 /// A packet leaving a pod.
@@ -102,9 +130,8 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     if let Some(e) = ct::lookup(&key, now) {
         // SAFETY: pointer from a successful lookup, valid for this run.
         let entry = unsafe { *e };
-        // A SYN on a closing flow is a new connection reusing the tuple: choose again.
-        if !(new_syn && entry.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING) {
-            ct::touch(e, info.proto, info.tcp_flags, now);
+        if keep_tracked(&entry, info, new_syn) {
+            ct::touch(&key, e, info.proto, info.tcp_flags, now);
             lb::count(entry.service_id, ctx.len());
             return apply(ctx, info, &entry);
         }
@@ -132,8 +159,9 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     };
     let expires = now + ct::lifetime(info.proto);
     let flags = if hairpin { CT_HAIRPIN } else { 0 };
-    // Replies from a NodePort carry the node's own address as source.
-    let reply_route = if fe.svc.flags & SVC_NODEPORT != 0 {
+    // Replies from a NodePort (or an external IP the node holds) carry a local address as
+    // source.
+    let reply_route = if fe.svc.flags & (SVC_NODEPORT | SVC_EXTERNAL_IP) != 0 {
         CT_ROUTE
     } else {
         0
@@ -191,8 +219,8 @@ fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     if let Some(e) = ct::lookup(&key, now) {
         // SAFETY: pointer from a successful lookup, valid for this run.
         let entry = unsafe { *e };
-        if !(new_syn && entry.flags & (CT_CLOSING | CT_REPLY) == CT_CLOSING) {
-            ct::touch(e, info.proto, info.tcp_flags, now);
+        if keep_tracked(&entry, info, new_syn) {
+            ct::touch(&key, e, info.proto, info.tcp_flags, now);
             lb::count(entry.service_id, ctx.len());
             return apply(ctx, info, &entry);
         }
@@ -257,24 +285,27 @@ fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     apply(ctx, info, &fwd)
 }
 
-/// A source port for a flow source-translated to `addr` towards `be`: the client's own port
-/// when no tracked flow uses it, else a few random tries in the NAT range.
+/// A source port for a flow source-translated to `addr` towards `be`: a random one in the NAT
+/// range (above the node's own ephemeral ports) that no live tracked flow uses; a few tries.
 #[inline(always)]
-fn nat_port(addr: u32, be: &skiff_ebpf_common::lb::Backend, info: &Ipv4Info, now: u64) -> Option<u16> {
-    let mut port = info.sport;
+fn nat_port(
+    addr: u32,
+    be: &skiff_ebpf_common::lb::Backend,
+    info: &Ipv4Info,
+    now: u64,
+) -> Option<u16> {
     let span = (NAT_PORT_MAX - NAT_PORT_MIN) as u32 + 1;
     for _ in 0..5 {
+        // SAFETY: a helper without arguments.
+        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
+        let port = (NAT_PORT_MIN + (r % span) as u16).to_be();
         let k = CtKey::new(be.address, addr, be.port, port, info.proto);
         if ct::lookup(&k, now).is_none() {
             return Some(port);
         }
-        // SAFETY: a helper without arguments.
-        let r = unsafe { aya_ebpf::helpers::bpf_get_prandom_u32() };
-        port = (NAT_PORT_MIN + (r % span) as u16).to_be();
     }
     None
 }
-
 /// A packet about to enter a pod: replies of flows translated on this node get their source
 /// (and, if it was translated, destination) restored.
 #[inline(always)]
@@ -289,7 +320,7 @@ pub fn to_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     if entry.flags & CT_REPLY == 0 {
         return Verdict::Pass;
     }
-    ct::touch(e, info.proto, info.tcp_flags, now);
+    ct::touch(&key, e, info.proto, info.tcp_flags, now);
     lb::count(entry.service_id, ctx.len());
     match apply(ctx, info, &entry) {
         Ok(v) => v,

@@ -10,8 +10,10 @@ use crate::packet::{self, Packet, ParseError};
 pub fn parse(ctx: &TcContext) -> Result<Packet, DropReason> {
     let len = ctx.len();
     let mut parsed = packet::parse(ctx.data(), ctx.data_end(), len);
-    if let Err(ParseError::NeedPull(need)) = parsed
-        && ctx.pull_data(need).is_ok()
+    // Pull every header the parser may read at once (Ethernet, IPv4 and TCP with options),
+    // so one pull is always enough.
+    if let Err(ParseError::NeedPull(_)) = parsed
+        && ctx.pull_data(len.min(14 + 60 + 60)).is_ok()
     {
         parsed = packet::parse(ctx.data(), ctx.data_end(), len);
     }

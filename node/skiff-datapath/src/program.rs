@@ -235,25 +235,25 @@ impl LoadedProgram {
                 .map(FdLink::from)
                 .and_then(|l| SchedClassifierLink::try_from(l).ok())
                 .map(|link| p.attach_to_link(link));
-            match replaced {
-                Some(Ok(id)) => {
-                    // The pin keeps the link; our fd can go.
-                    drop(p.take_link(id));
-                    tracing::debug!(
-                        program = kind.program_name(),
-                        iface,
-                        "program replaced in pinned link"
-                    );
-                    return Ok(());
-                }
-                _ => {
-                    // The interface it belonged to is gone (or the pin is not a TCX link).
-                    let _ = std::fs::remove_file(&path);
-                }
+            if let Some(Ok(id)) = replaced {
+                // The pin keeps the link; our fd can go.
+                drop(p.take_link(id));
+                tracing::debug!(
+                    program = kind.program_name(),
+                    iface,
+                    "program replaced in pinned link"
+                );
+                return Ok(());
             }
+            // The link could not be updated (its interface is gone, or it is not a TCX link):
+            // a new link is attached first and the old pin removed after, so a live interface
+            // never goes without a program.
         }
         let id = p.attach(iface, tc_side(kind)).map_err(prog_err)?;
         let link = p.take_link(id).map_err(prog_err)?;
+        if path.exists() {
+            let _ = std::fs::remove_file(&path);
+        }
         let fd = FdLink::try_from(link).map_err(|e| DatapathError::Link {
             op: "take the TCX link of",
             path: path.clone(),

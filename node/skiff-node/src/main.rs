@@ -327,6 +327,12 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     {
         netdevs.push(iface);
     }
+    // Links left on interfaces that are no longer uplinks are removed.
+    for iface in skiff_datapath::program::pinned_link_ifaces(&pins, ProgramKind::FromNetdev) {
+        if !netdevs.contains(&iface) {
+            let _ = skiff_datapath::program::unpin_link(&pins, &iface, ProgramKind::FromNetdev);
+        }
+    }
     for iface in &netdevs {
         programs
             .iter_mut()

@@ -132,10 +132,17 @@ pub fn desired<'a>(
         if spec.type_.as_deref() == Some("ExternalName") {
             continue;
         }
-        let cluster_ip = spec
-            .cluster_ip
-            .as_deref()
-            .and_then(|ip| ip.parse::<Ipv4Addr>().ok());
+        // kube-proxy's ShouldSkipService: headless Services get nothing (no VIP, and no
+        // external addresses either); a dual-stack Service is served by its IPv4 ClusterIP.
+        let Some(cluster_ip) = spec
+            .cluster_ips
+            .iter()
+            .flatten()
+            .chain(spec.cluster_ip.iter())
+            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+        else {
+            continue;
+        };
         let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
             spec.session_affinity_config
                 .as_ref()
@@ -159,6 +166,8 @@ pub fn desired<'a>(
                     .and_then(|lb| lb.ingress.as_ref())
                     .into_iter()
                     .flatten()
+                    // `ipMode: Proxy`: traffic must go through the load balancer.
+                    .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
                     .filter_map(|i| i.ip.as_deref().and_then(|ip| ip.parse().ok())),
             )
             .collect();
@@ -193,11 +202,8 @@ pub fn desired<'a>(
             let Ok(port) = u16::try_from(sp.port) else {
                 continue;
             };
-            // Headless Services have no virtual IP and nothing to translate.
-            if let Some(vip) = cluster_ip {
-                let spec = if itp_local { local(0) } else { all.clone() };
-                add(vip, port, SCOPE_EXTERNAL, spec);
-            }
+            let spec = if itp_local { local(0) } else { all.clone() };
+            add(cluster_ip, port, SCOPE_EXTERNAL, spec);
             // External addresses: externalTrafficPolicy=Local keeps only local endpoints for
             // traffic from outside, while pods still reach every endpoint (internal scope).
             let mut external = |addr: Ipv4Addr, port: u16, flag: u16| {
@@ -256,9 +262,10 @@ fn endpoints_for(
                 continue;
             }
             let c = e.conditions.as_ref();
-            // Unset conditions: ready means ready, serving follows ready, not terminating.
+            // Unset conditions count as true, terminating as false (the API's documented
+            // meaning, as kube-proxy reads it).
             let ready = c.and_then(|c| c.ready).unwrap_or(true);
-            let serving = c.and_then(|c| c.serving).unwrap_or(ready);
+            let serving = c.and_then(|c| c.serving).unwrap_or(true);
             let terminating = c.and_then(|c| c.terminating).unwrap_or(false);
             out.push(SliceEndpoint {
                 ep,
@@ -279,13 +286,13 @@ fn pick(eps: &[SliceEndpoint], local_only: bool, flags: u16, affinity: u32) -> F
     let mut ready: Vec<Endpoint> = eps
         .iter()
         .filter(usable)
-        .filter(|e| e.ready && !e.terminating)
+        .filter(|e| e.ready)
         .map(|e| e.ep)
         .collect();
     let mut terminating: Vec<Endpoint> = eps
         .iter()
         .filter(usable)
-        .filter(|e| e.serving && e.terminating)
+        .filter(|e| !e.ready && e.serving && e.terminating)
         .map(|e| e.ep)
         .collect();
     ready.sort();

@@ -156,7 +156,15 @@ pub async fn run(
             for (k, id) in programmer.service_ids() {
                 if let Some(o) = want.owners.get(k) {
                     let proto = if k.proto == 17 { "UDP" } else { "TCP" };
-                    owners.insert(id, (o.clone(), format!("{}:{}/{proto}", k.addr, k.port)));
+                    let scope = if k.scope == skiff_ebpf_common::lb::SCOPE_INTERNAL {
+                        " (internal)"
+                    } else {
+                        ""
+                    };
+                    owners.insert(
+                        id,
+                        (o.clone(), format!("{}:{}/{proto}{scope}", k.addr, k.port)),
+                    );
                 }
             }
         }

@@ -79,6 +79,9 @@ impl IdPool {
     }
 }
 
+/// Most backends one frontend may have (slot numbers are 16-bit).
+pub const MAX_BACKENDS: usize = 16_384;
+
 /// The result of one pass.
 #[derive(Debug, Default)]
 pub struct Report {
@@ -202,7 +205,7 @@ impl Programmer {
                         ready,
                         terminating,
                     }),
-                    slots: ids.len(),
+                    slots: total,
                     ids,
                     endpoints,
                 },
@@ -247,6 +250,29 @@ impl Programmer {
         table: &mut dyn LbTable,
     ) -> Report {
         let mut report = Report::default();
+        // Internal-scope entries before the external ones that point pods at them; writes
+        // before removals, so an external entry stops naming its internal scope before that
+        // goes.
+        let mut order: Vec<(&FrontendKey, &FrontendSpec)> = desired.iter().collect();
+        order.sort_by_key(|(k, _)| std::cmp::Reverse(k.scope));
+        for (k, spec) in order {
+            if self.current.get(k).and_then(|p| p.spec.as_ref()) == Some(spec) {
+                continue;
+            }
+            if spec.ready.len() + spec.terminating.len() > MAX_BACKENDS {
+                report.errors.push((
+                    *k,
+                    DatapathError::MapFull {
+                        map: "backend slots (more than 16384 endpoints)",
+                    },
+                ));
+                continue;
+            }
+            match self.write(k, spec, table) {
+                Ok(()) => report.written += 1,
+                Err(e) => report.errors.push((*k, e)),
+            }
+        }
         let gone: Vec<FrontendKey> = self
             .current
             .keys()
@@ -259,22 +285,16 @@ impl Programmer {
                 Err(e) => report.errors.push((k, e)),
             }
         }
-        for (k, spec) in desired {
-            if self.current.get(k).and_then(|p| p.spec.as_ref()) == Some(spec) {
-                continue;
-            }
-            match self.write(k, spec, table) {
-                Ok(()) => report.written += 1,
-                Err(e) => report.errors.push((*k, e)),
-            }
-        }
         report
     }
 
     fn remove(&mut self, k: &FrontendKey, table: &mut dyn LbTable) -> Result<(), DatapathError> {
-        let Some(p) = self.current.get(k) else {
+        let Some(p) = self.current.get_mut(k) else {
             return Ok(());
         };
+        // Dirty until every entry is gone: a failure half-way leaves a record that the next
+        // pass rewrites in full if the frontend is wanted again.
+        let had_affinity = p.spec.take().is_none_or(|s| s.affinity_timeout != 0);
         table.remove_service(&skey(k, 0))?;
         for slot in 1..=p.slots as u16 {
             table.remove_service(&skey(k, slot))?;
@@ -282,7 +302,9 @@ impl Programmer {
         for id in p.endpoints.keys() {
             table.remove_backend(*id)?;
         }
-        let _ = table.prune_affinity(p.service_id, &|_| false);
+        if had_affinity {
+            let _ = table.prune_affinity(p.service_id, &|_| false);
+        }
         let p = self.current.remove(k).expect("present");
         for id in p.endpoints.into_keys() {
             self.backend_ids.free(id);
@@ -302,7 +324,10 @@ impl Programmer {
         };
         if !self.current.contains_key(k) {
             let id = self.service_ids.take().ok_or_else(full)?;
-            table.reset_stats(id)?;
+            if let Err(e) = table.reset_stats(id) {
+                self.service_ids.free(id);
+                return Err(e);
+            }
             self.current.insert(
                 *k,
                 Programmed {
