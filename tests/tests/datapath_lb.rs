@@ -179,6 +179,25 @@ fn new_connection_is_dnated_to_a_backend_with_valid_checksums() {
     );
     assert_eq!(d.payload, b"a query");
     assert!(node.maps.stats(1).expect("stats").packets >= 1);
+
+    // bpftool reads the pinned maps with their field names (BTF).
+    let out = std::process::Command::new("bpftool")
+        .args(["-j", "map", "dump", "pinned"])
+        .arg(node.pins_dir.map_path("skiff_lb_svc"))
+        .output()
+        .expect("bpftool");
+    let dump: serde_json::Value = serde_json::from_slice(&out.stdout).expect("bpftool JSON");
+    // `-j` keeps the raw bytes in `key`/`value` and the BTF-decoded fields in `formatted`.
+    let first = &dump[0]["formatted"];
+    for field in ["address", "port", "slot", "proto", "scope"] {
+        assert!(!first["key"][field].is_null(), "key field {field}: {first}");
+    }
+    for field in ["backend_id", "service_id", "count", "terminating", "flags"] {
+        assert!(
+            !first["value"][field].is_null(),
+            "value field {field}: {first}"
+        );
+    }
 }
 
 #[test]

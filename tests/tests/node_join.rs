@@ -107,8 +107,9 @@ fn agent_registers_a_ready_node_with_a_pod_cidr_and_a_lease() {
     ]);
     assert!(err.contains("field is immutable"), "{err}");
 
+    // Empty until the agent's first heartbeat creates the Lease.
     let holder = || {
-        cp.ok(&[
+        let out = cp.kubectl(&[
             "get",
             "lease",
             &node,
@@ -116,7 +117,8 @@ fn agent_registers_a_ready_node_with_a_pod_cidr_and_a_lease() {
             "kube-node-lease",
             "-o",
             "jsonpath={.spec.holderIdentity} {.spec.renewTime}",
-        ])
+        ]);
+        String::from_utf8_lossy(&out.stdout).into_owned()
     };
     cp.eventually(15, "the node lease", || holder().starts_with(&node));
     let first = holder();

@@ -135,6 +135,17 @@ fn http_get(addr: SocketAddrV4) -> Option<String> {
     body.lines().last().map(str::to_string)
 }
 
+/// The status line and body of `GET /` to `addr`.
+fn http_status_and_body(addr: SocketAddrV4) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr.into(), Duration::from_secs(3)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    s.write_all(b"GET / HTTP/1.1\r\nHost: node\r\nConnection: close\r\n\r\n")
+        .ok()?;
+    let mut all = String::new();
+    std::io::Read::read_to_string(&mut s, &mut all).ok()?;
+    Some(all)
+}
+
 /// The pod names that answered `n` HTTP requests to `addr` (`ip port`) from the client pod.
 /// (`nc`, not the image's static `wget`, which needs NSS to look up the `http` port.)
 fn hostnames(cp: &ControlPlane, addr: &str, n: usize) -> Vec<String> {
@@ -444,6 +455,31 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             "{metrics}"
         );
         assert!(metrics.contains(r#"service="web""#), "{metrics}");
+
+        // externalTrafficPolicy=Local: traffic from outside stays on the node it arrives at,
+        // and the health check node port tells load balancers which nodes have endpoints.
+        cp.ok(&[
+            "patch",
+            "service",
+            "web",
+            "-p",
+            r#"{"spec":{"type":"LoadBalancer","externalTrafficPolicy":"Local","sessionAffinity":"None"}}"#,
+        ]);
+        let hc: u16 = get(&cp, &["service", "web"], "{.spec.healthCheckNodePort}")
+            .parse()
+            .expect("a health check node port");
+        let mut answer = String::new();
+        cp.eventually(10, "the health check port answering 200", || {
+            answer = http_status_and_body(SocketAddrV4::new(n1.node_ip, hc)).unwrap_or_default();
+            answer.starts_with("HTTP/1.1 200")
+        });
+        assert!(
+            answer.contains(r#""name":"web""#) && answer.contains(r#""localEndpoints":"#),
+            "{answer}"
+        );
+        cp.eventually(10, "local-only NodePort routing", || {
+            (0..10).all(|_| http_get(node_port).is_some_and(|n| !on_node2.contains(&n)))
+        });
 
         assert_eq!(
             get(

@@ -105,6 +105,16 @@ pub fn held(def: &ResourceDef, obj: &Value) -> Vec<String> {
             }
         }
     }
+    if let Some(hc) = obj
+        .pointer("/spec/healthCheckNodePort")
+        .and_then(Value::as_i64)
+        .filter(|p| *p != 0)
+    {
+        let k = port_key(hc);
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
     keys
 }
 
@@ -222,6 +232,39 @@ fn fill(
             m.insert("nodePort".into(), json!(np));
         }
     }
+    // A LoadBalancer with externalTrafficPolicy Local gets a node port of its own for load
+    // balancers' health checks (kube-proxy answers it with the node's local endpoint count).
+    let local = spec.get("externalTrafficPolicy").and_then(Value::as_str) == Some("Local");
+    if let Some(m) = spec.as_object_mut() {
+        if ty == "LoadBalancer" && local {
+            let old_hc = old
+                .and_then(|o| o.pointer("/spec/healthCheckNodePort"))
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            let mut hc = m
+                .get("healthCheckNodePort")
+                .and_then(Value::as_i64)
+                .unwrap_or(0);
+            if hc == 0 {
+                hc = old_hc;
+            } else if hc != old_hc && !old_held.contains(&hc) {
+                requested.push(port_key(hc));
+            }
+            if hc == 0 {
+                let mut rng = rand::rng();
+                loop {
+                    let c = i64::from(rng.random_range(NODE_PORTS));
+                    if !used.contains(&c) && !old_held.contains(&c) {
+                        hc = c;
+                        break;
+                    }
+                }
+            }
+            m.insert("healthCheckNodePort".into(), json!(hc));
+        } else {
+            m.remove("healthCheckNodePort");
+        }
+    }
     Ok(())
 }
 
@@ -263,6 +306,27 @@ pub fn for_update(def: &ResourceDef, old: &Value, new: &mut Value) -> Result<Cha
 mod tests {
     use super::*;
     use crate::resources::find;
+
+    #[test]
+    fn a_local_load_balancer_holds_a_health_check_node_port() {
+        let def = find("", "v1", "services").expect("services");
+        let mut svc = json!({"metadata": {"name": "lb", "namespace": "default"},
+            "spec": {"type": "LoadBalancer", "externalTrafficPolicy": "Local",
+                     "ports": [{"port": 80, "protocol": "TCP"}]}});
+        let c = for_create(def, &mut svc).expect("allocates");
+        let hc = svc["spec"]["healthCheckNodePort"]
+            .as_i64()
+            .expect("allocated");
+        assert!(NODE_PORTS.contains(&(hc as u16)));
+        assert_ne!(Some(hc), svc["spec"]["ports"][0]["nodePort"].as_i64());
+        assert!(c.creates.contains(&port_key(hc)), "held like a node port");
+        // Switching to Cluster releases it.
+        let old = svc.clone();
+        svc["spec"]["externalTrafficPolicy"] = json!("Cluster");
+        let c = for_update(def, &old, &mut svc).expect("update");
+        assert!(svc["spec"].get("healthCheckNodePort").is_none());
+        assert!(c.releases.contains(&port_key(hc)));
+    }
 
     #[test]
     fn cluster_ips_come_from_the_dynamic_band_and_node_ports_from_the_range() {

@@ -60,11 +60,22 @@ pub struct FrontendOwner {
     pub port_name: String,
 }
 
+/// What a Service's `healthCheckNodePort` answers (externalTrafficPolicy=Local): how many of
+/// its endpoints are ready on this node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub namespace: String,
+    pub name: String,
+    pub local_endpoints: usize,
+}
+
 /// The whole desired state.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Desired {
     pub frontends: BTreeMap<FrontendKey, FrontendSpec>,
     pub owners: BTreeMap<FrontendKey, FrontendOwner>,
+    /// Health check node ports.
+    pub health: BTreeMap<u16, HealthCheck>,
 }
 
 /// This node, as service translation needs it.
@@ -176,6 +187,28 @@ pub fn desired<'a>(
             .get(&(ns.clone(), name.clone()))
             .map(Vec::as_slice)
             .unwrap_or_default();
+        if etp_local
+            && let Some(hc) = spec
+                .health_check_node_port
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p != 0)
+        {
+            let local: BTreeSet<&str> = slices
+                .iter()
+                .flat_map(|s| s.endpoints.iter())
+                .filter(|e| e.node_name.as_deref() == Some(node.name.as_str()))
+                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+                .filter_map(|e| e.addresses.first().map(String::as_str))
+                .collect();
+            out.health.insert(
+                hc,
+                HealthCheck {
+                    namespace: ns.clone(),
+                    name: name.clone(),
+                    local_endpoints: local.len(),
+                },
+            );
+        }
         for sp in spec.ports.iter().flatten() {
             let Some(proto) = proto_number(sp.protocol.as_deref()) else {
                 continue;

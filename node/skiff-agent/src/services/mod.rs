@@ -6,6 +6,7 @@
 //! whatever events are ready when the agent wakes are applied in one pass.
 
 pub mod desired;
+pub mod health;
 pub mod programmer;
 
 use std::{collections::HashMap, sync::Arc, time::Duration};
@@ -123,6 +124,7 @@ pub async fn run(
     // When each not-yet-programmed EndpointSlice change was seen.
     let mut pending: Vec<Instant> = Vec::new();
     let mut retry_at: Option<Instant> = None;
+    let mut health = health::HealthServers::default();
     loop {
         let mut changed = false;
         tokio::select! {
@@ -142,6 +144,7 @@ pub async fn run(
         }
         let want = desired::desired(services.objects.values(), slices.objects.values(), &node);
         let report = programmer.apply(&want.frontends, &mut maps);
+        health.sync(&want.health);
         let now = Instant::now();
         for seen in pending.drain(..) {
             metrics
