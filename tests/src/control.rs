@@ -116,6 +116,19 @@ impl ControlPlane {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// The busybox test image (named `busybox:1.36`) as an OCI layout archive in the scratch
+    /// directory, built from the machine's static busybox.
+    pub fn busybox_archive(&self) -> PathBuf {
+        let archive = self.scratch().join("busybox.tar");
+        skiff_runtime::oci_layout::build_busybox_archive(
+            Path::new("/bin/busybox"),
+            "busybox:1.36",
+            &archive,
+        )
+        .expect("image archive");
+        archive
+    }
+
     /// Runs `kubectl <args> -o jsonpath=<path>`, asserts success, and returns stdout.
     #[track_caller]
     pub fn jsonpath(&self, args: &[&str], path: &str) -> String {

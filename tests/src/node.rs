@@ -386,3 +386,80 @@ impl Drop for NodeAgent {
             .output();
     }
 }
+
+/// A control plane and `n` real nodes on a test LAN, each agent with the busybox test image.
+#[derive(Debug)]
+pub struct LanCluster {
+    /// The node namespaces, in agent order.
+    pub nodes: Vec<NodeNs>,
+    /// Their agents.
+    pub agents: Vec<NodeAgent>,
+    /// The control plane (listening on the LAN).
+    pub cp: crate::control::ControlPlane,
+    lan: Lan,
+}
+
+impl LanCluster {
+    /// Runs `body` on a control plane and `n` nodes, waiting first until every node is Ready.
+    /// On failure it prints the pods, events and every agent's log; it cleans up either way.
+    pub fn run(n: usize, body: impl FnOnce(&mut LanCluster)) {
+        let lan = Lan::new();
+        let nodes: Vec<NodeNs> = (0..n).map(|_| lan.node()).collect();
+        let cp = crate::control::ControlPlane::start_on(lan.host_ip);
+        let archive = cp.busybox_archive();
+        let kubeconfig = cp.scratch().join("data/node.kubeconfig");
+        let agents = nodes
+            .iter()
+            .map(|node| {
+                NodeAgent::start(
+                    node,
+                    &kubeconfig,
+                    cp.scratch(),
+                    std::slice::from_ref(&archive),
+                )
+            })
+            .collect();
+        let mut cluster = LanCluster {
+            nodes,
+            agents,
+            cp,
+            lan,
+        };
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            for a in &cluster.agents {
+                cluster.cp.eventually(60, "every node Ready", || {
+                    let out = cluster.cp.kubectl(&[
+                        "get",
+                        "node",
+                        &a.name,
+                        "-o",
+                        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+                    ]);
+                    out.stdout == b"True"
+                });
+            }
+            body(&mut cluster)
+        }));
+        if outcome.is_err() {
+            let show = |args: &[&str]| {
+                String::from_utf8_lossy(&cluster.cp.kubectl(args).stdout).into_owned()
+            };
+            eprintln!(
+                "pods:\n{}\nevents:\n{}",
+                show(&["get", "pods", "-o", "wide"]),
+                show(&["get", "events"])
+            );
+            for a in &cluster.agents {
+                eprintln!("agent {} log:\n{}", a.name, a.log());
+            }
+        }
+        for a in &mut cluster.agents {
+            a.stop();
+        }
+        cluster.agents.clear();
+        drop(cluster.lan);
+        if let Err(p) = outcome {
+            std::panic::resume_unwind(p);
+        }
+    }
+}

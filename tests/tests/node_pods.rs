@@ -13,21 +13,9 @@ use std::{
 
 use skiff_tests::{
     control::ControlPlane,
-    node::{Lan, NodeAgent, NodeNs},
+    node::{LanCluster, NodeAgent, NodeNs},
     privileged,
 };
-
-/// The busybox test image (named `busybox:1.36`) as an OCI layout archive in the scratch dir.
-fn busybox_archive(cp: &ControlPlane) -> PathBuf {
-    let archive = cp.scratch().join("busybox.tar");
-    skiff_runtime::oci_layout::build_busybox_archive(
-        Path::new("/bin/busybox"),
-        "busybox:1.36",
-        &archive,
-    )
-    .expect("image archive");
-    archive
-}
 
 fn jsonpath(cp: &ControlPlane, what: &[&str], path: &str) -> String {
     let mut args = vec!["get"];
@@ -59,7 +47,7 @@ fn on_one_node_with<S>(
     }
     let node_ns = NodeNs::new();
     let cp = ControlPlane::start_on(node_ns.host_ip);
-    let archive = busybox_archive(&cp);
+    let archive = cp.busybox_archive();
     let (images, extra, made) = prepare(&node_ns, &cp, archive);
     let extra: Vec<&str> = extra.iter().map(String::as_str).collect();
     let mut agent = NodeAgent::start_with(
@@ -372,29 +360,9 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
     if !privileged("a_pod_reaches_a_pod_on_another_node_by_its_ip") {
         return;
     }
-    let lan = Lan::new();
-    let (n1, n2) = (lan.node(), lan.node());
-    let cp = ControlPlane::start_on(lan.host_ip);
-    let archive = busybox_archive(&cp);
-    let kubeconfig = cp.scratch().join("data/node.kubeconfig");
-    let mut a1 = NodeAgent::start(
-        &n1,
-        &kubeconfig,
-        cp.scratch(),
-        std::slice::from_ref(&archive),
-    );
-    let mut a2 = NodeAgent::start(&n2, &kubeconfig, cp.scratch(), &[archive]);
-    let (name1, name2) = (a1.name.clone(), a2.name.clone());
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for n in [&name1, &name2] {
-            cp.eventually(60, "both nodes Ready", || {
-                jsonpath(
-                    &cp,
-                    &["node", n],
-                    "{.status.conditions[?(@.type==\"Ready\")].status}",
-                ) == "True"
-            });
-        }
+    LanCluster::run(2, |c| {
+        let cp = &c.cp;
+        let (name1, name2) = (c.agents[0].name.clone(), c.agents[1].name.clone());
         let on = |node: &str| format!(r#"{{"apiVersion":"v1","spec":{{"nodeName":"{node}"}}}}"#);
         cp.ok(&[
             "run",
@@ -410,10 +378,10 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
             "/var/www",
         ]);
         cp.eventually(60, "server Running", || {
-            jsonpath(&cp, &["pod", "server"], "{.status.phase}") == "Running"
+            jsonpath(cp, &["pod", "server"], "{.status.phase}") == "Running"
         });
-        let ip = jsonpath(&cp, &["pod", "server"], "{.status.podIP}");
-        let cidr2 = jsonpath(&cp, &["node", &name2], "{.spec.podCIDR}");
+        let ip = jsonpath(cp, &["pod", "server"], "{.status.podIP}");
+        let cidr2 = jsonpath(cp, &["node", &name2], "{.spec.podCIDR}");
         assert!(
             ip.starts_with(cidr2.trim_end_matches("0/24")),
             "{ip} not in {cidr2}"
@@ -431,18 +399,18 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
         ]);
         cp.eventually(60, "the client to finish", || {
             matches!(
-                jsonpath(&cp, &["pod", "client"], "{.status.phase}").as_str(),
+                jsonpath(cp, &["pod", "client"], "{.status.phase}").as_str(),
                 "Succeeded" | "Failed"
             )
         });
-        let phase = jsonpath(&cp, &["pod", "client"], "{.status.phase}");
+        let phase = jsonpath(cp, &["pod", "client"], "{.status.phase}");
         assert_eq!(
             phase,
             "Succeeded",
             "client output: {:?}, state: {}",
             cp.kubectl(&["logs", "client"]),
             jsonpath(
-                &cp,
+                cp,
                 &["pod", "client"],
                 "{.status.containerStatuses[0].state}"
             )
@@ -455,16 +423,7 @@ fn a_pod_reaches_a_pod_on_another_node_by_its_ip() {
             "--grace-period=1",
             "--timeout=60s",
         ]);
-    }));
-    if outcome.is_err() {
-        eprintln!("agent 1 log:\n{}\nagent 2 log:\n{}", a1.log(), a2.log());
-    }
-    a1.stop();
-    a2.stop();
-    drop((a1, a2));
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    });
 }
 
 #[test]

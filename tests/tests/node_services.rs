@@ -6,7 +6,6 @@ use std::{
     collections::BTreeSet,
     io::{BufRead, BufReader, Write},
     net::{SocketAddrV4, TcpStream},
-    path::Path,
     process::Command,
     time::{Duration, Instant},
 };
@@ -20,7 +19,7 @@ use skiff_net::NetNs;
 use skiff_tests::{
     bpffs,
     control::ControlPlane,
-    node::{Lan, NodeAgent, NodeNs},
+    node::{LanCluster, NodeNs},
     privileged,
 };
 
@@ -77,17 +76,6 @@ fn get(cp: &ControlPlane, what: &[&str], path: &str) -> String {
     let expr = format!("jsonpath={path}");
     args.extend_from_slice(&["-o", &expr]);
     String::from_utf8_lossy(&cp.kubectl(&args).stdout).into_owned()
-}
-
-fn busybox_archive(cp: &ControlPlane) -> std::path::PathBuf {
-    let archive = cp.scratch().join("busybox.tar");
-    skiff_runtime::oci_layout::build_busybox_archive(
-        Path::new("/bin/busybox"),
-        "busybox:1.36",
-        &archive,
-    )
-    .expect("image archive");
-    archive
 }
 
 /// A long-lived TCP connection opened from inside a pod's network namespace (so it leaves
@@ -218,29 +206,13 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
     if !privileged("cluster_ip_services_are_routed_by_ebpf_across_nodes") {
         return;
     }
-    let lan = Lan::new();
-    let (n1, n2) = (lan.node(), lan.node());
-    let cp = ControlPlane::start_on(lan.host_ip);
-    let archive = busybox_archive(&cp);
-    let kubeconfig = cp.scratch().join("data/node.kubeconfig");
-    let mut a1 = NodeAgent::start(
-        &n1,
-        &kubeconfig,
-        cp.scratch(),
-        std::slice::from_ref(&archive),
-    );
-    let mut a2 = NodeAgent::start(&n2, &kubeconfig, cp.scratch(), &[archive]);
-    let (name1, name2) = (a1.name.clone(), a2.name.clone());
-    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        for n in [&name1, &name2] {
-            cp.eventually(60, "both nodes Ready", || {
-                get(
-                    &cp,
-                    &["node", n],
-                    "{.status.conditions[?(@.type==\"Ready\")].status}",
-                ) == "True"
-            });
-        }
+    LanCluster::run(2, |c| {
+        let LanCluster {
+            nodes, agents, cp, ..
+        } = c;
+        let cp = &*cp;
+        let (n1, n2) = (&nodes[0], &nodes[1]);
+        let (name1, name2) = (agents[0].name.clone(), agents[1].name.clone());
         cp.ok_stdin(&["apply", "-f", "-"], MANIFESTS);
         let on1 = format!(
             r#"{{"apiVersion":"v1","spec":{{"nodeName":"{name1}","terminationGracePeriodSeconds":0}}}}"#
@@ -255,16 +227,16 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             "3600",
         ]);
         cp.eventually(90, "web available and client running", || {
-            get(&cp, &["deployment", "web"], "{.status.availableReplicas}") == "2"
-                && get(&cp, &["pod", "client"], "{.status.phase}") == "Running"
+            get(cp, &["deployment", "web"], "{.status.availableReplicas}") == "2"
+                && get(cp, &["pod", "client"], "{.status.phase}") == "Running"
         });
-        let nodes: BTreeSet<String> =
-            get(&cp, &["pods", "-l", "app=web"], "{.items[*].spec.nodeName}")
+        let web_nodes: BTreeSet<String> =
+            get(cp, &["pods", "-l", "app=web"], "{.items[*].spec.nodeName}")
                 .split_whitespace()
                 .map(str::to_string)
                 .collect();
-        assert_eq!(nodes.len(), 2, "one backend per node: {nodes:?}");
-        let vip: std::net::Ipv4Addr = get(&cp, &["service", "web"], "{.spec.clusterIP}")
+        assert_eq!(web_nodes.len(), 2, "one backend per node: {web_nodes:?}");
+        let vip: std::net::Ipv4Addr = get(cp, &["service", "web"], "{.spec.clusterIP}")
             .parse()
             .expect("cluster IP");
         let pins1 = PinDir::open(&bpffs(), &name1).expect("node 1 pins");
@@ -273,9 +245,9 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         });
 
         // Requests from a pod reach both backends, one on each node.
-        let answers = hostnames(&cp, &format!("{vip} 80"), 30);
+        let answers = hostnames(cp, &format!("{vip} 80"), 30);
         let seen: BTreeSet<&String> = answers.iter().collect();
-        let names: BTreeSet<String> = pod_ip_to_name(&cp).into_iter().map(|(_, n)| n).collect();
+        let names: BTreeSet<String> = pod_ip_to_name(cp).into_iter().map(|(_, n)| n).collect();
         assert_eq!(
             seen.iter().map(|s| s.to_string()).collect::<BTreeSet<_>>(),
             names,
@@ -283,7 +255,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         );
 
         // A Service without endpoints refuses at once instead of timing out.
-        let nothing = get(&cp, &["service", "nothing"], "{.spec.clusterIP}");
+        let nothing = get(cp, &["service", "nothing"], "{.spec.clusterIP}");
         let started = Instant::now();
         let refused = cp.kubectl(&["exec", "client", "--", "nc", "-w", "10", &nothing, "80"]);
         assert!(!refused.status.success());
@@ -297,7 +269,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         );
 
         // Nothing of this is in iptables or nftables.
-        for n in [&n1, &n2] {
+        for n in [n1, n2] {
             for (program, args) in [
                 ("iptables-save", &[][..]),
                 ("nft", &["list", "ruleset"][..]),
@@ -311,13 +283,13 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         }
 
         // A long-lived connection through the Service, from the client pod's namespace.
-        let client_uid = get(&cp, &["pod", "client"], "{.metadata.uid}");
-        let client_ns = NetNs::open(&a1.run_dir.join(format!("netns/pod-{client_uid}")))
+        let client_uid = get(cp, &["pod", "client"], "{.metadata.uid}");
+        let client_ns = NetNs::open(&agents[0].run_dir.join(format!("netns/pod-{client_uid}")))
             .expect("client pod netns");
         let mut long = Conn::open(&client_ns, SocketAddrV4::new(vip, 9000));
         assert_eq!(long.echo("hello").expect("echo"), "hello");
         let drained_ip = backend_of(&pins1, long.local_port()).to_string();
-        let by_ip = pod_ip_to_name(&cp);
+        let by_ip = pod_ip_to_name(cp);
         let drained = by_ip
             .iter()
             .find(|(ip, _)| *ip == drained_ip)
@@ -328,14 +300,14 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         // goes on, new connections go to the other backend.
         cp.ok(&["delete", "pod", &drained, "--wait=false"]);
         cp.eventually(30, "the deleted pod's endpoint terminating", || {
-            let (_, terminating) = slice_counts(&cp);
+            let (_, terminating) = slice_counts(cp);
             terminating == 1
         });
         cp.eventually(10, "node 1 stops sending new connections to it", || {
             programmed_ready(&pins1, vip, 80)
-                == Some(u16::try_from(slice_counts(&cp).0).expect("small"))
+                == Some(u16::try_from(slice_counts(cp).0).expect("small"))
         });
-        for a in hostnames(&cp, &format!("{vip} 80"), 15) {
+        for a in hostnames(cp, &format!("{vip} 80"), 15) {
             assert_ne!(
                 a, drained,
                 "a new connection went to the terminating backend"
@@ -348,7 +320,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
 
         // Scaling: once the slices list the new endpoints, node 1 routes to them within a second.
         cp.ok(&["scale", "deployment", "web", "--replicas=4"]);
-        cp.eventually(90, "4 ready endpoints", || slice_counts(&cp).0 == 4);
+        cp.eventually(90, "4 ready endpoints", || slice_counts(cp).0 == 4);
         let listed = Instant::now();
         while programmed_ready(&pins1, vip, 80) != Some(4) {
             assert!(
@@ -378,7 +350,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             }
         }
         let on_node2: BTreeSet<String> = get(
-            &cp,
+            cp,
             &[
                 "pods",
                 "-l",
@@ -416,7 +388,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
                     })
                 })
         });
-        let answers = hostnames(&cp, &format!("{vip} 80"), 15);
+        let answers = hostnames(cp, &format!("{vip} 80"), 15);
         assert_eq!(
             answers.iter().collect::<BTreeSet<_>>().len(),
             1,
@@ -429,24 +401,24 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
         assert_eq!(long.echo("before").expect("echo"), "before");
         // An agent restart leaves the connection alone: programs stay attached through their
         // pinned links, connection tracking lives in pinned maps.
-        a1.stop();
+        agents[0].stop();
         assert_eq!(
             long.echo("agent down").expect("echo, agent stopped"),
             "agent down"
         );
-        a1.restart(&n1);
+        agents[0].restart(n1);
         cp.eventually(30, "the restarted agent's service sync", || {
-            a1.log().matches("service maps adopted").count() >= 2
+            agents[0].log().matches("service maps adopted").count() >= 2
         });
         assert_eq!(
             long.echo("agent back").expect("echo after restart"),
             "agent back"
         );
-        assert_eq!(hostnames(&cp, &format!("{vip} 80"), 3).len(), 3);
+        assert_eq!(hostnames(cp, &format!("{vip} 80"), 3).len(), 3);
 
         // The agent's metrics: programming latency and per-Service counters.
         let metrics = in_ns(
-            &n1,
+            n1,
             "busybox",
             &["wget", "-q", "-O", "-", "http://127.0.0.1:10249/metrics"],
         );
@@ -465,7 +437,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             "-p",
             r#"{"spec":{"type":"LoadBalancer","externalTrafficPolicy":"Local","sessionAffinity":"None"}}"#,
         ]);
-        let hc: u16 = get(&cp, &["service", "web"], "{.spec.healthCheckNodePort}")
+        let hc: u16 = get(cp, &["service", "web"], "{.spec.healthCheckNodePort}")
             .parse()
             .expect("a health check node port");
         let mut answer = String::new();
@@ -483,7 +455,7 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
 
         assert_eq!(
             get(
-                &cp,
+                cp,
                 &["pod", "client"],
                 "{.status.containerStatuses[0].restartCount}"
             ),
@@ -508,32 +480,5 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             "--force",
             "--timeout=60s",
         ]);
-    }));
-    if outcome.is_err() {
-        eprintln!(
-            "pods:\n{}\nevents:\n{}",
-            String::from_utf8_lossy(&cp.kubectl(&["get", "pods", "-o", "wide"]).stdout),
-            String::from_utf8_lossy(&cp.kubectl(&["get", "events"]).stdout)
-        );
-        eprintln!("agent 1 log:\n{}\nagent 2 log:\n{}", a1.log(), a2.log());
-        for n in [&name1, &name2] {
-            for what in [&["metrics"][..], &["lb", "list"], &["ct", "list"]] {
-                let out = Command::new(skiff_tests::bin("skiff-node"))
-                    .args(["--node-name", n, "bpf"])
-                    .args(what)
-                    .output()
-                    .expect("skiff-node bpf");
-                eprintln!(
-                    "{n} bpf {what:?}:\n{}",
-                    String::from_utf8_lossy(&out.stdout)
-                );
-            }
-        }
-    }
-    a1.stop();
-    a2.stop();
-    drop((a1, a2));
-    if let Err(p) = outcome {
-        std::panic::resume_unwind(p);
-    }
+    });
 }

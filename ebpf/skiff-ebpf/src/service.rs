@@ -112,6 +112,58 @@ fn keep_tracked(entry: &CtEntry, info: &Ipv4Info, new_syn: bool) -> bool {
     true
 }
 
+/// The packet's tuple, and whether it opens a TCP connection.
+#[inline(always)]
+fn tuple(info: &Ipv4Info) -> (CtKey, bool) {
+    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
+    let new_syn = info.proto == IPPROTO_TCP && info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
+    (key, new_syn)
+}
+
+/// Translates a packet of a tracked flow as its entry says; `None` when the packet starts (or
+/// restarts) a flow.
+#[inline(always)]
+fn tracked(
+    ctx: &TcContext,
+    info: &Ipv4Info,
+    key: &CtKey,
+    new_syn: bool,
+    now: u64,
+) -> Option<Result<Verdict, ()>> {
+    let e = ct::lookup(key, now)?;
+    // SAFETY: pointer from a successful lookup, valid for this run.
+    let entry = unsafe { *e };
+    if !keep_tracked(&entry, info, new_syn) {
+        return None;
+    }
+    ct::touch(key, e, info.proto, info.tcp_flags, now);
+    lb::count(entry.service_id, ctx.len());
+    Some(apply(ctx, info, &entry))
+}
+
+/// A backend of `fe` for a new connection; with none, the packet becomes its rejection and is
+/// sent back (`Err` carries the verdict to return).
+#[inline(always)]
+fn choose(
+    ctx: &TcContext,
+    info: &Ipv4Info,
+    fe: &lb::Frontend,
+    now: u64,
+) -> Result<(u32, skiff_ebpf_common::lb::Backend), Verdict> {
+    match lb::select(fe, info.saddr, now) {
+        Ok(b) => Ok(b),
+        Err(DropReason::ServiceNoBackend) => {
+            if reject::reject(ctx, info).is_err() {
+                return Err(Verdict::Drop(DropReason::ServiceNoBackend));
+            }
+            // SAFETY: a helper taking plain integers.
+            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
+            Err(Verdict::Rejected(r))
+        }
+        Err(reason) => Err(Verdict::Drop(reason)),
+    }
+}
+
 /// A packet leaving a pod.
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
@@ -125,31 +177,16 @@ pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
 #[inline(always)]
 fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     let now = ct::now();
-    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
-    let new_syn = info.proto == IPPROTO_TCP && info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(e) = ct::lookup(&key, now) {
-        // SAFETY: pointer from a successful lookup, valid for this run.
-        let entry = unsafe { *e };
-        if keep_tracked(&entry, info, new_syn) {
-            ct::touch(&key, e, info.proto, info.tcp_flags, now);
-            lb::count(entry.service_id, ctx.len());
-            return apply(ctx, info, &entry);
-        }
+    let (key, new_syn) = tuple(info);
+    if let Some(v) = tracked(ctx, info, &key, new_syn, now) {
+        return v;
     }
     let Some(fe) = lb::frontend(info.daddr, info.dport, info.proto, true) else {
         return Ok(Verdict::Pass);
     };
-    let (backend_id, be) = match lb::select(&fe, info.saddr, now) {
+    let (backend_id, be) = match choose(ctx, info, &fe, now) {
         Ok(b) => b,
-        Err(DropReason::ServiceNoBackend) => {
-            if reject::reject(ctx, info).is_err() {
-                return Ok(Verdict::Drop(DropReason::ServiceNoBackend));
-            }
-            // SAFETY: a helper taking plain integers.
-            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
-            return Ok(Verdict::Rejected(r));
-        }
-        Err(reason) => return Ok(Verdict::Drop(reason)),
+        Err(v) => return Ok(v),
     };
     let hairpin = be.address == info.saddr;
     let (src, sport) = if hairpin {
@@ -214,16 +251,9 @@ pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
 #[inline(always)]
 fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     let now = ct::now();
-    let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
-    let new_syn = info.proto == IPPROTO_TCP && info.tcp_flags & (TCP_SYN | TCP_ACK) == TCP_SYN;
-    if let Some(e) = ct::lookup(&key, now) {
-        // SAFETY: pointer from a successful lookup, valid for this run.
-        let entry = unsafe { *e };
-        if keep_tracked(&entry, info, new_syn) {
-            ct::touch(&key, e, info.proto, info.tcp_flags, now);
-            lb::count(entry.service_id, ctx.len());
-            return apply(ctx, info, &entry);
-        }
+    let (key, new_syn) = tuple(info);
+    if let Some(v) = tracked(ctx, info, &key, new_syn, now) {
+        return v;
     }
     let Some(fe) = lb::frontend(info.daddr, info.dport, info.proto, false) else {
         return Ok(Verdict::Pass);
@@ -232,17 +262,9 @@ fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     if fe.svc.flags & (SVC_NODEPORT | SVC_EXTERNAL_IP) == 0 {
         return Ok(Verdict::Pass);
     }
-    let (backend_id, be) = match lb::select(&fe, info.saddr, now) {
+    let (backend_id, be) = match choose(ctx, info, &fe, now) {
         Ok(b) => b,
-        Err(DropReason::ServiceNoBackend) => {
-            if reject::reject(ctx, info).is_err() {
-                return Ok(Verdict::Drop(DropReason::ServiceNoBackend));
-            }
-            // SAFETY: a helper taking plain integers.
-            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
-            return Ok(Verdict::Rejected(r));
-        }
-        Err(reason) => return Ok(Verdict::Drop(reason)),
+        Err(v) => return Ok(v),
     };
     let expires = now + ct::lifetime(info.proto);
     let local = be.flags & BE_LOCAL != 0;

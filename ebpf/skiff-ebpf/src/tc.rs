@@ -1,9 +1,50 @@
 //! Shared entry work of the TC programs: parsing with a pull of non-linear headers.
 
-use aya_ebpf::programs::TcContext;
-use skiff_ebpf_common::DropReason;
+use aya_ebpf::{
+    bindings::{TC_ACT_OK, TC_ACT_SHOT},
+    programs::TcContext,
+};
+use skiff_ebpf_common::{DropReason, Hook};
 
-use crate::packet::{self, Packet, ParseError};
+use crate::{
+    metrics,
+    packet::{self, Ipv4Info, Packet, ParseError},
+    service::Verdict,
+};
+
+/// The body of every TC program: parse, hand TCP/UDP to `stage`, count the outcome under
+/// `hook`, and drop through the single drop exit with a stable reason.
+#[inline(always)]
+pub fn run(
+    ctx: &TcContext,
+    hook: Hook,
+    stage: impl FnOnce(&TcContext, &Ipv4Info) -> Verdict,
+) -> i32 {
+    let len = ctx.len();
+    let verdict = match parse(ctx) {
+        Ok(Packet::Ipv4(info)) if info.has_ports => stage(ctx, &info),
+        Ok(_) => Verdict::Pass,
+        Err(reason) => Verdict::Drop(reason),
+    };
+    match verdict {
+        Verdict::Pass => {
+            metrics::forwarded(hook, len);
+            TC_ACT_OK as i32
+        }
+        Verdict::Redirected(r) => {
+            metrics::forwarded(hook, len);
+            r
+        }
+        Verdict::Rejected(r) => {
+            metrics::count(hook, DropReason::ServiceNoBackend.code(), len);
+            r
+        }
+        Verdict::Drop(reason) => {
+            metrics::count(hook, reason.code(), len);
+            TC_ACT_SHOT as i32
+        }
+    }
+}
 
 /// Parses the packet, pulling headers that live in paged data into the linear part first.
 #[inline(always)]

@@ -1,59 +1,18 @@
 //! TC program on a pod's host-side veth, ingress direction: every packet the pod sends.
 //!
 //! Validates headers (malformed packets are dropped with their reason), then does service
-//! translation (see `skiff_ebpf::service`). Egress policy attaches here as it is built.
+//! translation (see `skiff_ebpf::service::from_pod`). Egress policy attaches here as it is built.
 
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
-use skiff_ebpf::{
-    metrics,
-    packet::Packet,
-    service::{self, Verdict},
-    tc,
-};
-use skiff_ebpf_common::{DropReason, Hook};
-
-const HOOK: Hook = Hook::FromPod;
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use skiff_ebpf::{service, tc};
+use skiff_ebpf_common::Hook;
 
 #[classifier]
 pub fn from_pod(ctx: TcContext) -> i32 {
-    let len = ctx.len();
-    let info = match tc::parse(&ctx) {
-        Ok(Packet::Ipv4(info)) if info.has_ports => info,
-        Ok(_) => {
-            metrics::forwarded(HOOK, len);
-            return TC_ACT_OK;
-        }
-        Err(reason) => return drop(reason, len),
-    };
-    match service::from_pod(&ctx, &info) {
-        Verdict::Pass => {
-            metrics::forwarded(HOOK, len);
-            TC_ACT_OK
-        }
-        Verdict::Redirected(r) => {
-            metrics::forwarded(HOOK, len);
-            r
-        }
-        Verdict::Rejected(r) => {
-            metrics::count(HOOK, DropReason::ServiceNoBackend.code(), len);
-            r
-        }
-        Verdict::Drop(reason) => drop(reason, len),
-    }
-}
-
-/// The single drop exit of this program: counts the reason, then drops.
-#[inline(always)]
-fn drop(reason: DropReason, len: u32) -> i32 {
-    metrics::count(HOOK, reason.code(), len);
-    TC_ACT_SHOT
+    tc::run(&ctx, Hook::FromPod, service::from_pod)
 }
 
 #[unsafe(link_section = "license")]

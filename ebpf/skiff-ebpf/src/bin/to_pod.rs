@@ -6,50 +6,13 @@
 #![no_std]
 #![no_main]
 
-use aya_ebpf::{
-    bindings::{TC_ACT_OK, TC_ACT_SHOT},
-    macros::classifier,
-    programs::TcContext,
-};
-use skiff_ebpf::{
-    metrics,
-    packet::Packet,
-    service::{self, Verdict},
-    tc,
-};
-use skiff_ebpf_common::{DropReason, Hook};
-
-const HOOK: Hook = Hook::ToPod;
+use aya_ebpf::{macros::classifier, programs::TcContext};
+use skiff_ebpf::{service, tc};
+use skiff_ebpf_common::Hook;
 
 #[classifier]
 pub fn to_pod(ctx: TcContext) -> i32 {
-    let len = ctx.len();
-    let info = match tc::parse(&ctx) {
-        Ok(Packet::Ipv4(info)) if info.has_ports => info,
-        Ok(_) => {
-            metrics::forwarded(HOOK, len);
-            return TC_ACT_OK;
-        }
-        Err(reason) => return drop(reason, len),
-    };
-    match service::to_pod(&ctx, &info) {
-        Verdict::Pass => {
-            metrics::forwarded(HOOK, len);
-            TC_ACT_OK
-        }
-        Verdict::Redirected(r) | Verdict::Rejected(r) => {
-            metrics::forwarded(HOOK, len);
-            r
-        }
-        Verdict::Drop(reason) => drop(reason, len),
-    }
-}
-
-/// The single drop exit of this program: counts the reason, then drops.
-#[inline(always)]
-fn drop(reason: DropReason, len: u32) -> i32 {
-    metrics::count(HOOK, reason.code(), len);
-    TC_ACT_SHOT
+    tc::run(&ctx, Hook::ToPod, service::to_pod)
 }
 
 #[unsafe(link_section = "license")]
