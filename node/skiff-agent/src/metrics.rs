@@ -140,7 +140,7 @@ fn row_labels(r: &skiff_datapath::metrics::MetricsRow) -> Vec<(String, String)> 
 }
 
 /// The registry of everything the agent exports.
-pub fn registry(pins: Option<PinDir>, lb: Arc<LbMetrics>) -> Registry {
+pub fn registry(pins: PinDir, lb: Arc<LbMetrics>) -> Registry {
     let mut r = Registry::default();
     r.register(
         "skiff_network_programming_duration_seconds",
@@ -162,9 +162,7 @@ pub fn registry(pins: Option<PinDir>, lb: Arc<LbMetrics>) -> Registry {
         "Service frontends that could not be written, by cause",
         lb.sync_errors.clone(),
     );
-    if let Some(pins) = pins {
-        r.register_collector(Box::new(DatapathCollector { pins, lb }));
-    }
+    r.register_collector(Box::new(DatapathCollector { pins, lb }));
     r
 }
 

@@ -80,6 +80,25 @@ impl PinDir {
         self.path.join(name)
     }
 
+    /// Opens the pinned map `name` as the aya map type `T` (which checks its kind and sizes).
+    pub fn open_map<T: TryFrom<aya::maps::Map, Error = aya::maps::MapError>>(
+        &self,
+        name: &str,
+    ) -> Result<T, DatapathError> {
+        let path = self.map_path(name);
+        let map_err = |op| {
+            let map = path.display().to_string();
+            move |source| DatapathError::Map {
+                op,
+                map,
+                source: Box::new(source),
+            }
+        };
+        let data = aya::maps::MapData::from_pin(&path).map_err(map_err("open pinned"))?;
+        let map = aya::maps::Map::from_map_data(data).map_err(map_err("open pinned"))?;
+        T::try_from(map).map_err(map_err("check layout of"))
+    }
+
     /// Unpins everything in the directory and removes it (and `skiff/` when it is left empty).
     /// Maps stay alive while a loaded program still uses them.
     pub fn remove(self) -> Result<(), DatapathError> {

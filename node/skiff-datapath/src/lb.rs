@@ -1,7 +1,7 @@
 //! Userspace side of the service maps (`skiff_lb_*`, `skiff_ct`): writing frontends and
 //! backends, reading them back for the CLI and for adoption after a restart.
 
-use aya::maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray};
+use aya::maps::{Array, HashMap, MapData, MapError, PerCpuArray};
 use skiff_ebpf_common::{
     MetricsValue,
     ct::{CtEntry, CtKey},
@@ -72,21 +72,6 @@ impl std::fmt::Debug for LbMaps {
     }
 }
 
-fn open<T: TryFrom<Map, Error = MapError>>(pins: &PinDir, name: &str) -> Result<T, DatapathError> {
-    let path = pins.map_path(name);
-    let map_err = |op| {
-        let map = path.display().to_string();
-        move |source| DatapathError::Map {
-            op,
-            map,
-            source: Box::new(source),
-        }
-    };
-    let data = MapData::from_pin(&path).map_err(map_err("open pinned"))?;
-    let map = Map::from_map_data(data).map_err(map_err("open pinned"))?;
-    T::try_from(map).map_err(map_err("check layout of"))
-}
-
 /// Turns a failed update into an error that says when the map is full.
 fn update_err(map: &'static str, source: MapError) -> DatapathError {
     if let MapError::SyscallError(e) = &source
@@ -120,11 +105,11 @@ impl LbMaps {
     /// Opens the pinned service maps of the node in `pins`.
     pub fn open(pins: &PinDir) -> Result<LbMaps, DatapathError> {
         Ok(LbMaps {
-            services: open(pins, map_names::SERVICES)?,
-            backends: open(pins, map_names::BACKENDS)?,
-            affinity: open(pins, map_names::AFFINITY)?,
-            stats: open(pins, map_names::SERVICE_STATS)?,
-            config: open(pins, map_names::LB_CONFIG)?,
+            services: pins.open_map(map_names::SERVICES)?,
+            backends: pins.open_map(map_names::BACKENDS)?,
+            affinity: pins.open_map(map_names::AFFINITY)?,
+            stats: pins.open_map(map_names::SERVICE_STATS)?,
+            config: pins.open_map(map_names::LB_CONFIG)?,
         })
     }
 
@@ -257,7 +242,7 @@ fn collect<K, V>(
 
 /// Every connection-tracking entry of the node in `pins`.
 pub fn ct_entries(pins: &PinDir) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
-    let ct: HashMap<MapData, CtKey, CtEntry> = open(pins, map_names::CT)?;
+    let ct: HashMap<MapData, CtKey, CtEntry> = pins.open_map(map_names::CT)?;
     collect(ct.iter(), map_names::CT)
 }
 

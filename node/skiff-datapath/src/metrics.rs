@@ -1,6 +1,6 @@
 //! Reading `skiff_metrics`: per-CPU counters summed into one row per (hook, verdict).
 
-use aya::maps::{Map, MapData, PerCpuHashMap};
+use aya::maps::{MapData, PerCpuHashMap};
 use skiff_ebpf_common::{DropReason, Hook, MetricsKey, MetricsValue, map_names};
 
 use crate::{DatapathError, PinDir};
@@ -51,22 +51,16 @@ pub struct MetricsRow {
 
 /// Reads every counter of the node whose pins are in `pins`, sorted by hook then verdict.
 pub fn read(pins: &PinDir) -> Result<Vec<MetricsRow>, DatapathError> {
-    let path = pins.map_path(map_names::METRICS);
-    let map_err = |op| {
-        let map = path.display().to_string();
-        move |source| DatapathError::Map {
-            op,
-            map,
-            source: Box::new(source),
-        }
-    };
-    let data = MapData::from_pin(&path).map_err(map_err("open pinned"))?;
-    let map = Map::from_map_data(data).map_err(map_err("open pinned"))?;
     let map: PerCpuHashMap<MapData, MetricsKey, MetricsValue> =
-        PerCpuHashMap::try_from(map).map_err(map_err("check layout of"))?;
+        pins.open_map(map_names::METRICS)?;
+    let iter_err = |source| DatapathError::Map {
+        op: "iterate",
+        map: map_names::METRICS.to_string(),
+        source: Box::new(source),
+    };
     let mut rows = Vec::new();
     for entry in map.iter() {
-        let (key, per_cpu) = entry.map_err(map_err("iterate"))?;
+        let (key, per_cpu) = entry.map_err(iter_err)?;
         let (packets, bytes) = per_cpu
             .iter()
             .fold((0u64, 0u64), |(p, b), v| (p + v.packets, b + v.bytes));

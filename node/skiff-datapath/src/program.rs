@@ -125,31 +125,7 @@ impl LoadedProgram {
     /// Runs the program once on `packet` with BPF_PROG_RUN and returns its verdict and the
     /// packet as it left the program. Map side effects are real (the pinned maps are used).
     pub fn test_run(&self, packet: &[u8]) -> Result<RunOutcome, DatapathError> {
-        // Room for programs that grow the packet (encapsulation, NAT46 later on).
-        let mut out = vec![0u8; packet.len() + 256];
-        let opts = TestRunOptions {
-            data_in: Some(packet),
-            data_out: Some(&mut out),
-            ..TestRunOptions::default()
-        };
-        let prog_err = |source| DatapathError::Program {
-            program: self.kind.program_name(),
-            source: Box::new(source),
-        };
-        let program = self
-            .ebpf
-            .program(self.kind.program_name())
-            .expect("checked at load");
-        let result = match program {
-            Program::SchedClassifier(p) => p.test_run(opts).map_err(prog_err)?,
-            Program::Xdp(p) => p.test_run(opts).map_err(prog_err)?,
-            _ => unreachable!("ProgramKind only names TC and XDP programs"),
-        };
-        out.truncate(result.data_size_out as usize);
-        Ok(RunOutcome {
-            verdict: result.return_value,
-            packet: out,
-        })
+        self.prog_run(packet, 1).map(|(outcome, _)| outcome)
     }
 
     /// Runs the program `repeat` times on `packet` with BPF_PROG_RUN and returns the kernel's
@@ -159,6 +135,15 @@ impl LoadedProgram {
         packet: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration, DatapathError> {
+        self.prog_run(packet, repeat).map(|(_, d)| d)
+    }
+
+    fn prog_run(
+        &self,
+        packet: &[u8],
+        repeat: u32,
+    ) -> Result<(RunOutcome, std::time::Duration), DatapathError> {
+        // Room for programs that grow the packet (ICMP rejects, encapsulation later on).
         let mut out = vec![0u8; packet.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(packet),
@@ -179,7 +164,12 @@ impl LoadedProgram {
             Program::Xdp(p) => p.test_run(opts).map_err(prog_err)?,
             _ => unreachable!("ProgramKind only names TC and XDP programs"),
         };
-        Ok(result.duration)
+        out.truncate(result.data_size_out as usize);
+        let outcome = RunOutcome {
+            verdict: result.return_value,
+            packet: out,
+        };
+        Ok((outcome, result.duration))
     }
 
     /// Attaches the program to `iface` in the calling thread's network namespace: TC programs

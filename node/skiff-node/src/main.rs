@@ -354,7 +354,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         .build()?;
     rt.block_on(async {
         if let Some(addr) = metrics_addr {
-            let registry = skiff_agent::metrics::registry(Some(pins.clone()), lb_metrics.clone());
+            let registry = skiff_agent::metrics::registry(pins.clone(), lb_metrics.clone());
             tokio::spawn(async move {
                 if let Err(e) = skiff_agent::metrics::serve(addr, registry).await {
                     tracing::error!(error = format!("{e:#}"), "metrics endpoint stopped");
