@@ -33,12 +33,12 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use skiff_agent::services::{
-    desired::{Endpoint, FrontendKey, FrontendSpec},
+    desired::{self as desired_mod, NodeView},
     programmer::Programmer,
 };
 use skiff_datapath::{LoadedProgram, PinDir, ProgramKind, lb::LbMaps};
-use skiff_ebpf_common::lb::SCOPE_EXTERNAL;
 use skiff_net::{NetNs, Netlink, pod as podnet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -293,60 +293,69 @@ fn iperf_vip() -> Ipv4Addr {
     Ipv4Addr::new(10, 111, 0, 1)
 }
 
-fn backends(topo: &Topology, port: u16) -> Vec<Endpoint> {
-    topo.backends
-        .iter()
-        .map(|(_, ip, _)| Endpoint {
-            addr: *ip,
-            port,
-            local: true,
-        })
-        .collect()
+/// The cluster's objects for `n` Services of the four backends (plus the iperf Service), as
+/// the agent sees them: the benchmark programs the maps through the agent's own `desired()`.
+struct Objects {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
 }
 
-fn desired(topo: &Topology, n: usize) -> BTreeMap<FrontendKey, FrontendSpec> {
-    let mut d = BTreeMap::new();
-    let eps = backends(topo, SERVER_PORT);
+const BENCH_NODE: &str = "bench-node";
+
+fn slice(name: &str, port: u16, addrs: &[Ipv4Addr]) -> EndpointSlice {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": format!("{name}-x"), "namespace": "bench",
+                     "labels": {desired_mod::SERVICE_NAME_LABEL: name}},
+        "addressType": "IPv4",
+        "ports": [{"port": port}],
+        "endpoints": addrs.iter().map(|a| serde_json::json!({
+            "addresses": [a.to_string()], "nodeName": BENCH_NODE})).collect::<Vec<_>>(),
+    }))
+    .expect("a valid EndpointSlice")
+}
+
+fn service(name: &str, vip: Ipv4Addr, port: u16) -> Service {
+    serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name, "namespace": "bench"},
+        "spec": {"clusterIP": vip.to_string(), "ports": [{"port": port}]},
+    }))
+    .expect("a valid Service")
+}
+
+fn objects(backends: &[Ipv4Addr], n: usize) -> Objects {
+    let mut services = Vec::with_capacity(n + 1);
+    let mut slices = Vec::with_capacity(n + 1);
     for i in 0..n {
-        d.insert(
-            FrontendKey {
-                addr: vip_of(i, n),
-                port: SERVICE_PORT,
-                proto: 6,
-                scope: SCOPE_EXTERNAL,
-            },
-            FrontendSpec {
-                flags: 0,
-                affinity_timeout: 0,
-                ready: eps.clone(),
-                terminating: Vec::new(),
-            },
-        );
+        let name = format!("s{i}");
+        services.push(service(&name, vip_of(i, n), SERVICE_PORT));
+        slices.push(slice(&name, SERVER_PORT, backends));
     }
-    d.insert(
-        FrontendKey {
-            addr: iperf_vip(),
-            port: IPERF_PORT,
-            proto: 6,
-            scope: SCOPE_EXTERNAL,
-        },
-        FrontendSpec {
-            flags: 0,
-            affinity_timeout: 0,
-            ready: vec![Endpoint {
-                addr: topo.backends[0].1,
-                port: IPERF_PORT,
-                local: true,
-            }],
-            terminating: Vec::new(),
-        },
-    );
-    d
+    services.push(service("iperf", iperf_vip(), IPERF_PORT));
+    slices.push(slice("iperf", IPERF_PORT, &backends[..1]));
+    Objects { services, slices }
+}
+
+impl Objects {
+    /// One agent pass: the frontends from the objects, then the maps brought to them.
+    fn program(&self, programmer: &mut Programmer, maps: &mut LbMaps) -> Result<Duration> {
+        let node = NodeView {
+            name: BENCH_NODE.to_string(),
+            addresses: Vec::new(),
+        };
+        let t = Instant::now();
+        let want = desired_mod::desired(&self.services, &self.slices, &node);
+        let report = programmer.apply(&want.frontends, maps);
+        let took = t.elapsed();
+        if let Some((k, e)) = report.errors.first() {
+            bail!("programming {k:?}: {e}");
+        }
+        Ok(took)
+    }
 }
 
 /// kube-proxy's nat table for `n` Services of the four backends (its iptables mode, the rules
 /// that matter per packet: the KUBE-SERVICES walk, the masquerade mark, the random split, DNAT).
-fn iptables_rules(topo: &Topology, n: usize, drop_one_of: Option<usize>) -> String {
+fn iptables_rules(topo: &Topology, n: usize) -> String {
     let mut chains = String::from(
         "*nat\n:PREROUTING ACCEPT [0:0]\n:OUTPUT ACCEPT [0:0]\n:POSTROUTING ACCEPT [0:0]\n\
          :KUBE-SERVICES - [0:0]\n:KUBE-MARK-MASQ - [0:0]\n:KUBE-POSTROUTING - [0:0]\n",
@@ -361,36 +370,13 @@ fn iptables_rules(topo: &Topology, n: usize, drop_one_of: Option<usize>) -> Stri
          -A KUBE-POSTROUTING -j MASQUERADE --random-fully\n",
     );
     let mut svc = |name: String, vip: Ipv4Addr, port: u16, eps: Vec<(Ipv4Addr, u16)>| {
-        let svc_chain = format!("KUBE-SVC-{name}");
-        chains.push_str(&format!(":{svc_chain} - [0:0]\n"));
-        rules.push_str(&format!(
-            "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"bench/{name}\" -m tcp --dport {port} -j {svc_chain}\n\
-             -A {svc_chain} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport {port} -j KUBE-MARK-MASQ\n"
-        ));
-        let k = eps.len();
-        for (j, (ip, p)) in eps.iter().enumerate() {
-            let sep = format!("KUBE-SEP-{name}-{j}");
-            chains.push_str(&format!(":{sep} - [0:0]\n"));
-            if j + 1 < k {
-                rules.push_str(&format!(
-                    "-A {svc_chain} -m statistic --mode random --probability {:.10} -j {sep}\n",
-                    1.0 / (k - j) as f64
-                ));
-            } else {
-                rules.push_str(&format!("-A {svc_chain} -j {sep}\n"));
-            }
-            rules.push_str(&format!(
-                "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ\n-A {sep} -p tcp -m tcp -j DNAT --to-destination {ip}:{p}\n"
-            ));
-        }
+        let (c, r) = service_rules(&name, vip, port, &eps);
+        chains.push_str(&c);
+        rules.push_str(&r);
     };
     let eps: Vec<(Ipv4Addr, u16)> = topo.backends.iter().map(|b| (b.1, SERVER_PORT)).collect();
     for i in 0..n {
-        let mut e = eps.clone();
-        if drop_one_of == Some(i) {
-            e.pop();
-        }
-        svc(format!("S{i:06}"), vip_of(i, n), SERVICE_PORT, e);
+        svc(format!("S{i:06}"), vip_of(i, n), SERVICE_PORT, eps.clone());
     }
     svc(
         "IPERF".to_string(),
@@ -401,10 +387,79 @@ fn iptables_rules(topo: &Topology, n: usize, drop_one_of: Option<usize>) -> Stri
     format!("{chains}{rules}COMMIT\n")
 }
 
+/// The chains and rules of one Service: its KUBE-SERVICES jump, KUBE-SVC-* with the masquerade
+/// mark and the random split, a KUBE-SEP-* DNAT per endpoint.
+fn service_rules(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    eps: &[(Ipv4Addr, u16)],
+) -> (String, String) {
+    let (mut chains, mut rules) = (String::new(), String::new());
+    let svc_chain = format!("KUBE-SVC-{name}");
+    chains.push_str(&format!(":{svc_chain} - [0:0]\n"));
+    rules.push_str(&format!(
+        "-A KUBE-SERVICES -d {vip}/32 -p tcp -m comment --comment \"bench/{name}\" -m tcp --dport {port} -j {svc_chain}\n"
+    ));
+    rules.push_str(&service_chain_rules(name, vip, port, eps, &mut chains));
+    (chains, rules)
+}
+
+/// KUBE-SVC-* and KUBE-SEP-* of one Service (what a kube-proxy sync writes for an endpoint
+/// change); declares their chains in `chains`.
+fn service_chain_rules(
+    name: &str,
+    vip: Ipv4Addr,
+    port: u16,
+    eps: &[(Ipv4Addr, u16)],
+    chains: &mut String,
+) -> String {
+    let svc_chain = format!("KUBE-SVC-{name}");
+    let mut rules = format!(
+        "-A {svc_chain} ! -s 10.244.0.0/16 -d {vip}/32 -p tcp -m tcp --dport {port} -j KUBE-MARK-MASQ\n"
+    );
+    let k = eps.len();
+    for (j, (ip, p)) in eps.iter().enumerate() {
+        let sep = format!("KUBE-SEP-{name}-{j}");
+        chains.push_str(&format!(":{sep} - [0:0]\n"));
+        if j + 1 < k {
+            rules.push_str(&format!(
+                "-A {svc_chain} -m statistic --mode random --probability {:.10} -j {sep}\n",
+                1.0 / (k - j) as f64
+            ));
+        } else {
+            rules.push_str(&format!("-A {svc_chain} -j {sep}\n"));
+        }
+        rules.push_str(&format!(
+            "-A {sep} -s {ip}/32 -j KUBE-MARK-MASQ\n-A {sep} -p tcp -m tcp -j DNAT --to-destination {ip}:{p}\n"
+        ));
+    }
+    rules
+}
+
+/// One endpoint leaving Service `i` of `n`, as kube-proxy's minimized restore (its default
+/// since 1.27) writes it: only that Service's chains, restored with `--noflush`, the gone
+/// endpoint's chain deleted.
+fn iptables_one_change(topo: &Topology, i: usize, n: usize) -> String {
+    let name = format!("S{i:06}");
+    let mut eps: Vec<(Ipv4Addr, u16)> = topo.backends.iter().map(|b| (b.1, SERVER_PORT)).collect();
+    let gone = eps.len() - 1;
+    eps.pop();
+    // The gone endpoint's chain is declared too (which flushes it) so it can be deleted.
+    let mut chains = format!(":KUBE-SVC-{name} - [0:0]\n:KUBE-SEP-{name}-{gone} - [0:0]\n");
+    let rules = service_chain_rules(&name, vip_of(i, n), SERVICE_PORT, &eps, &mut chains);
+    format!("*nat\n{chains}{rules}-X KUBE-SEP-{name}-{gone}\nCOMMIT\n")
+}
+
 fn iptables_restore(topo: &Topology, rules: &str) -> Result<Duration> {
+    iptables_restore_with(topo, rules, &[])
+}
+
+fn iptables_restore_with(topo: &Topology, rules: &str, args: &[&str]) -> Result<Duration> {
     use std::io::Write;
     let t = Instant::now();
     let mut child = ns_command(&topo.node, "iptables-restore")
+        .args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -529,35 +584,10 @@ fn prog_run_cost(n: usize, tag: &str) -> Result<(f64, f64)> {
     let result = (|| -> Result<(f64, f64)> {
         let prog = LoadedProgram::load(ProgramKind::FromPod, &pins)?;
         let mut maps = LbMaps::open(&pins)?;
-        let eps: Vec<Endpoint> = (0..4u8)
-            .map(|i| Endpoint {
-                addr: Ipv4Addr::new(10, 244, 250, 11 + i),
-                port: SERVER_PORT,
-                local: true,
-            })
+        let backends: Vec<Ipv4Addr> = (0..4u8)
+            .map(|i| Ipv4Addr::new(10, 244, 250, 11 + i))
             .collect();
-        let want: BTreeMap<_, _> = (0..n)
-            .map(|i| {
-                (
-                    FrontendKey {
-                        addr: vip_of(i, n),
-                        port: SERVICE_PORT,
-                        proto: 6,
-                        scope: SCOPE_EXTERNAL,
-                    },
-                    FrontendSpec {
-                        flags: 0,
-                        affinity_timeout: 0,
-                        ready: eps.clone(),
-                        terminating: Vec::new(),
-                    },
-                )
-            })
-            .collect();
-        let report = Programmer::new().apply(&want, &mut maps);
-        if let Some((_, e)) = report.errors.first() {
-            bail!("programming {n} services: {e}");
-        }
+        objects(&backends, n).program(&mut Programmer::new(), &mut maps)?;
         let target = target_vip().octets();
         let client = [10, 244, 250, 10];
         let syn = |sport: u16| syn_frame(client, target, sport, SERVICE_PORT);
@@ -707,30 +737,21 @@ fn compare(args: &Args, topo: &Topology, tag: &str, stop: Arc<AtomicBool>) -> Re
     let largest = args.services.iter().copied().max().unwrap_or(1);
 
     // eBPF.
+    let backend_ips: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.1).collect();
     let mut ebpf = Ebpf::attach(topo, tag)?;
     for &n in &args.services {
-        // From scratch: an empty map, then all N (a fresh Programmer each time).
+        // From scratch: an empty map, then all N (a fresh Programmer each time), each through
+        // one agent pass over the Service and EndpointSlice objects.
         ebpf.programmer.apply(&BTreeMap::new(), &mut ebpf.maps);
         ebpf.programmer = Programmer::new();
-        let want = desired(topo, n);
-        let t = Instant::now();
-        let r = ebpf.programmer.apply(&want, &mut ebpf.maps);
-        let all = t.elapsed();
-        if let Some((_, e)) = r.errors.first() {
-            bail!("programming {n} services: {e}");
-        }
-        let mut changed = want.clone();
-        let key = FrontendKey {
-            addr: target_vip(),
-            port: SERVICE_PORT,
-            proto: 6,
-            scope: SCOPE_EXTERNAL,
-        };
-        changed.get_mut(&key).expect("present").ready.pop();
-        let t = Instant::now();
-        ebpf.programmer.apply(&changed, &mut ebpf.maps);
-        let one = t.elapsed();
-        ebpf.programmer.apply(&want, &mut ebpf.maps);
+        let mut objs = objects(&backend_ips, n);
+        let all = objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
+        // One endpoint leaves the target Service's slice.
+        let full = objs.slices[n / 2].clone();
+        objs.slices[n / 2].endpoints.pop();
+        let one = objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
+        objs.slices[n / 2] = full;
+        objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
         eprintln!("ebpf, {n} services …");
         let l = load(
             topo,
@@ -755,9 +776,10 @@ fn compare(args: &Args, topo: &Topology, tag: &str, stop: Arc<AtomicBool>) -> Re
     // kube-proxy's iptables mode.
     for &n in &args.services {
         iptables_flush(topo);
-        let all = iptables_restore(topo, &iptables_rules(topo, n, None))?;
-        let one = iptables_restore(topo, &iptables_rules(topo, n, Some(n / 2)))?;
-        iptables_restore(topo, &iptables_rules(topo, n, None))?;
+        let all = iptables_restore(topo, &iptables_rules(topo, n))?;
+        let one =
+            iptables_restore_with(topo, &iptables_one_change(topo, n / 2, n), &["--noflush"])?;
+        iptables_restore(topo, &iptables_rules(topo, n))?;
         eprintln!("iptables, {n} services …");
         let l = load(
             topo,
