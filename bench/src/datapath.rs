@@ -5,7 +5,7 @@
 //!
 //! Modes: `direct` (the client connects to the backends' pod IPs: no translation, the topology's
 //! own limit); `ebpf` (skiff's `from-pod`/`to-pod` on the pods' interfaces, N Services of 4
-//! endpoints programmed through the agent's own `Programmer`); `iptables` (the chains kube-proxy
+//! endpoints programmed through the agent's own `Tracker` and `Programmer`); `iptables` (the chains kube-proxy
 //! generates — KUBE-SERVICES → KUBE-SVC-* with statistic-mode-random → KUBE-SEP-* DNAT — for the
 //! same N Services, loaded with `iptables-restore` in the node namespace). The client targets
 //! the middle Service of the N (an average position in KUBE-SERVICES' linear walk).
@@ -37,6 +37,7 @@ use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use skiff_agent::services::{
     desired::{self as desired_mod, NodeView},
     programmer::Programmer,
+    tracker::Tracker,
 };
 use skiff_datapath::{LoadedProgram, PinDir, ProgramKind, lb::LbMaps};
 use skiff_net::{NetNs, Netlink, pod as podnet};
@@ -294,7 +295,7 @@ fn iperf_vip() -> Ipv4Addr {
 }
 
 /// The cluster's objects for `n` Services of the four backends (plus the iperf Service), as
-/// the agent sees them: the benchmark programs the maps through the agent's own `desired()`.
+/// the agent sees them: the benchmark programs the maps through the agent's own `Tracker` and `Programmer`.
 struct Objects {
     services: Vec<Service>,
     slices: Vec<EndpointSlice>,
@@ -335,21 +336,42 @@ fn objects(backends: &[Ipv4Addr], n: usize) -> Objects {
     Objects { services, slices }
 }
 
+/// The agent's service state for the benchmark's node.
+fn tracker() -> Tracker {
+    Tracker::new(NodeView {
+        name: BENCH_NODE.to_string(),
+        addresses: Vec::new(),
+    })
+}
+
+/// One agent pass: the Services the events touched recomputed, then the maps brought to them.
+fn pass(tracker: &mut Tracker, programmer: &mut Programmer, maps: &mut LbMaps) -> Result<()> {
+    let changes = tracker.changes();
+    let report = programmer.apply_changes(
+        changes.frontends.iter().map(|(k, s)| (*k, s.as_ref())),
+        maps,
+    );
+    if let Some((k, e)) = report.errors.first() {
+        bail!("programming {k:?}: {e}");
+    }
+    Ok(())
+}
+
 impl Objects {
-    /// One agent pass: the frontends from the objects, then the maps brought to them.
-    fn program(&self, programmer: &mut Programmer, maps: &mut LbMaps) -> Result<Duration> {
-        let node = NodeView {
-            name: BENCH_NODE.to_string(),
-            addresses: Vec::new(),
-        };
+    /// Programs every object into empty maps, as an agent's first pass after its initial
+    /// lists (the objects arrive owned from the watch, so the copies are made untimed).
+    fn program_all(
+        &self,
+        tracker: &mut Tracker,
+        programmer: &mut Programmer,
+        maps: &mut LbMaps,
+    ) -> Result<Duration> {
+        let (services, slices) = (self.services.clone(), self.slices.clone());
         let t = Instant::now();
-        let want = desired_mod::desired(&self.services, &self.slices, &node);
-        let report = programmer.apply(&want.frontends, maps);
-        let took = t.elapsed();
-        if let Some((k, e)) = report.errors.first() {
-            bail!("programming {k:?}: {e}");
-        }
-        Ok(took)
+        tracker.replace_services(services);
+        tracker.replace_slices(slices);
+        pass(tracker, programmer, maps)?;
+        Ok(t.elapsed())
     }
 }
 
@@ -587,7 +609,7 @@ fn prog_run_cost(n: usize, tag: &str) -> Result<(f64, f64)> {
         let backends: Vec<Ipv4Addr> = (0..4u8)
             .map(|i| Ipv4Addr::new(10, 244, 250, 11 + i))
             .collect();
-        objects(&backends, n).program(&mut Programmer::new(), &mut maps)?;
+        objects(&backends, n).program_all(&mut tracker(), &mut Programmer::new(), &mut maps)?;
         let target = target_vip().octets();
         let client = [10, 244, 250, 10];
         let syn = |sport: u16| syn_frame(client, target, sport, SERVICE_PORT);
@@ -740,18 +762,23 @@ fn compare(args: &Args, topo: &Topology, tag: &str, stop: Arc<AtomicBool>) -> Re
     let backend_ips: Vec<Ipv4Addr> = topo.backends.iter().map(|b| b.1).collect();
     let mut ebpf = Ebpf::attach(topo, tag)?;
     for &n in &args.services {
-        // From scratch: an empty map, then all N (a fresh Programmer each time), each through
-        // one agent pass over the Service and EndpointSlice objects.
+        // From scratch: an empty map, then all N (a fresh agent state each time) through one
+        // agent pass over the Service and EndpointSlice objects.
         ebpf.programmer.apply(&BTreeMap::new(), &mut ebpf.maps);
         ebpf.programmer = Programmer::new();
-        let mut objs = objects(&backend_ips, n);
-        let all = objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
-        // One endpoint leaves the target Service's slice.
-        let full = objs.slices[n / 2].clone();
-        objs.slices[n / 2].endpoints.pop();
-        let one = objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
-        objs.slices[n / 2] = full;
-        objs.program(&mut ebpf.programmer, &mut ebpf.maps)?;
+        let mut state = tracker();
+        let objs = objects(&backend_ips, n);
+        let all = objs.program_all(&mut state, &mut ebpf.programmer, &mut ebpf.maps)?;
+        // One endpoint leaves the target Service's slice: the agent's whole pass for that
+        // watch event, from the event to the maps updated.
+        let mut fewer = objs.slices[n / 2].clone();
+        fewer.endpoints.pop();
+        let t = Instant::now();
+        state.set_slice(fewer);
+        pass(&mut state, &mut ebpf.programmer, &mut ebpf.maps)?;
+        let one = t.elapsed();
+        state.set_slice(objs.slices[n / 2].clone());
+        pass(&mut state, &mut ebpf.programmer, &mut ebpf.maps)?;
         eprintln!("ebpf, {n} services …");
         let l = load(
             topo,

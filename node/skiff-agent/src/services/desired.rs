@@ -105,159 +105,179 @@ struct SliceEndpoint {
     local: bool,
 }
 
-/// Computes the desired frontends from every Service and EndpointSlice.
+/// The Service an EndpointSlice belongs to, `(namespace, name)`, when the data path can use
+/// the slice (IPv4 addresses, labelled with its Service).
+pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
+    if s.address_type != "IPv4" {
+        return None;
+    }
+    let ns = s.metadata.namespace.as_ref()?;
+    let svc = s.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
+    Some((ns.clone(), svc.clone()))
+}
+
+/// Computes the desired frontends from every Service and EndpointSlice. Where two Services
+/// claim one frontend (the same external IP and port), the first by namespace and name wins,
+/// as in [`super::tracker::Tracker`].
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
     node: &NodeView,
 ) -> Desired {
-    // Slices by (namespace, service name).
     let mut by_service: BTreeMap<(String, String), Vec<&EndpointSlice>> = BTreeMap::new();
     for s in slices {
-        if s.address_type != "IPv4" {
-            continue;
+        if let Some(k) = slice_service(s) {
+            by_service.entry(k).or_default().push(s);
         }
-        let (Some(ns), Some(svc)) = (
-            s.metadata.namespace.as_ref(),
-            s.metadata
-                .labels
-                .as_ref()
-                .and_then(|l| l.get(SERVICE_NAME_LABEL)),
-        ) else {
-            continue;
-        };
-        by_service
-            .entry((ns.clone(), svc.clone()))
-            .or_default()
-            .push(s);
     }
+    let mut services: Vec<&Service> = services.into_iter().collect();
+    services.sort_by(|a, b| {
+        (&a.metadata.namespace, &a.metadata.name).cmp(&(&b.metadata.namespace, &b.metadata.name))
+    });
     let mut out = Desired::default();
     for svc in services {
-        let (Some(ns), Some(name), Some(spec)) = (
-            svc.metadata.namespace.as_ref(),
-            svc.metadata.name.as_ref(),
-            svc.spec.as_ref(),
-        ) else {
-            continue;
-        };
-        if spec.type_.as_deref() == Some("ExternalName") {
-            continue;
+        let k = (
+            svc.metadata.namespace.clone().unwrap_or_default(),
+            svc.metadata.name.clone().unwrap_or_default(),
+        );
+        let slices = by_service.get(&k).map(Vec::as_slice).unwrap_or_default();
+        let part = service_desired(svc, slices, node);
+        for (fk, spec) in part.frontends {
+            if let std::collections::btree_map::Entry::Vacant(e) = out.frontends.entry(fk) {
+                e.insert(spec);
+                out.owners.insert(fk, part.owners[&fk].clone());
+            }
         }
-        // kube-proxy's ShouldSkipService: headless Services get nothing (no VIP, and no
-        // external addresses either); a dual-stack Service is served by its IPv4 ClusterIP.
-        let Some(cluster_ip) = spec
-            .cluster_ips
-            .iter()
-            .flatten()
-            .chain(spec.cluster_ip.iter())
-            .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
-        else {
-            continue;
-        };
-        let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
-            spec.session_affinity_config
+        for (port, hc) in part.health {
+            out.health.entry(port).or_insert(hc);
+        }
+    }
+    out
+}
+
+/// What one Service contributes, given the EndpointSlices labelled with its name.
+pub fn service_desired(svc: &Service, slices: &[&EndpointSlice], node: &NodeView) -> Desired {
+    let mut out = Desired::default();
+    let (Some(ns), Some(name), Some(spec)) = (
+        svc.metadata.namespace.as_ref(),
+        svc.metadata.name.as_ref(),
+        svc.spec.as_ref(),
+    ) else {
+        return out;
+    };
+    if spec.type_.as_deref() == Some("ExternalName") {
+        return out;
+    }
+    // kube-proxy's ShouldSkipService: headless Services get nothing (no VIP, and no
+    // external addresses either); a dual-stack Service is served by its IPv4 ClusterIP.
+    let Some(cluster_ip) = spec
+        .cluster_ips
+        .iter()
+        .flatten()
+        .chain(spec.cluster_ip.iter())
+        .find_map(|ip| ip.parse::<Ipv4Addr>().ok())
+    else {
+        return out;
+    };
+    let affinity = if spec.session_affinity.as_deref() == Some("ClientIP") {
+        spec.session_affinity_config
+            .as_ref()
+            .and_then(|c| c.client_ip.as_ref())
+            .and_then(|c| c.timeout_seconds)
+            .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t.clamp(1, 86_400) as u32)
+    } else {
+        0
+    };
+    let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
+    let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
+    let externals: Vec<Ipv4Addr> = spec
+        .external_ips
+        .iter()
+        .flatten()
+        .filter_map(|ip| ip.parse().ok())
+        .chain(
+            svc.status
                 .as_ref()
-                .and_then(|c| c.client_ip.as_ref())
-                .and_then(|c| c.timeout_seconds)
-                .map_or(DEFAULT_AFFINITY_TIMEOUT, |t| t.clamp(1, 86_400) as u32)
-        } else {
-            0
-        };
-        let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
-        let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
-        let externals: Vec<Ipv4Addr> = spec
-            .external_ips
+                .and_then(|s| s.load_balancer.as_ref())
+                .and_then(|lb| lb.ingress.as_ref())
+                .into_iter()
+                .flatten()
+                // `ipMode: Proxy`: traffic must go through the load balancer.
+                .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
+                .filter_map(|i| i.ip.as_deref().and_then(|ip| ip.parse().ok())),
+        )
+        .collect();
+    let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
+    if etp_local
+        && let Some(hc) = spec
+            .health_check_node_port
+            .and_then(|p| u16::try_from(p).ok())
+            .filter(|p| *p != 0)
+    {
+        let local: BTreeSet<&str> = slices
             .iter()
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .chain(
-                svc.status
-                    .as_ref()
-                    .and_then(|s| s.load_balancer.as_ref())
-                    .and_then(|lb| lb.ingress.as_ref())
-                    .into_iter()
-                    .flatten()
-                    // `ipMode: Proxy`: traffic must go through the load balancer.
-                    .filter(|i| i.ip_mode.as_deref() != Some("Proxy"))
-                    .filter_map(|i| i.ip.as_deref().and_then(|ip| ip.parse().ok())),
-            )
+            .flat_map(|s| s.endpoints.iter())
+            .filter(|e| e.node_name.as_deref() == Some(node.name.as_str()))
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
+            .filter_map(|e| e.addresses.first().map(String::as_str))
             .collect();
-        let node_ports = matches!(spec.type_.as_deref(), Some("NodePort" | "LoadBalancer"));
-        let slices = by_service
-            .get(&(ns.clone(), name.clone()))
-            .map(Vec::as_slice)
-            .unwrap_or_default();
-        if etp_local
-            && let Some(hc) = spec
-                .health_check_node_port
-                .and_then(|p| u16::try_from(p).ok())
-                .filter(|p| *p != 0)
-        {
-            let local: BTreeSet<&str> = slices
-                .iter()
-                .flat_map(|s| s.endpoints.iter())
-                .filter(|e| e.node_name.as_deref() == Some(node.name.as_str()))
-                .filter(|e| e.conditions.as_ref().and_then(|c| c.ready).unwrap_or(true))
-                .filter_map(|e| e.addresses.first().map(String::as_str))
-                .collect();
-            out.health.insert(
-                hc,
-                HealthCheck {
-                    namespace: ns.clone(),
-                    name: name.clone(),
-                    local_endpoints: local.len(),
-                },
-            );
-        }
-        for sp in spec.ports.iter().flatten() {
-            let Some(proto) = proto_number(sp.protocol.as_deref()) else {
-                continue;
-            };
-            let port_name = sp.name.clone().unwrap_or_default();
-            let eps = endpoints_for(slices, &port_name, sp.protocol.as_deref(), node);
-            let owner = FrontendOwner {
+        out.health.insert(
+            hc,
+            HealthCheck {
                 namespace: ns.clone(),
                 name: name.clone(),
-                port_name,
+                local_endpoints: local.len(),
+            },
+        );
+    }
+    for sp in spec.ports.iter().flatten() {
+        let Some(proto) = proto_number(sp.protocol.as_deref()) else {
+            continue;
+        };
+        let port_name = sp.name.clone().unwrap_or_default();
+        let eps = endpoints_for(slices, &port_name, sp.protocol.as_deref(), node);
+        let owner = FrontendOwner {
+            namespace: ns.clone(),
+            name: name.clone(),
+            port_name,
+        };
+        let all = pick(&eps, false, 0, affinity);
+        let local = |flags| pick(&eps, true, flags | SVC_LOCAL_ONLY, affinity);
+        let mut add = |addr: Ipv4Addr, port: u16, scope: u8, spec: FrontendSpec| {
+            let key = FrontendKey {
+                addr,
+                port,
+                proto,
+                scope,
             };
-            let all = pick(&eps, false, 0, affinity);
-            let local = |flags| pick(&eps, true, flags | SVC_LOCAL_ONLY, affinity);
-            let mut add = |addr: Ipv4Addr, port: u16, scope: u8, spec: FrontendSpec| {
-                let key = FrontendKey {
-                    addr,
-                    port,
-                    proto,
-                    scope,
-                };
-                out.owners.insert(key, owner.clone());
-                out.frontends.insert(key, spec);
-            };
-            let Ok(port) = u16::try_from(sp.port) else {
-                continue;
-            };
-            let spec = if itp_local { local(0) } else { all.clone() };
-            add(cluster_ip, port, SCOPE_EXTERNAL, spec);
-            // External addresses: externalTrafficPolicy=Local keeps only local endpoints for
-            // traffic from outside, while pods still reach every endpoint (internal scope).
-            let mut external = |addr: Ipv4Addr, port: u16, flag: u16| {
-                if etp_local {
-                    add(addr, port, SCOPE_EXTERNAL, local(flag | SVC_TWO_SCOPES));
-                    let mut internal = all.clone();
-                    internal.flags |= flag;
-                    add(addr, port, SCOPE_INTERNAL, internal);
-                } else {
-                    let mut s = all.clone();
-                    s.flags |= flag;
-                    add(addr, port, SCOPE_EXTERNAL, s);
-                }
-            };
-            for addr in &externals {
-                external(*addr, port, SVC_EXTERNAL_IP);
+            out.owners.insert(key, owner.clone());
+            out.frontends.insert(key, spec);
+        };
+        let Ok(port) = u16::try_from(sp.port) else {
+            continue;
+        };
+        let spec = if itp_local { local(0) } else { all.clone() };
+        add(cluster_ip, port, SCOPE_EXTERNAL, spec);
+        // External addresses: externalTrafficPolicy=Local keeps only local endpoints for
+        // traffic from outside, while pods still reach every endpoint (internal scope).
+        let mut external = |addr: Ipv4Addr, port: u16, flag: u16| {
+            if etp_local {
+                add(addr, port, SCOPE_EXTERNAL, local(flag | SVC_TWO_SCOPES));
+                let mut internal = all.clone();
+                internal.flags |= flag;
+                add(addr, port, SCOPE_INTERNAL, internal);
+            } else {
+                let mut s = all.clone();
+                s.flags |= flag;
+                add(addr, port, SCOPE_EXTERNAL, s);
             }
-            if node_ports && let Some(np) = sp.node_port.and_then(|p| u16::try_from(p).ok()) {
-                for addr in &node.addresses {
-                    external(*addr, np, SVC_NODEPORT);
-                }
+        };
+        for addr in &externals {
+            external(*addr, port, SVC_EXTERNAL_IP);
+        }
+        if node_ports && let Some(np) = sp.node_port.and_then(|p| u16::try_from(p).ok()) {
+            for addr in &node.addresses {
+                external(*addr, np, SVC_NODEPORT);
             }
         }
     }

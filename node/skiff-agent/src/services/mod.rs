@@ -1,6 +1,7 @@
 //! Service load balancing, the kube-proxy role: the agent follows Services and EndpointSlices
-//! and keeps the node's service maps (`skiff_lb_*`) as [`desired`] computes them, writing only
-//! what changed ([`programmer`]).
+//! and keeps the node's service maps (`skiff_lb_*`) as [`desired`] computes them. Work is
+//! proportional to the change, not to the cluster: [`tracker`] recomputes only the Services an
+//! event touched, and [`programmer`] writes only the map entries that differ.
 //!
 //! Changes are batched the way kube-proxy's sync runner does, without its one-second minimum:
 //! whatever events are ready when the agent wakes are applied in one pass.
@@ -8,67 +9,95 @@
 pub mod desired;
 pub mod health;
 pub mod programmer;
+pub mod tracker;
 
-use std::{collections::HashMap, sync::Arc, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use anyhow::{Context, Result};
 use futures::{FutureExt, StreamExt, stream::BoxStream};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::{
-    Api, Client, Resource, ResourceExt,
+    Api, Client, Resource,
     runtime::{WatchStreamExt, watcher},
 };
 use skiff_datapath::{DatapathError, PinDir, lb::LbMaps};
 use tokio::time::Instant;
 
 use crate::metrics::LbMetrics;
-use desired::NodeView;
+use desired::{FrontendKey, FrontendSpec, NodeView};
 use programmer::Programmer;
+use tracker::Tracker;
 
-/// One kind's objects, kept from a watcher's events (re-lists replace the whole set).
-struct Cache<K> {
-    objects: HashMap<(String, String), K>,
-    relisting: Option<HashMap<(String, String), K>>,
+/// A kind the [`Tracker`] follows.
+trait Tracked: Sized {
+    fn set(self, t: &mut Tracker);
+    fn remove(&self, t: &mut Tracker);
+    fn replace(all: Vec<Self>, t: &mut Tracker);
+}
+
+impl Tracked for Service {
+    fn set(self, t: &mut Tracker) {
+        t.set_service(self);
+    }
+    fn remove(&self, t: &mut Tracker) {
+        t.remove_service(self);
+    }
+    fn replace(all: Vec<Self>, t: &mut Tracker) {
+        t.replace_services(all);
+    }
+}
+
+impl Tracked for EndpointSlice {
+    fn set(self, t: &mut Tracker) {
+        t.set_slice(self);
+    }
+    fn remove(&self, t: &mut Tracker) {
+        t.remove_slice(self);
+    }
+    fn replace(all: Vec<Self>, t: &mut Tracker) {
+        t.replace_slices(all);
+    }
+}
+
+/// One kind's watcher events fed into the tracker (a re-list replaces the whole set once it
+/// is complete).
+struct Feed<K> {
+    relisting: Option<Vec<K>>,
     ready: bool,
 }
 
-impl<K: Resource + Clone> Cache<K> {
+impl<K: Tracked> Feed<K> {
     fn new() -> Self {
-        Cache {
-            objects: HashMap::new(),
+        Feed {
             relisting: None,
             ready: false,
         }
     }
 
-    fn key(o: &K) -> (String, String) {
-        (o.namespace().unwrap_or_default(), o.name_any())
-    }
-
     /// Applies one event; true when the visible set may have changed.
-    fn apply(&mut self, ev: watcher::Event<K>) -> bool {
+    fn apply(&mut self, ev: watcher::Event<K>, t: &mut Tracker) -> bool {
         match ev {
             watcher::Event::Apply(o) => {
-                self.objects.insert(Self::key(&o), o);
+                o.set(t);
                 true
             }
             watcher::Event::Delete(o) => {
-                self.objects.remove(&Self::key(&o));
+                o.remove(t);
                 true
             }
             watcher::Event::Init => {
-                self.relisting = Some(HashMap::new());
+                self.relisting = Some(Vec::new());
                 false
             }
             watcher::Event::InitApply(o) => {
                 if let Some(r) = self.relisting.as_mut() {
-                    r.insert(Self::key(&o), o);
+                    r.push(o);
                 }
                 false
             }
             watcher::Event::InitDone => {
                 if let Some(r) = self.relisting.take() {
-                    self.objects = r;
+                    K::replace(r, t);
                 }
                 self.ready = true;
                 true
@@ -117,34 +146,53 @@ pub async fn run(
         backends = programmer.backends(),
         "service maps adopted"
     );
-    let mut services = Cache::<Service>::new();
-    let mut slices = Cache::<EndpointSlice>::new();
+    let mut tracker = Tracker::new(node);
+    let mut services = Feed::<Service>::new();
+    let mut slices = Feed::<EndpointSlice>::new();
     let mut svc_events = stream::<Service>(&client);
     let mut slice_events = stream::<EndpointSlice>(&client);
     // When each not-yet-programmed EndpointSlice change was seen.
     let mut pending: Vec<Instant> = Vec::new();
+    // Frontends whose last write failed, retried at `retry_at`.
+    let mut failed: Vec<FrontendKey> = Vec::new();
     let mut retry_at: Option<Instant> = None;
     let mut health = health::HealthServers::default();
     loop {
         let mut changed = false;
         tokio::select! {
-            ev = svc_events.next() => changed |= take(ev, &mut services, None)?,
-            ev = slice_events.next() => changed |= take(ev, &mut slices, Some(&mut pending))?,
+            ev = svc_events.next() => changed |= take(ev, &mut services, &mut tracker, None)?,
+            ev = slice_events.next() => {
+                changed |= take(ev, &mut slices, &mut tracker, Some(&mut pending))?
+            }
             _ = sleep_until(retry_at) => { retry_at = None; changed = true; }
         }
         // Everything else already waiting joins this pass.
         while let Some(ev) = svc_events.next().now_or_never() {
-            changed |= take(ev, &mut services, None)?;
+            changed |= take(ev, &mut services, &mut tracker, None)?;
         }
         while let Some(ev) = slice_events.next().now_or_never() {
-            changed |= take(ev, &mut slices, Some(&mut pending))?;
+            changed |= take(ev, &mut slices, &mut tracker, Some(&mut pending))?;
         }
         if !changed || !services.ready || !slices.ready {
             continue;
         }
-        let want = desired::desired(services.objects.values(), slices.objects.values(), &node);
-        let report = programmer.apply(&want.frontends, &mut maps);
-        health.sync(&want.health);
+        let changes = tracker.changes();
+        let mut todo: BTreeMap<FrontendKey, Option<FrontendSpec>> =
+            changes.frontends.into_iter().collect();
+        if retry_at.is_none() {
+            for k in failed.drain(..) {
+                todo.entry(k).or_insert_with(|| tracker.spec(&k).cloned());
+            }
+        }
+        let old_ids: Vec<u32> = todo
+            .keys()
+            .filter_map(|k| programmer.service_id(k))
+            .collect();
+        let report =
+            programmer.apply_changes(todo.iter().map(|(k, s)| (*k, s.as_ref())), &mut maps);
+        if changes.health {
+            health.sync(&tracker.health());
+        }
         let now = Instant::now();
         for seen in pending.drain(..) {
             metrics
@@ -155,19 +203,12 @@ pub async fn run(
         metrics.backends.set(programmer.backends() as i64);
         {
             let mut owners = metrics.owners.lock().unwrap_or_else(|p| p.into_inner());
-            owners.clear();
-            for (k, id) in programmer.service_ids() {
-                if let Some(o) = want.owners.get(k) {
-                    let proto = if k.proto == 17 { "UDP" } else { "TCP" };
-                    let scope = if k.scope == skiff_ebpf_common::lb::SCOPE_INTERNAL {
-                        " (internal)"
-                    } else {
-                        ""
-                    };
-                    owners.insert(
-                        id,
-                        (o.clone(), format!("{}:{}/{proto}{scope}", k.addr, k.port)),
-                    );
+            for id in old_ids {
+                owners.remove(&id);
+            }
+            for k in todo.keys() {
+                if let (Some(id), Some(o)) = (programmer.service_id(k), tracker.owner(k)) {
+                    owners.insert(id, (o.clone(), frontend_label(k)));
                 }
             }
         }
@@ -195,21 +236,23 @@ pub async fn run(
             );
         }
         if !report.errors.is_empty() {
+            failed.extend(report.errors.iter().map(|(k, _)| *k));
             retry_at = Some(Instant::now() + Duration::from_secs(1));
         }
     }
 }
 
 /// Applies one watcher item; the streams retry on their own, so errors are only logged.
-fn take<K: Resource + Clone>(
+fn take<K: Tracked>(
     ev: Option<Result<watcher::Event<K>, watcher::Error>>,
-    cache: &mut Cache<K>,
+    feed: &mut Feed<K>,
+    tracker: &mut Tracker,
     pending: Option<&mut Vec<Instant>>,
 ) -> Result<bool> {
     match ev {
         None => anyhow::bail!("watch stream ended"),
         Some(Ok(ev)) => {
-            let changed = cache.apply(ev);
+            let changed = feed.apply(ev, tracker);
             if changed && let Some(p) = pending {
                 p.push(Instant::now());
             }
@@ -220,6 +263,18 @@ fn take<K: Resource + Clone>(
             Ok(false)
         }
     }
+}
+
+/// How metrics name a frontend: `address:port/protocol`, with ` (internal)` for the scope
+/// pods use under externalTrafficPolicy=Local.
+fn frontend_label(k: &FrontendKey) -> String {
+    let proto = if k.proto == 17 { "UDP" } else { "TCP" };
+    let scope = if k.scope == skiff_ebpf_common::lb::SCOPE_INTERNAL {
+        " (internal)"
+    } else {
+        ""
+    };
+    format!("{}:{}/{proto}{scope}", k.addr, k.port)
 }
 
 async fn sleep_until(at: Option<Instant>) {

@@ -235,7 +235,12 @@ impl Programmer {
 
     /// Number of backends programmed.
     pub fn backends(&self) -> usize {
-        self.current.values().map(|p| p.ids.len()).sum()
+        self.backend_ids.used.len()
+    }
+
+    /// The service id of one frontend.
+    pub fn service_id(&self, k: &FrontendKey) -> Option<u32> {
+        self.current.get(k).map(|p| p.service_id)
     }
 
     /// The service id of each frontend.
@@ -243,19 +248,47 @@ impl Programmer {
         self.current.iter().map(|(k, p)| (k, p.service_id))
     }
 
-    /// Makes the maps hold `desired`.
+    /// Makes the maps hold `desired` (every frontend not in it is removed).
     pub fn apply(
         &mut self,
         desired: &BTreeMap<FrontendKey, FrontendSpec>,
         table: &mut dyn LbTable,
     ) -> Report {
+        let gone: Vec<FrontendKey> = self
+            .current
+            .keys()
+            .filter(|k| !desired.contains_key(k))
+            .copied()
+            .collect();
+        let changes = desired
+            .iter()
+            .map(|(k, s)| (*k, Some(s)))
+            .chain(gone.into_iter().map(|k| (k, None)));
+        self.apply_changes(changes, table)
+    }
+
+    /// Writes (`Some`) or removes (`None`) the given frontends, leaving every other one as it
+    /// is: the incremental pass, fed by [`super::tracker::Tracker::changes`].
+    pub fn apply_changes<'a>(
+        &mut self,
+        changes: impl IntoIterator<Item = (FrontendKey, Option<&'a FrontendSpec>)>,
+        table: &mut dyn LbTable,
+    ) -> Report {
         let mut report = Report::default();
+        let mut writes = Vec::new();
+        let mut gone = Vec::new();
+        for (k, spec) in changes {
+            match spec {
+                Some(spec) => writes.push((k, spec)),
+                None => gone.push(k),
+            }
+        }
         // Internal-scope entries before the external ones that point pods at them; writes
         // before removals, so an external entry stops naming its internal scope before that
         // goes.
-        let mut order: Vec<(&FrontendKey, &FrontendSpec)> = desired.iter().collect();
-        order.sort_by_key(|(k, _)| std::cmp::Reverse(k.scope));
-        for (k, spec) in order {
+        writes.sort_by_key(|(k, _)| std::cmp::Reverse(k.scope));
+        for (k, spec) in writes {
+            let k = &k;
             if self.current.get(k).and_then(|p| p.spec.as_ref()) == Some(spec) {
                 continue;
             }
@@ -273,12 +306,6 @@ impl Programmer {
                 Err(e) => report.errors.push((*k, e)),
             }
         }
-        let gone: Vec<FrontendKey> = self
-            .current
-            .keys()
-            .filter(|k| !desired.contains_key(k))
-            .copied()
-            .collect();
         for k in gone {
             match self.remove(&k, table) {
                 Ok(()) => report.removed += 1,
