@@ -4,7 +4,8 @@
 //! client and server programs for every mode.
 //!
 //! Modes: `direct` (the client connects to the backends' pod IPs: no translation, the topology's
-//! own limit); `ebpf` (skiff's `from-pod`/`to-pod` on the pods' interfaces, N Services of 4
+//! own limit); `ebpf` (skiff's `from-pod`/`to-pod` on the pods' interfaces and the pods in its
+//! endpoint map, attached by the agent's own code, N Services of 4
 //! endpoints programmed through the agent's own `Tracker` and `Programmer`); `iptables` (the chains kube-proxy
 //! generates — KUBE-SERVICES → KUBE-SVC-* with statistic-mode-random → KUBE-SEP-* DNAT — for the
 //! same N Services, loaded with `iptables-restore` in the node namespace). The client targets
@@ -39,6 +40,7 @@ use skiff_agent::services::{
     programmer::Programmer,
     tracker::Tracker,
 };
+use skiff_agent::{datapath::PodPrograms, pods::PodDatapath};
 use skiff_datapath::{LoadedProgram, PinDir, ProgramKind, lb::LbMaps};
 use skiff_net::{NetNs, Netlink, pod as podnet};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -77,6 +79,8 @@ struct Topology {
     node: NetNs,
     client: (NetNs, Ipv4Addr, String),
     backends: Vec<(NetNs, Ipv4Addr, String)>,
+    /// Every pod's network as `skiff_net::pod` built it (client first).
+    nets: Vec<podnet::PodNetwork>,
 }
 
 impl Topology {
@@ -93,12 +97,14 @@ impl Topology {
             anyhow::Ok((uid, ip))
         };
         let mut made = Vec::new();
+        let mut nets = Vec::new();
         for i in 0..5u8 {
             let (uid, ip) = pod(i).await?;
             let net = podnet::setup(&nl, Some(&node), &dir, &uid, ip)
                 .await
                 .with_context(|| format!("pod network {i}"))?;
-            made.push((NetNs::open(&net.netns)?, ip, net.host_if));
+            made.push((NetNs::open(&net.netns)?, ip, net.host_if.clone()));
+            nets.push(net);
         }
         let client = made.remove(0);
         Ok(Topology {
@@ -106,6 +112,7 @@ impl Topology {
             node,
             client,
             backends: made,
+            nets,
         })
     }
 
@@ -118,10 +125,6 @@ impl Topology {
             .and_then(|n| n.strip_suffix("-node"))
             .unwrap_or_default()
             .to_string()
-    }
-
-    fn host_ifs(&self) -> impl Iterator<Item = &str> {
-        std::iter::once(self.client.2.as_str()).chain(self.backends.iter().map(|b| b.2.as_str()))
     }
 
     async fn remove(self) {
@@ -551,7 +554,7 @@ struct Row {
 /// The eBPF mode's programs on the topology's interfaces, with their pins.
 struct Ebpf {
     pins: PinDir,
-    _programs: Vec<LoadedProgram>,
+    _programs: PodPrograms,
     maps: LbMaps,
     programmer: Programmer,
 }
@@ -562,29 +565,27 @@ impl Ebpf {
             Path::new(skiff_datapath::bpffs::DEFAULT_BPFFS),
             &format!("bench-{tag}"),
         )?;
-        let mut programs = vec![
+        let programs = vec![
             LoadedProgram::load(ProgramKind::FromPod, &pins)?,
             LoadedProgram::load(ProgramKind::ToPod, &pins)?,
         ];
-        let ifs: Vec<String> = topo.host_ifs().map(str::to_string).collect();
+        // As the agent does it: its own pod-programs attachment (links and endpoint entries),
+        // in the node's namespace where the interfaces are.
+        let nets = topo.nets.clone();
         let pins2 = pins.clone();
-        in_ns(&topo.node, move || -> Result<Vec<LoadedProgram>> {
-            for p in &mut programs {
-                for i in &ifs {
-                    p.attach_pinned(i, &pins2)?;
-                }
+        let pods = in_ns(&topo.node, move || -> Result<PodPrograms> {
+            let pods = PodPrograms::new(pins2, programs)?;
+            for net in &nets {
+                pods.attach(net)?;
             }
-            Ok(programs)
-        })?
-        .map(|programs| {
-            let maps = LbMaps::open(&pins)?;
-            Ok(Ebpf {
-                pins,
-                _programs: programs,
-                maps,
-                programmer: Programmer::new(),
-            })
-        })?
+            Ok(pods)
+        })??;
+        Ok(Ebpf {
+            maps: LbMaps::open(&pins)?,
+            pins,
+            _programs: pods,
+            programmer: Programmer::new(),
+        })
     }
 
     fn remove(self) {

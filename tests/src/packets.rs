@@ -152,6 +152,7 @@ pub struct Decoded {
     pub src: [u8; 4],
     pub dst: [u8; 4],
     pub proto: u8,
+    pub ttl: u8,
     pub sport: u16,
     pub dport: u16,
     /// The IPv4 header checksum is right.
@@ -198,6 +199,7 @@ pub fn decode(frame: &[u8]) -> Decoded {
         src: iph.source,
         dst: iph.destination,
         proto: iph.protocol.0,
+        ttl: iph.time_to_live,
         sport: 0,
         dport: 0,
         ip_checksum_ok: iph.calc_header_checksum() == iph.header_checksum,

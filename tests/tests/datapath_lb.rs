@@ -6,12 +6,14 @@ use std::collections::BTreeSet;
 
 use skiff_datapath::{
     LoadedProgram, ProgramKind,
+    endpoints::EndpointMap,
     lb::{LbMaps, ct_entries},
     metrics::{self, Verdict},
 };
 use skiff_ebpf_common::{
     DropReason, Hook,
     ct::{CT_CLOSING, CT_FIN, CT_REPLY},
+    endpoint::EndpointInfo,
     lb::{
         BE_LOCAL, BE_TERMINATING, Backend, HAIRPIN_ADDR, LbConfig, NAT_PORT_MAX, NAT_PORT_MIN,
         SCOPE_EXTERNAL, SVC_NODEPORT, ServiceKey, ServiceValue,
@@ -552,6 +554,93 @@ fn a_pod_reaches_itself_through_its_service() {
     let d = decode(&out.packet);
     assert_eq!((d.src, d.sport, d.dst, d.dport), (VIP, 80, CLIENT, 40004));
     assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+}
+
+/// Sets a frame's IPv4 TTL, fixing the header checksum.
+fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
+    frame[22] = ttl;
+    frame[24..26].copy_from_slice(&[0, 0]);
+    let mut sum: u32 = frame[14..34]
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
+    frame
+}
+
+/// A packet for a pod of this node — translated to a local backend, or addressed to the pod
+/// directly, from a pod or from another node — is handed straight to that pod's interface
+/// (`bpf_redirect_peer`) with the frame a router would send it: the pod's MAC as destination,
+/// its gateway's as source, TTL one less, checksums right.
+#[test]
+fn packets_for_pods_of_this_node_are_delivered_straight_to_them() {
+    if !privileged("packets_for_pods_of_this_node_are_delivered_straight_to_them") {
+        return;
+    }
+    const POD_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x05];
+    const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0xfe];
+    let mut node = Node::new();
+    let netdev =
+        LoadedProgram::load(ProgramKind::FromNetdev, node.pins_dir()).expect("load from-netdev");
+    let mut endpoints = EndpointMap::open(node.pins_dir()).expect("endpoint map");
+    endpoints
+        .set(
+            BACKENDS[0].into(),
+            EndpointInfo {
+                ifindex: 4242,
+                flags: 0,
+                mac: POD_MAC,
+                node_mac: GW_MAC,
+            },
+        )
+        .expect("endpoint");
+    assert_eq!(endpoints.list().expect("list").len(), 1);
+    node.service(1, VIP, 80, TCP, &[(BACKENDS[0], 8080, false)], 0);
+    let delivered = |out: &skiff_datapath::program::RunOutcome, dst: [u8; 4]| {
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "redirected to the pod");
+        let d = decode(&out.packet);
+        assert_eq!(
+            (d.dst, d.dst_mac, d.src_mac, d.ttl),
+            (dst, POD_MAC, GW_MAC, 63)
+        );
+        assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    };
+
+    // Through the Service, to a backend on this node.
+    delivered(
+        &node.from_pod.test_run(&syn(41000, VIP, 80)).expect("run"),
+        BACKENDS[0],
+    );
+    // Pod to pod, no Service.
+    delivered(
+        &node
+            .from_pod
+            .test_run(&syn(41001, BACKENDS[0], 8080))
+            .expect("run"),
+        BACKENDS[0],
+    );
+    // From a pod on another node, arriving on the uplink.
+    let remote = packets::tcp(BACKENDS[1], BACKENDS[0], 41002, 8080, SYN, 1, 0, b"");
+    delivered(&netdev.test_run(&remote).expect("run"), BACKENDS[0]);
+
+    // A pod elsewhere, and a spent TTL: left to the kernel, unchanged.
+    let elsewhere = syn(41003, BACKENDS[1], 8080);
+    let out = node.from_pod.test_run(&elsewhere).expect("run");
+    assert_eq!((out.verdict, out.packet), (TC_ACT_OK, elsewhere));
+    let spent = with_ttl(syn(41004, BACKENDS[0], 8080), 1);
+    let out = node.from_pod.test_run(&spent).expect("run");
+    assert_eq!((out.verdict, out.packet), (TC_ACT_OK, spent));
+
+    // A deleted pod is no longer delivered to.
+    endpoints.remove(BACKENDS[0].into()).expect("remove");
+    let out = node
+        .from_pod
+        .test_run(&syn(41005, BACKENDS[0], 8080))
+        .expect("run");
+    assert_eq!(out.verdict, TC_ACT_OK);
 }
 
 #[test]

@@ -12,6 +12,7 @@ use std::{
 
 use skiff_datapath::{
     PinDir,
+    endpoints::EndpointMap,
     lb::{LbMaps, ct_entries},
 };
 use skiff_ebpf_common::ct::CT_REPLY;
@@ -253,6 +254,27 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             names,
             "30 requests spread over both backends: {answers:?}"
         );
+
+        // Node 1 delivers to its own pods directly: its endpoint map holds exactly them.
+        let node1_pods: BTreeSet<String> = get(
+            cp,
+            &[
+                "pods",
+                "--field-selector",
+                &format!("spec.nodeName={name1}"),
+            ],
+            "{.items[*].status.podIP}",
+        )
+        .split_whitespace()
+        .map(str::to_string)
+        .collect();
+        let endpoints: BTreeSet<String> = EndpointMap::open(&pins1)
+            .and_then(|m| m.list())
+            .expect("node 1 endpoint map")
+            .into_iter()
+            .map(|(ip, _)| ip.to_string())
+            .collect();
+        assert_eq!(endpoints, node1_pods, "node 1's endpoint map");
 
         // A Service without endpoints refuses at once instead of timing out.
         let nothing = get(cp, &["service", "nothing"], "{.spec.clusterIP}");

@@ -12,6 +12,7 @@
 
 pub mod ct;
 pub mod drop;
+pub mod endpoint;
 pub mod hook;
 pub mod lb;
 pub mod metrics;
@@ -38,6 +39,8 @@ pub mod map_names {
     pub const CT: &str = "skiff_ct";
     /// Node facts for the programs; see [`crate::lb::LbConfig`].
     pub const LB_CONFIG: &str = "skiff_lb_cfg";
+    /// The pods of this node, for same-node delivery; see [`crate::endpoint`].
+    pub const ENDPOINTS: &str = "skiff_endpoints";
 
     /// Every map a node pins, for inspection and cleanup.
     pub const ALL: &[&str] = &[
@@ -48,6 +51,7 @@ pub mod map_names {
         SERVICE_STATS,
         CT,
         LB_CONFIG,
+        ENDPOINTS,
     ];
 }
 

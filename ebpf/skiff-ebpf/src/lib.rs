@@ -9,6 +9,7 @@
 pub mod ct;
 pub mod fib;
 pub mod lb;
+pub mod local;
 pub mod metrics;
 pub mod nat;
 pub mod packet;

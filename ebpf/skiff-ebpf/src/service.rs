@@ -7,6 +7,9 @@
 //!   with no backend, is turned into a rejection and sent back.
 //! - [`to_pod`] (TC egress on the same veth): replies from backends on other nodes get their
 //!   source restored before the pod sees them.
+//!
+//! What `from_pod` and `from_netdev` pass on to a pod of this node is delivered straight to it
+//! ([`local::deliver`]).
 
 use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
 use skiff_ebpf_common::{
@@ -16,7 +19,7 @@ use skiff_ebpf_common::{
 };
 
 use crate::{
-    ct, fib, lb,
+    ct, fib, lb, local,
     nat::{self, End},
     packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_SYN},
     reject,
@@ -168,6 +171,7 @@ fn choose(
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_pod_inner(ctx, info) {
+        Ok(Verdict::Pass) => local::deliver(ctx).map_or(Verdict::Pass, Verdict::Redirected),
         Ok(v) => v,
         // A helper refused to rewrite the packet: it is no longer what its headers say.
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
@@ -243,6 +247,7 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
 #[inline(always)]
 pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_netdev_inner(ctx, info) {
+        Ok(Verdict::Pass) => local::deliver(ctx).map_or(Verdict::Pass, Verdict::Redirected),
         Ok(v) => v,
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
     }

@@ -1,12 +1,18 @@
 //! The pod programs (`from-pod`, `to-pod`) on pods' host-side interfaces, through TCX links
-//! pinned under `<pins>/links/` so a restarted agent swaps its programs in without a gap.
+//! pinned under `<pins>/links/` so a restarted agent swaps its programs in without a gap; and
+//! the node's endpoint map (`skiff_endpoints`), which lets the programs deliver to this node's
+//! pods directly.
 
-use std::sync::Mutex;
+use std::{net::Ipv4Addr, sync::Mutex};
 
+use anyhow::Context;
 use skiff_datapath::{
     LoadedProgram, PinDir, ProgramKind,
+    endpoints::EndpointMap,
     program::{pinned_link_ifaces, unpin_link},
 };
+use skiff_ebpf_common::endpoint::EndpointInfo;
+use skiff_net::pod::PodNetwork;
 
 use crate::pods::PodDatapath;
 
@@ -15,38 +21,77 @@ use crate::pods::PodDatapath;
 pub struct PodPrograms {
     pins: PinDir,
     programs: Mutex<Vec<LoadedProgram>>,
+    endpoints: Mutex<EndpointMap>,
 }
 
 const KINDS: [ProgramKind; 2] = [ProgramKind::FromPod, ProgramKind::ToPod];
 
+fn ifindex(iface: &str) -> Option<u32> {
+    nix::net::if_::if_nametoindex(iface).ok()
+}
+
 impl PodPrograms {
     /// Takes the loaded `from-pod` and `to-pod` programs; unpins links left for interfaces that
-    /// no longer exist (pods deleted while the agent was down).
-    pub fn new(pins: PinDir, programs: Vec<LoadedProgram>) -> PodPrograms {
+    /// no longer exist and forgets endpoints whose interface is gone (pods deleted while the
+    /// agent was down).
+    pub fn new(pins: PinDir, programs: Vec<LoadedProgram>) -> anyhow::Result<PodPrograms> {
         for kind in KINDS {
             for iface in pinned_link_ifaces(&pins, kind) {
-                if nix::net::if_::if_nametoindex(iface.as_str()).is_err() {
+                if ifindex(&iface).is_none() {
                     let _ = unpin_link(&pins, &iface, kind);
                 }
             }
         }
-        PodPrograms {
+        let mut endpoints = EndpointMap::open(&pins).context("open the endpoint map")?;
+        let live: std::collections::HashSet<u32> = nix::net::if_::if_nameindex()
+            .map(|l| l.iter().map(|i| i.index()).collect())
+            .unwrap_or_default();
+        for (ip, ep) in endpoints.list().context("read the endpoint map")? {
+            if !live.contains(&ep.ifindex) {
+                endpoints.remove(ip)?;
+            }
+        }
+        Ok(PodPrograms {
             pins,
             programs: Mutex::new(programs),
-        }
+            endpoints: Mutex::new(endpoints),
+        })
     }
 }
 
 impl PodDatapath for PodPrograms {
-    fn attach(&self, host_if: &str) -> anyhow::Result<()> {
+    fn attach(&self, net: &PodNetwork) -> anyhow::Result<()> {
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         for p in programs.iter_mut().filter(|p| KINDS.contains(&p.kind())) {
-            p.attach_pinned(host_if, &self.pins)?;
+            p.attach_pinned(&net.host_if, &self.pins)?;
         }
+        let index = ifindex(&net.host_if)
+            .with_context(|| format!("interface {} has no index", net.host_if))?;
+        self.endpoints
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .set(
+                net.ip,
+                EndpointInfo {
+                    ifindex: index,
+                    flags: 0,
+                    mac: net.mac,
+                    node_mac: net.host_mac,
+                },
+            )?;
         Ok(())
     }
 
-    fn detach(&self, host_if: &str) {
+    fn detach(&self, host_if: &str, ip: Option<Ipv4Addr>) {
+        if let Some(ip) = ip
+            && let Err(e) = self
+                .endpoints
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(ip)
+        {
+            tracing::warn!(%ip, error = %e, "forgetting a pod endpoint failed");
+        }
         for kind in KINDS {
             if let Err(e) = unpin_link(&self.pins, host_if, kind) {
                 tracing::warn!(host_if, error = %e, "unpinning a pod link failed");

@@ -77,12 +77,14 @@ pub struct PodConfig {
     pub datapath: Option<Arc<dyn PodDatapath>>,
 }
 
-/// Attaches the data path to a pod's host-side interface, and detaches it.
+/// Attaches the data path to a pod's network, and detaches it.
 pub trait PodDatapath: Send + Sync + std::fmt::Debug {
-    /// Attaches the pod programs to `host_if` (idempotent; replaces older programs).
-    fn attach(&self, host_if: &str) -> Result<()>;
-    /// Forgets the attachment of `host_if` (its interface is gone or going).
-    fn detach(&self, host_if: &str);
+    /// Attaches the pod programs to the pod's host-side interface and records the pod as an
+    /// endpoint of this node (idempotent; replaces older programs and entries).
+    fn attach(&self, net: &podnet::PodNetwork) -> Result<()>;
+    /// Forgets the attachment of `host_if` and the endpoint at `ip` (the interface is gone or
+    /// going).
+    fn detach(&self, host_if: &str, ip: Option<Ipv4Addr>);
 }
 
 /// Normalises an image reference as Docker does (`busybox` → `docker.io/library/busybox:latest`).
@@ -538,7 +540,7 @@ impl PodManager {
                 .with_context(|| format!("pod network of {}", pod.name_any()))?,
         };
         if let Some(dp) = &self.cfg.datapath {
-            dp.attach(&net.host_if)
+            dp.attach(&net)
                 .with_context(|| format!("data path on the network of {}", pod.name_any()))?;
         }
         {
@@ -1110,13 +1112,14 @@ impl PodManager {
     /// Releases what pod `uid` holds besides its containers: volumes, network, address.
     async fn release(&self, uid: &str) {
         volumes::teardown(&volumes::pod_root(&self.cfg.data_dir, uid));
+        let ip = self.ipam.lookup(uid).ok().flatten();
         if let Some(dp) = &self.cfg.datapath {
-            dp.detach(&podnet::host_if(uid));
+            dp.detach(&podnet::host_if(uid), ip);
         }
         if let Err(e) = podnet::teardown(&self.net, &self.netns_dir(), uid).await {
             tracing::warn!(uid, error = %e, "pod network teardown failed");
         }
-        if let Ok(Some(ip)) = self.ipam.lookup(uid) {
+        if let Some(ip) = ip {
             let _ = self.ipam.release(ip);
         }
     }

@@ -73,7 +73,7 @@ impl std::fmt::Debug for LbMaps {
 }
 
 /// Turns a failed update into an error that says when the map is full.
-fn update_err(map: &'static str, source: MapError) -> DatapathError {
+pub(crate) fn update_err(map: &'static str, source: MapError) -> DatapathError {
     if let MapError::SyscallError(e) = &source
         && matches!(
             e.io_error.raw_os_error(),
@@ -89,7 +89,7 @@ fn update_err(map: &'static str, source: MapError) -> DatapathError {
     }
 }
 
-fn remove_err(map: &'static str, source: MapError) -> Option<DatapathError> {
+pub(crate) fn remove_err(map: &'static str, source: MapError) -> Option<DatapathError> {
     match &source {
         MapError::KeyNotFound => None,
         MapError::SyscallError(e) if e.io_error.raw_os_error() == Some(libc::ENOENT) => None,
@@ -228,7 +228,7 @@ impl LbMaps {
     }
 }
 
-fn collect<K, V>(
+pub(crate) fn collect<K, V>(
     iter: impl Iterator<Item = Result<(K, V), MapError>>,
     map: &'static str,
 ) -> Result<Vec<(K, V)>, DatapathError> {

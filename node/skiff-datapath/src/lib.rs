@@ -4,6 +4,7 @@
 //! Map layouts come from `skiff-ebpf-common`, the only place they are defined.
 
 pub mod bpffs;
+pub mod endpoints;
 pub mod error;
 pub mod lb;
 pub mod metrics;

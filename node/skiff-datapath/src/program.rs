@@ -16,6 +16,7 @@ use aya::{
 use skiff_ebpf_common::{
     MetricsKey, MetricsValue,
     ct::{CtEntry, CtKey},
+    endpoint::EndpointInfo,
     lb::{AffinityKey, AffinityValue, Backend, LbConfig, ServiceKey, ServiceValue},
     map_names,
 };
@@ -72,6 +73,12 @@ const MAP_SPECS: &[MapSpec] = &[
         map_type: MapType::LruHash,
         key_size: size_of::<CtKey>(),
         value_size: size_of::<CtEntry>(),
+    },
+    MapSpec {
+        name: map_names::ENDPOINTS,
+        map_type: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<EndpointInfo>(),
     },
 ];
 

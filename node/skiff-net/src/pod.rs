@@ -48,7 +48,7 @@ fn sysctl(path: &str, value: &str) -> Result<(), NetError> {
 }
 
 /// A pod's network, as built.
-#[derive(Debug)]
+#[derive(Clone, Debug)]
 pub struct PodNetwork {
     /// The pod's namespace (path to pass to the runtime).
     pub netns: PathBuf,
@@ -56,6 +56,10 @@ pub struct PodNetwork {
     pub ip: Ipv4Addr,
     /// The host-side interface.
     pub host_if: String,
+    /// The pod interface's MAC.
+    pub mac: [u8; 6],
+    /// The host-side interface's MAC (the pod's gateway).
+    pub host_mac: [u8; 6],
 }
 
 /// Builds the network of pod `uid` with address `ip`. `node` is a netlink connection in the
@@ -82,8 +86,8 @@ pub async fn setup(
         pod.set_up(POD_IF).await?;
         pod.add_address(POD_IF, ip.into(), 32).await?;
         pod.add_route(GATEWAY, 32, POD_IF, None).await?;
-        pod.add_neighbour(POD_IF, GATEWAY, node.mac(&host).await?)
-            .await?;
+        let host_mac = node.mac(&host).await?;
+        pod.add_neighbour(POD_IF, GATEWAY, host_mac).await?;
         pod.add_route(Ipv4Addr::UNSPECIFIED, 0, POD_IF, Some(GATEWAY))
             .await?;
         let host_cfg = {
@@ -99,19 +103,24 @@ pub async fn setup(
         }
         node.set_up(&host).await?;
         node.add_route(ip, 32, &host, None).await?;
-        Ok::<_, NetError>(())
+        Ok::<_, NetError>((pod.mac(POD_IF).await?, host_mac))
     }
     .await;
     let netns = ns.path().to_path_buf();
-    if let Err(e) = built {
-        drop(ns);
-        let _ = teardown(node, netns_dir, uid).await;
-        return Err(e);
-    }
+    let (mac, host_mac) = match built {
+        Ok(macs) => macs,
+        Err(e) => {
+            drop(ns);
+            let _ = teardown(node, netns_dir, uid).await;
+            return Err(e);
+        }
+    };
     Ok(PodNetwork {
         netns,
         ip,
         host_if: host,
+        mac,
+        host_mac,
     })
 }
 
@@ -126,15 +135,20 @@ pub async fn adopt(
 ) -> Option<PodNetwork> {
     let netns = netns_dir.join(netns_name(uid));
     let host = host_if(uid);
-    if !netns.exists() || node.mac(&host).await.is_err() {
+    if !netns.exists() {
         return None;
     }
+    let host_mac = node.mac(&host).await.ok()?;
+    let ns = NetNs::open(&netns).ok()?;
+    let mac = Netlink::connect_in(&ns).ok()?.mac(POD_IF).await.ok()?;
     // Already there is the usual case; a real failure shows when the pod is unreachable.
     let _ = node.add_route(ip, 32, &host, None).await;
     Some(PodNetwork {
         netns,
         ip,
         host_if: host,
+        mac,
+        host_mac,
     })
 }
 

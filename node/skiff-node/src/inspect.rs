@@ -1,11 +1,13 @@
-//! `skiff-node bpf lb list` and `bpf ct list`: the service and connection-tracking maps,
-//! decoded (the `cilium bpf lb list` / `cilium bpf ct list global` habit).
+//! `skiff-node bpf lb list`, `bpf ct list` and `bpf endpoint list`: the service,
+//! connection-tracking and endpoint maps, decoded (the `cilium bpf lb list` /
+//! `cilium bpf ct list global` / `cilium bpf endpoint list` habit).
 
 use std::{collections::BTreeMap, net::Ipv4Addr, path::Path};
 
 use anyhow::Result;
 use skiff_datapath::{
     PinDir,
+    endpoints::EndpointMap,
     lb::{LbMaps, ct_entries, monotonic_now_ns},
 };
 use skiff_ebpf_common::{
@@ -165,6 +167,34 @@ pub fn ct_list(bpffs: &Path, node: &str) -> Result<()> {
             e.service_id,
             (e.expires - now) / 1_000_000_000,
             flags.join(",")
+        );
+    }
+    Ok(())
+}
+
+fn mac(m: [u8; 6]) -> String {
+    m.map(|b| format!("{b:02x}")).join(":")
+}
+
+/// Prints every pod of this node the programs deliver to directly.
+pub fn endpoint_list(bpffs: &Path, node: &str) -> Result<()> {
+    let pins = PinDir::open(bpffs, node)?;
+    let mut eps = EndpointMap::open(&pins)?.list()?;
+    eps.sort_by_key(|(ip, _)| *ip);
+    println!(
+        "{:<16} {:<16} {:>7} {:<18} GATEWAY MAC",
+        "ADDRESS", "INTERFACE", "IFINDEX", "MAC"
+    );
+    for (ip, e) in eps {
+        let iface = nix::net::if_::if_indextoname(e.ifindex)
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|_| "(gone)".to_string());
+        println!(
+            "{:<16} {iface:<16} {:>7} {:<18} {}",
+            ip.to_string(),
+            e.ifindex,
+            mac(e.mac),
+            mac(e.node_mac)
         );
     }
     Ok(())

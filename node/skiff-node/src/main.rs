@@ -149,6 +149,9 @@ enum BpfCommand {
     /// Connection tracking of translated flows (like `cilium bpf ct list global`).
     #[command(subcommand)]
     Ct(CtCommand),
+    /// This node's pods as the programs deliver to them (like `cilium bpf endpoint list`).
+    #[command(subcommand)]
+    Endpoint(EndpointCommand),
     /// Remove this node's pinned maps (run only when the agent is stopped: counters and
     /// connection state are lost).
     Unpin,
@@ -163,6 +166,12 @@ enum LbCommand {
 #[derive(Debug, Subcommand)]
 enum CtCommand {
     /// Every live connection-tracking entry, decoded.
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+enum EndpointCommand {
+    /// Every pod of this node: address, host-side interface, MACs.
     List,
 }
 
@@ -184,6 +193,9 @@ fn main() -> Result<()> {
         Some(Command::Bpf(BpfCommand::Metrics)) => print_metrics(&cli.bpffs, &node),
         Some(Command::Bpf(BpfCommand::Lb(LbCommand::List))) => inspect::lb_list(&cli.bpffs, &node),
         Some(Command::Bpf(BpfCommand::Ct(CtCommand::List))) => inspect::ct_list(&cli.bpffs, &node),
+        Some(Command::Bpf(BpfCommand::Endpoint(EndpointCommand::List))) => {
+            inspect::endpoint_list(&cli.bpffs, &node)
+        }
         Some(Command::Bpf(BpfCommand::DropReasons)) => {
             println!("{:<6} {:<20} DESCRIPTION", "CODE", "NAME");
             for r in DropReason::ALL {
@@ -301,7 +313,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     let pod_programs = std::sync::Arc::new(skiff_agent::datapath::PodPrograms::new(
         pins.clone(),
         pod_programs,
-    ));
+    )?);
     let lb_metrics = std::sync::Arc::new(skiff_agent::metrics::LbMetrics::default());
     let metrics_addr: Option<std::net::SocketAddr> = match cli.metrics_addr.as_str() {
         "off" => None,

@@ -1,0 +1,59 @@
+//! Same-node delivery: a packet for a pod of this node is handed straight to that pod's
+//! interface (`bpf_redirect_peer` into the veth's peer), instead of crossing the node's IP
+//! stack — routing, forwarding, the host-side veth's transmit queue and a second softirq pass.
+//! The pods are the agent's `skiff_endpoints` entries (layout in `skiff_ebpf_common::endpoint`).
+//!
+//! Only TC ingress can redirect to a peer, so this serves `from-pod` (pod to pod, and replies
+//! of translated flows) and `from-netdev` (from other nodes). What arrives this way skips the
+//! destination veth's egress hook (`to-pod`): it carries nothing `to-pod` would change, since
+//! replies were already restored by the hook that delivers them.
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC, btf_maps::HashMap, helpers::bpf_redirect_peer, macros::btf_map,
+    programs::TcContext,
+};
+use skiff_ebpf_common::endpoint::{ENDPOINTS_MAX_ENTRIES, EndpointInfo};
+
+/// Pods of this node by IPv4 address (network order).
+#[btf_map(name = "skiff_endpoints")]
+pub static ENDPOINTS: HashMap<
+    u32,
+    EndpointInfo,
+    { ENDPOINTS_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+const IP_OFF: usize = 14;
+const TTL_OFF: usize = IP_OFF + 8;
+const IP_CSUM_OFF: usize = IP_OFF + 10;
+const DADDR_OFF: usize = IP_OFF + 16;
+
+/// Delivers the packet to the pod of this node it is addressed to (after any translation):
+/// the frame's MACs as the pod's gateway sets them, the TTL decremented as by a router hop,
+/// then `bpf_redirect_peer`. `None` when the destination is not a pod of this node, or its TTL
+/// is spent (the kernel then answers "time exceeded").
+#[inline(always)]
+pub fn deliver(ctx: &TcContext) -> Option<i32> {
+    let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    let ep = unsafe { *ENDPOINTS.get(&daddr)? };
+    let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).ok()?;
+    if ttl_proto[0] <= 1 {
+        return None;
+    }
+    let hopped = [ttl_proto[0] - 1, ttl_proto[1]];
+    ctx.l3_csum_replace(
+        IP_CSUM_OFF,
+        u64::from(u16::from_ne_bytes(ttl_proto)),
+        u64::from(u16::from_ne_bytes(hopped)),
+        2,
+    )
+    .ok()?;
+    ctx.store(TTL_OFF, &hopped[0], 0).ok()?;
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&ep.mac);
+    macs[6..].copy_from_slice(&ep.node_mac);
+    ctx.store(0, &macs, 0).ok()?;
+    // SAFETY: a helper taking plain integers.
+    Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
+}
