@@ -26,6 +26,8 @@ pub struct NodeNs {
     pub node_ip: Ipv4Addr,
     /// The host-side interface, for nodes linked straight to the host.
     host_if: Option<String>,
+    /// The node's own end of its link (its uplink).
+    pub uplink: String,
 }
 
 static NEXT: AtomicU8 = AtomicU8::new(1);
@@ -54,6 +56,7 @@ impl NodeNs {
             host_ip,
             node_ip,
             host_if: Some(host_if.clone()),
+            uplink: peer.clone(),
         };
         rt().block_on(async {
             let host = Netlink::connect().expect("netlink");
@@ -172,6 +175,7 @@ impl Lan {
             host_ip: self.host_ip,
             node_ip,
             host_if: None,
+            uplink: a,
         }
     }
 }
@@ -411,11 +415,13 @@ impl LanCluster {
         let agents = nodes
             .iter()
             .map(|node| {
-                NodeAgent::start(
+                // The uplink named: `xdp-uplink` (the NodePort fast path) and `from-netdev`.
+                NodeAgent::start_with(
                     node,
                     &kubeconfig,
                     cp.scratch(),
                     std::slice::from_ref(&archive),
+                    &["--uplink", &node.uplink],
                 )
             })
             .collect();

@@ -21,6 +21,7 @@ use skiff_ebpf_common::{
 };
 use skiff_tests::{
     TestPins,
+    node::NodeNs,
     packets::{self, ACK, FIN_ACK, SYN, decode},
     privileged,
 };
@@ -634,6 +635,16 @@ fn packets_for_pods_of_this_node_are_delivered_straight_to_them() {
     let out = node.from_pod.test_run(&spent).expect("run");
     assert_eq!((out.verdict, out.packet), (TC_ACT_OK, spent));
 
+    let rows = metrics::read(node.pins_dir()).expect("metrics");
+    assert_eq!(
+        (
+            metrics::packets(&rows, Hook::FromPod, Verdict::Redirected),
+            metrics::packets(&rows, Hook::FromNetdev, Verdict::Redirected),
+        ),
+        (2, 1),
+        "counted as redirected"
+    );
+
     // A deleted pod is no longer delivered to.
     endpoints.remove(BACKENDS[0].into()).expect("remove");
     let out = node
@@ -767,4 +778,172 @@ fn node_port_from_outside_translates_both_ways() {
     let to_vip = packets::tcp(OUTSIDE, VIP, 40002, 80, SYN, 1, 0, b"");
     let out = netdev.test_run(&to_vip).expect("run");
     assert_eq!((out.verdict, out.packet), (TC_ACT_OK, to_vip));
+}
+
+/// The NodePort fast path at XDP on the uplink (`xdp-uplink`), in a node namespace with a
+/// real uplink, routes and neighbours: a new connection to a backend on another node is
+/// translated (DNAT, SNAT to the node) and sent straight back out (`XDP_TX`) with the next
+/// hop's MAC and TTL − 1; its reply is translated back and sent to the client the same way;
+/// what XDP cannot finish — a local backend, no endpoint, an unresolved next hop — passes on
+/// untouched and without state, and `from-netdev` at TC takes it from there.
+#[test]
+fn node_port_to_a_remote_backend_is_forwarded_at_xdp() {
+    if !privileged("node_port_to_a_remote_backend_is_forwarded_at_xdp") {
+        return;
+    }
+    let uplink = NodeNs::new();
+    let (node_ip, gw) = (uplink.node_ip.octets(), uplink.host_ip);
+    uplink
+        .ns
+        .run(|| xdp_fast_path(node_ip, gw))
+        .expect("in the node namespace");
+}
+
+fn xdp_fast_path(node_ip: [u8; 4], gw: std::net::Ipv4Addr) {
+    const XDP_PASS: u32 = 2;
+    const XDP_TX: u32 = 3;
+    const OUTSIDE: [u8; 4] = [203, 0, 113, 9];
+    const GW_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x01];
+    const UNRESOLVED: [u8; 4] = [10, 244, 3, 7];
+    let (ifname, ifindex) = nix::net::if_::if_nameindex()
+        .expect("interfaces")
+        .iter()
+        .map(|i| (i.name().to_string_lossy().into_owned(), i.index()))
+        .find(|(n, _)| n != "lo")
+        .expect("the uplink");
+    // A node forwards (the agent turns this on with its first pod); the FIB lookup of a
+    // program refuses to route on an interface that does not.
+    std::fs::write("/proc/sys/net/ipv4/conf/all/forwarding", "1").expect("forwarding");
+    std::fs::write(format!("/proc/sys/net/ipv4/conf/{ifname}/forwarding"), "1")
+        .expect("forwarding on the uplink");
+    let up_mac = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(async {
+            let nl = skiff_net::Netlink::connect().expect("netlink");
+            nl.add_neighbour(&ifname, gw, GW_MAC).await.expect("neigh");
+            for (dest, prefix, via) in [
+                ([10, 244, 2, 0], 24, gw),
+                ([0, 0, 0, 0], 0, gw),
+                // A next hop without a neighbour entry yet.
+                ([10, 244, 3, 0], 24, [10, 9, 9, 9].into()),
+            ] {
+                nl.add_route(dest.into(), prefix, &ifname, Some(via))
+                    .await
+                    .expect("route");
+            }
+            nl.mac(&ifname).await.expect("mac")
+        });
+
+    let mut node = Node::new();
+    let xdp = LoadedProgram::load(ProgramKind::XdpUplink, node.pins_dir()).expect("load xdp");
+    let netdev =
+        LoadedProgram::load(ProgramKind::FromNetdev, node.pins_dir()).expect("load from-netdev");
+    node.maps
+        .set_config(LbConfig {
+            node_addr: u32::from_ne_bytes(node_ip),
+            pad: 0,
+        })
+        .expect("config");
+    let node_port = |node: &mut Node, port: u16, backends: &[([u8; 4], bool)]| {
+        let id = u32::from(port);
+        let key = |slot| {
+            ServiceKey::new(
+                u32::from_ne_bytes(node_ip),
+                port.to_be(),
+                TCP,
+                SCOPE_EXTERNAL,
+                slot,
+            )
+        };
+        for (i, (addr, local)) in backends.iter().enumerate() {
+            let be = id * 10 + i as u32;
+            node.maps
+                .set_backend(
+                    be,
+                    Backend {
+                        address: u32::from_ne_bytes(*addr),
+                        port: 8080u16.to_be(),
+                        proto: TCP,
+                        flags: if *local { BE_LOCAL } else { 0 },
+                    },
+                )
+                .expect("backend");
+            node.maps
+                .set_service(
+                    key(i as u16 + 1),
+                    ServiceValue {
+                        backend_id: be,
+                        ..ServiceValue::default()
+                    },
+                )
+                .expect("slot");
+        }
+        node.maps
+            .set_service(
+                key(0),
+                ServiceValue {
+                    service_id: id,
+                    count: backends.len() as u16,
+                    flags: SVC_NODEPORT,
+                    ..ServiceValue::default()
+                },
+            )
+            .expect("frontend");
+    };
+    let run = |frame: &[u8]| xdp.test_run_xdp(frame, ifindex).expect("run");
+
+    // A backend on another node: translated and sent back out of the uplink.
+    node_port(&mut node, 30081, &[(BACKENDS[1], false)]);
+    let syn = packets::tcp(OUTSIDE, node_ip, 40000, 30081, SYN, 1, 0, b"");
+    let out = run(&syn);
+    assert_eq!(out.verdict, XDP_TX);
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.dst, d.dport), (node_ip, BACKENDS[1], 8080));
+    assert!((NAT_PORT_MIN..=NAT_PORT_MAX).contains(&d.sport));
+    assert_eq!((d.dst_mac, d.src_mac, d.ttl), (GW_MAC, up_mac, 63));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    let nat_port = d.sport;
+    assert_eq!(ct_entries(node.pins_dir()).expect("ct").len(), 2);
+    // The backend's reply, back on the uplink: to the client, from the NodePort.
+    let reply = packets::tcp(BACKENDS[1], node_ip, 8080, nat_port, ACK, 7, 2, b"hi");
+    let out = run(&reply);
+    assert_eq!(out.verdict, XDP_TX);
+    let d = decode(&out.packet);
+    assert_eq!(
+        (d.src, d.sport, d.dst, d.dport),
+        (node_ip, 30081, OUTSIDE, 40000)
+    );
+    assert_eq!((d.dst_mac, d.ttl), (GW_MAC, 63));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    // The client's next segment follows the tracked flow.
+    let ack = packets::tcp(OUTSIDE, node_ip, 40000, 30081, ACK, 2, 9, b"more");
+    let d = decode(&run(&ack).packet);
+    assert_eq!((d.sport, d.dst), (nat_port, BACKENDS[1]));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+    let rows = metrics::read(node.pins_dir()).expect("metrics");
+    assert_eq!(
+        metrics::packets(&rows, Hook::XdpUplink, Verdict::Redirected),
+        3
+    );
+
+    // Left to TC, untouched and without state: a local backend, no endpoint, a next hop
+    // that is not resolved yet.
+    node_port(&mut node, 30082, &[(BACKENDS[0], true)]);
+    node_port(&mut node, 30083, &[]);
+    node_port(&mut node, 30084, &[(UNRESOLVED, false)]);
+    for port in [30082, 30083, 30084] {
+        let syn = packets::tcp(OUTSIDE, node_ip, 40001, port, SYN, 1, 0, b"");
+        let out = run(&syn);
+        assert_eq!((out.verdict, &out.packet), (XDP_PASS, &syn), "port {port}");
+    }
+    assert_eq!(ct_entries(node.pins_dir()).expect("ct").len(), 2);
+    // TC resolves the next hop itself.
+    let syn = packets::tcp(OUTSIDE, node_ip, 40001, 30084, SYN, 1, 0, b"");
+    let out = netdev.test_run(&syn).expect("run");
+    assert_eq!(out.verdict, TC_ACT_REDIRECT, "bpf_redirect_neigh");
+    let d = decode(&out.packet);
+    assert_eq!((d.src, d.dst, d.ttl), (node_ip, UNRESOLVED, 63));
+    assert!(d.ip_checksum_ok && d.l4_checksum_ok);
 }

@@ -390,6 +390,15 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
                 && from_outside.iter().any(|n| !on_node2.contains(n)),
             "NodePort on node 1 reaches backends on both nodes: {from_outside:?} (node 2: {on_node2:?})"
         );
+        // The connections to node 2's backend went through the XDP fast path on node 1's
+        // uplink (translated and sent straight back out), not the kernel.
+        let rows = skiff_datapath::metrics::read(&pins1).expect("node 1 metrics");
+        let fast = skiff_datapath::metrics::packets(
+            &rows,
+            skiff_ebpf_common::Hook::XdpUplink,
+            skiff_datapath::metrics::Verdict::Redirected,
+        );
+        assert!(fast > 0, "XDP fast path unused: {rows:?}");
 
         // ClientIP affinity: one backend for every request of the client.
         cp.ok(&[

@@ -1,11 +1,14 @@
 //! Layout of the `skiff_metrics` map: a per-CPU hash of packet and byte counters keyed by the
-//! hook that saw the packet and its verdict (`reason == 0` forwarded, otherwise a
-//! [`crate::DropReason`] code). Userspace sums the per-CPU values.
+//! hook that saw the packet and its verdict (`reason == 0` forwarded, `255` redirected,
+//! otherwise a [`crate::DropReason`] code). Userspace sums the per-CPU values.
 
 use crate::assert_size;
 
 /// `reason` value meaning the packet was forwarded (not dropped).
 pub const REASON_FORWARDED: u8 = 0;
+/// `reason` value meaning the program sent the packet on itself (to a pod, out of an interface,
+/// back out of the one it came in on) instead of handing it to the kernel.
+pub const REASON_REDIRECTED: u8 = 255;
 
 /// Maximum number of distinct (hook, reason) keys.
 pub const METRICS_MAX_ENTRIES: u32 = 1024;
@@ -14,7 +17,8 @@ pub const METRICS_MAX_ENTRIES: u32 = 1024;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct MetricsKey {
-    /// `0` for forwarded packets, otherwise the [`crate::DropReason`] code.
+    /// `0` for forwarded packets, `255` for redirected ones, otherwise the
+    /// [`crate::DropReason`] code.
     pub reason: u8,
     /// The [`crate::Hook`] that counted the packet.
     pub hook: u8,

@@ -8,6 +8,7 @@
 
 pub mod ct;
 pub mod fib;
+pub mod frame;
 pub mod lb;
 pub mod local;
 pub mod metrics;

@@ -3,7 +3,7 @@
 use aya_ebpf::{bindings::BPF_NOEXIST, btf_maps::PerCpuHashMap, macros::btf_map};
 use skiff_ebpf_common::{
     Hook, MetricsKey, MetricsValue,
-    metrics::{METRICS_MAX_ENTRIES, REASON_FORWARDED},
+    metrics::{METRICS_MAX_ENTRIES, REASON_FORWARDED, REASON_REDIRECTED},
 };
 
 /// Pinned as `/sys/fs/bpf/skiff/<node>/skiff_metrics` and shared by every program of a node.
@@ -34,6 +34,12 @@ pub fn count(hook: Hook, reason: u8, bytes: u32) {
 #[inline(always)]
 pub fn forwarded(hook: Hook, bytes: u32) {
     count(hook, REASON_FORWARDED, bytes)
+}
+
+/// Counts a packet the program sent on itself.
+#[inline(always)]
+pub fn redirected(hook: Hook, bytes: u32) {
+    count(hook, REASON_REDIRECTED, bytes)
 }
 
 #[inline(always)]

@@ -11,7 +11,7 @@
 //! What `from_pod` and `from_netdev` pass on to a pod of this node is delivered straight to it
 //! ([`local::deliver`]).
 
-use aya_ebpf::{helpers::bpf_redirect, programs::TcContext};
+use aya_ebpf::programs::{TcContext, XdpContext};
 use skiff_ebpf_common::{
     DropReason,
     ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CT_ROUTE, CtEntry, CtKey},
@@ -19,10 +19,12 @@ use skiff_ebpf_common::{
 };
 
 use crate::{
-    ct, fib, lb, local,
-    nat::{self, End},
+    ct,
+    fib::Route,
+    frame::Frame,
+    lb, local,
+    nat::End,
     packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_SYN},
-    reject,
 };
 
 /// What the hook does with the packet.
@@ -39,63 +41,70 @@ pub enum Verdict {
     Rejected(i32),
 }
 
+/// The addresses a routed entry's packets carry once translated (`CT_ROUTE`: the program
+/// routes them itself), else `None`.
 #[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: `ctx.skb.skb` is the program's own context, valid for the whole run.
-    unsafe { (*ctx.skb.skb).ifindex }
+fn routed(info: &Ipv4Info, e: &CtEntry) -> Option<(u32, u32)> {
+    if e.flags & CT_ROUTE == 0 || e.flags & CT_HAIRPIN != 0 {
+        return None;
+    }
+    Some(if e.flags & CT_REPLY != 0 {
+        (
+            e.from_addr,
+            if e.to_addr != 0 {
+                e.to_addr
+            } else {
+                info.daddr
+            },
+        )
+    } else {
+        (
+            if e.from_addr != 0 {
+                e.from_addr
+            } else {
+                info.saddr
+            },
+            e.to_addr,
+        )
+    })
 }
 
+/// Where the packet goes once `e` is applied (looked up before it is rewritten).
 #[inline(always)]
-fn redirect_back(ctx: &TcContext) -> Result<i32, ()> {
-    nat::swap_macs(ctx)?;
-    // SAFETY: a helper taking plain integers.
-    Ok(unsafe { bpf_redirect(ifindex(ctx), 0) } as i32)
+fn plan<F: Frame>(ctx: &F, info: &Ipv4Info, e: &CtEntry) -> Route {
+    match routed(info, e) {
+        Some((src, dst)) => ctx.route(src, dst),
+        None => Route::None,
+    }
 }
 
-/// Applies a tracked entry to the packet.
+/// Whether a hook that is not [`Frame::FULL`] (XDP) can take the flow: only when it can send
+/// the packet straight back out of the interface it arrived on.
 #[inline(always)]
-fn apply(ctx: &TcContext, info: &Ipv4Info, e: &CtEntry) -> Result<Verdict, ()> {
+fn takes<F: Frame>(ctx: &F, route: &Route) -> bool {
+    F::FULL || matches!(route, Route::Known { ifindex, .. } if *ifindex == ctx.ifindex())
+}
+
+/// Applies a tracked entry to the packet, then sends it along `route` if it has one.
+#[inline(always)]
+fn apply<F: Frame>(ctx: &F, info: &Ipv4Info, e: &CtEntry, route: Route) -> Result<Verdict, ()> {
     if e.flags & CT_REPLY != 0 {
-        nat::rewrite(ctx, info, End::Source, e.from_addr, e.from_port)?;
+        ctx.rewrite(info, End::Source, e.from_addr, e.from_port)?;
         if e.to_addr != 0 {
-            nat::rewrite(ctx, info, End::Destination, e.to_addr, e.to_port)?;
+            ctx.rewrite(info, End::Destination, e.to_addr, e.to_port)?;
         }
     } else {
         // The destination first: `rewrite` reads the old values from `info`, which still
         // describes the packet as it arrived.
-        nat::rewrite(ctx, info, End::Destination, e.to_addr, e.to_port)?;
+        ctx.rewrite(info, End::Destination, e.to_addr, e.to_port)?;
         if e.from_addr != 0 {
-            nat::rewrite(ctx, info, End::Source, e.from_addr, e.from_port)?;
+            ctx.rewrite(info, End::Source, e.from_addr, e.from_port)?;
         }
     }
     if e.flags & CT_HAIRPIN != 0 {
-        return Ok(Verdict::Redirected(redirect_back(ctx)?));
+        return Ok(Verdict::Redirected(ctx.send_back()?));
     }
-    if e.flags & CT_ROUTE != 0 {
-        let (src, dst) = if e.flags & CT_REPLY != 0 {
-            (
-                e.from_addr,
-                if e.to_addr != 0 {
-                    e.to_addr
-                } else {
-                    info.daddr
-                },
-            )
-        } else {
-            (
-                if e.from_addr != 0 {
-                    e.from_addr
-                } else {
-                    info.saddr
-                },
-                e.to_addr,
-            )
-        };
-        if let Some(r) = fib::redirect_routed(ctx, src, dst) {
-            return Ok(Verdict::Redirected(r));
-        }
-    }
-    Ok(Verdict::Pass)
+    Ok(ctx.send(&route).map_or(Verdict::Pass, Verdict::Redirected))
 }
 
 /// Whether a packet found a tracked entry it should follow. A SYN on a closing forward entry is
@@ -126,8 +135,8 @@ fn tuple(info: &Ipv4Info) -> (CtKey, bool) {
 /// Translates a packet of a tracked flow as its entry says; `None` when the packet starts (or
 /// restarts) a flow.
 #[inline(always)]
-fn tracked(
-    ctx: &TcContext,
+fn tracked<F: Frame>(
+    ctx: &F,
     info: &Ipv4Info,
     key: &CtKey,
     new_syn: bool,
@@ -139,30 +148,32 @@ fn tracked(
     if !keep_tracked(&entry, info, new_syn) {
         return None;
     }
+    let route = plan(ctx, info, &entry);
+    if !takes(ctx, &route) {
+        // Left untouched for TC, which counts it.
+        return Some(Ok(Verdict::Pass));
+    }
     ct::touch(key, e, info.proto, info.tcp_flags, now);
     lb::count(entry.service_id, ctx.len());
-    Some(apply(ctx, info, &entry))
+    Some(apply(ctx, info, &entry, route))
 }
 
 /// A backend of `fe` for a new connection; with none, the packet becomes its rejection and is
-/// sent back (`Err` carries the verdict to return).
+/// sent back (`Err` carries the verdict to return; a hook that cannot reject passes it on).
 #[inline(always)]
-fn choose(
-    ctx: &TcContext,
+fn choose<F: Frame>(
+    ctx: &F,
     info: &Ipv4Info,
     fe: &lb::Frontend,
     now: u64,
 ) -> Result<(u32, skiff_ebpf_common::lb::Backend), Verdict> {
     match lb::select(fe, info.saddr, now) {
         Ok(b) => Ok(b),
-        Err(DropReason::ServiceNoBackend) => {
-            if reject::reject(ctx, info).is_err() {
-                return Err(Verdict::Drop(DropReason::ServiceNoBackend));
-            }
-            // SAFETY: a helper taking plain integers.
-            let r = unsafe { bpf_redirect(ifindex(ctx), 0) } as i32;
-            Err(Verdict::Rejected(r))
-        }
+        Err(DropReason::ServiceNoBackend) if !F::FULL => Err(Verdict::Pass),
+        Err(DropReason::ServiceNoBackend) => match ctx.reject(info) {
+            Ok(r) => Err(Verdict::Rejected(r)),
+            Err(()) => Err(Verdict::Drop(DropReason::ServiceNoBackend)),
+        },
         Err(reason) => Err(Verdict::Drop(reason)),
     }
 }
@@ -234,7 +245,7 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
         return Ok(Verdict::Drop(DropReason::CtCreateFailed));
     }
     lb::count(fe.svc.service_id, ctx.len());
-    apply(ctx, info, &fwd)
+    apply(ctx, info, &fwd, plan(ctx, info, &fwd))
 }
 
 /// A packet arriving from the network on the node's uplink: NodePort and external-IP traffic
@@ -253,8 +264,18 @@ pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     }
 }
 
+/// The NodePort fast path at XDP on the uplink, before the kernel allocates an skb: what
+/// [`from_netdev`] does for flows to a backend on another node (new connections, their
+/// packets, and the replies coming back), when the packet leaves again through the interface
+/// it arrived on. Everything else — local backends, rejections, unresolved neighbours — is
+/// passed on untouched to TC.
 #[inline(always)]
-fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
+pub fn xdp_nodeport(ctx: &XdpContext, info: &Ipv4Info) -> Verdict {
+    from_netdev_inner(ctx, info).unwrap_or(Verdict::Drop(DropReason::MalformedL4))
+}
+
+#[inline(always)]
+fn from_netdev_inner<F: Frame>(ctx: &F, info: &Ipv4Info) -> Result<Verdict, ()> {
     let now = ct::now();
     let (key, new_syn) = tuple(info);
     if let Some(v) = tracked(ctx, info, &key, new_syn, now) {
@@ -273,6 +294,10 @@ fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
     };
     let expires = now + ct::lifetime(info.proto);
     let local = be.flags & BE_LOCAL != 0;
+    if local && !F::FULL {
+        // Delivered into a pod: TC's job.
+        return Ok(Verdict::Pass);
+    }
     let (snat, nat_port) = if local {
         (0, 0)
     } else {
@@ -305,11 +330,15 @@ fn from_netdev_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
         flags: CT_REPLY | CT_ROUTE,
         pad: 0,
     };
+    let route = plan(ctx, info, &fwd);
+    if !takes(ctx, &route) {
+        return Ok(Verdict::Pass);
+    }
     if ct::create(&key, &fwd, &rev_key, &rev).is_err() {
         return Ok(Verdict::Drop(DropReason::CtCreateFailed));
     }
     lb::count(fe.svc.service_id, ctx.len());
-    apply(ctx, info, &fwd)
+    apply(ctx, info, &fwd, route)
 }
 
 /// A source port for a flow source-translated to `addr` towards `be`: a random one in the NAT
@@ -349,7 +378,7 @@ pub fn to_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     }
     ct::touch(&key, e, info.proto, info.tcp_flags, now);
     lb::count(entry.service_id, ctx.len());
-    match apply(ctx, info, &entry) {
+    match apply(ctx, info, &entry, plan(ctx, info, &entry)) {
         Ok(v) => v,
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
     }

@@ -32,7 +32,7 @@ pub fn run(
             TC_ACT_OK as i32
         }
         Verdict::Redirected(r) => {
-            metrics::forwarded(hook, len);
+            metrics::redirected(hook, len);
             r
         }
         Verdict::Rejected(r) => {

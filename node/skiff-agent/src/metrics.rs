@@ -130,6 +130,7 @@ fn row_labels(r: &skiff_datapath::metrics::MetricsRow) -> Vec<(String, String)> 
     );
     let (verdict, reason) = match r.verdict {
         Verdict::Forwarded => ("forwarded".to_string(), String::new()),
+        Verdict::Redirected => ("redirected".to_string(), String::new()),
         other => ("dropped".to_string(), other.name()),
     };
     vec![

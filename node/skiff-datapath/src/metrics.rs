@@ -8,8 +8,10 @@ use crate::{DatapathError, PinDir};
 /// The verdict a counter row is about.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Verdict {
-    /// Passed on.
+    /// Passed on to the kernel.
     Forwarded,
+    /// Sent on by the program itself (to a pod, out of an interface).
+    Redirected,
     /// Dropped for a known reason.
     Dropped(DropReason),
     /// Dropped with a code this binary does not know (written by a newer program).
@@ -21,6 +23,9 @@ impl Verdict {
         if code == skiff_ebpf_common::metrics::REASON_FORWARDED {
             return Verdict::Forwarded;
         }
+        if code == skiff_ebpf_common::metrics::REASON_REDIRECTED {
+            return Verdict::Redirected;
+        }
         DropReason::from_code(code).map_or(Verdict::DroppedUnknown(code), Verdict::Dropped)
     }
 
@@ -28,6 +33,7 @@ impl Verdict {
     pub fn name(self) -> String {
         match self {
             Verdict::Forwarded => "forwarded".to_string(),
+            Verdict::Redirected => "redirected".to_string(),
             Verdict::Dropped(r) => r.name().to_string(),
             Verdict::DroppedUnknown(c) => format!("unknown_{c}"),
         }

@@ -132,7 +132,22 @@ impl LoadedProgram {
     /// Runs the program once on `packet` with BPF_PROG_RUN and returns its verdict and the
     /// packet as it left the program. Map side effects are real (the pinned maps are used).
     pub fn test_run(&self, packet: &[u8]) -> Result<RunOutcome, DatapathError> {
-        self.prog_run(packet, 1).map(|(outcome, _)| outcome)
+        self.prog_run(packet, 1, None).map(|(outcome, _)| outcome)
+    }
+
+    /// [`test_run`](Self::test_run) for an XDP program, as if the packet arrived on interface
+    /// `ingress_ifindex` of the calling thread's network namespace.
+    pub fn test_run_xdp(
+        &self,
+        packet: &[u8],
+        ingress_ifindex: u32,
+    ) -> Result<RunOutcome, DatapathError> {
+        // `struct xdp_md`: data, data_end, data_meta, ingress_ifindex, rx_queue_index,
+        // egress_ifindex (the kernel wants data 0 and data_end the packet's length).
+        let md: [u32; 6] = [0, packet.len() as u32, 0, ingress_ifindex, 0, 0];
+        let ctx: Vec<u8> = md.iter().flat_map(|v| v.to_ne_bytes()).collect();
+        self.prog_run(packet, 1, Some(&ctx))
+            .map(|(outcome, _)| outcome)
     }
 
     /// Runs the program `repeat` times on `packet` with BPF_PROG_RUN and returns the kernel's
@@ -142,19 +157,21 @@ impl LoadedProgram {
         packet: &[u8],
         repeat: u32,
     ) -> Result<std::time::Duration, DatapathError> {
-        self.prog_run(packet, repeat).map(|(_, d)| d)
+        self.prog_run(packet, repeat, None).map(|(_, d)| d)
     }
 
     fn prog_run(
         &self,
         packet: &[u8],
         repeat: u32,
+        ctx_in: Option<&[u8]>,
     ) -> Result<(RunOutcome, std::time::Duration), DatapathError> {
         // Room for programs that grow the packet (ICMP rejects, encapsulation later on).
         let mut out = vec![0u8; packet.len() + 256];
         let opts = TestRunOptions {
             data_in: Some(packet),
             data_out: Some(&mut out),
+            ctx_in,
             repeat,
             ..TestRunOptions::default()
         };
@@ -183,6 +200,18 @@ impl LoadedProgram {
     /// on their side (adding the clsact qdisc if needed), XDP in the mode the driver
     /// supports. The attachment lasts as long as this value.
     pub fn attach(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_mode(iface, XdpMode::Default)
+    }
+
+    /// [`attach`](Self::attach) with XDP in generic (skb) mode. For veth uplinks: a frame a
+    /// native XDP program sends back out (`XDP_TX`) is dropped unless the veth's peer runs XDP
+    /// or GRO itself, which the node does not control; generic XDP transmits through the
+    /// stack and works with any peer.
+    pub fn attach_generic(&mut self, iface: &str) -> Result<(), DatapathError> {
+        self.attach_mode(iface, XdpMode::Skb)
+    }
+
+    fn attach_mode(&mut self, iface: &str, mode: XdpMode) -> Result<(), DatapathError> {
         let kind = self.kind;
         let prog_err = |source| DatapathError::Program {
             program: kind.program_name(),
@@ -194,11 +223,11 @@ impl LoadedProgram {
                 p.attach(iface, tc_side(kind)).map_err(prog_err)?;
             }
             Program::Xdp(p) => {
-                p.attach(iface, XdpMode::Default).map_err(prog_err)?;
+                p.attach(iface, mode).map_err(prog_err)?;
             }
             _ => unreachable!("ProgramKind only names TC and XDP programs"),
         }
-        tracing::info!(program = kind.program_name(), iface, "attached");
+        tracing::info!(program = kind.program_name(), iface, ?mode, "attached");
         Ok(())
     }
 }

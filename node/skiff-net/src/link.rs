@@ -6,7 +6,7 @@ use std::{
 };
 
 use futures::TryStreamExt;
-use netlink_packet_route::link::{LinkAttribute, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteProtocol, RouteScope};
 use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
 
@@ -93,6 +93,18 @@ impl Netlink {
                 _ => None,
             })
             .ok_or_else(|| NetError::NoSuchLink(format!("{name} (no MAC address)")))
+    }
+
+    /// Whether `name` is one end of a veth pair.
+    pub async fn is_veth(&self, name: &str) -> Result<bool, NetError> {
+        let link = self
+            .link(name)
+            .await?
+            .ok_or_else(|| NetError::NoSuchLink(name.to_string()))?;
+        Ok(link.attributes.iter().any(|a| {
+            matches!(a, LinkAttribute::LinkInfo(infos)
+                if infos.iter().any(|i| matches!(i, LinkInfo::Kind(InfoKind::Veth))))
+        }))
     }
 
     /// Creates the veth pair `name` <-> `peer`, both in this namespace, both down.

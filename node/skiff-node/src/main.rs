@@ -322,13 +322,26 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                 .with_context(|| format!("--metrics-addr {a:?} is not host:port or off"))?,
         ),
     };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     for iface in uplinks {
-        programs
+        let xdp = programs
             .iter_mut()
             .find(|p| p.kind() == ProgramKind::XdpUplink)
-            .expect("loaded above")
-            .attach(iface)
-            .with_context(|| format!("attaching to uplink {iface}"))?;
+            .expect("loaded above");
+        // A veth uplink gets generic XDP: native XDP_TX on a veth is dropped unless its peer
+        // runs XDP or GRO, which this node does not control.
+        let veth = rt
+            .block_on(async { skiff_net::Netlink::connect()?.is_veth(iface).await })
+            .with_context(|| format!("uplink {iface}"))?;
+        if veth {
+            xdp.attach_generic(iface)
+        } else {
+            xdp.attach(iface)
+        }
+        .with_context(|| format!("attaching to uplink {iface}"))?;
     }
     // NodePort from outside: `from-netdev` on the uplinks, or on the interface holding the
     // node's address when none is named.
@@ -360,10 +373,6 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         netdevs = ?netdevs,
         "data path ready"
     );
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
     rt.block_on(async {
         if let Some(addr) = metrics_addr {
             let registry = skiff_agent::metrics::registry(pins.clone(), lb_metrics.clone());
@@ -520,6 +529,7 @@ fn print_metrics(bpffs: &std::path::Path, node: &str) -> Result<()> {
         );
         let (verdict, reason) = match r.verdict {
             Verdict::Forwarded => ("forwarded", "-".to_string()),
+            Verdict::Redirected => ("redirected", "-".to_string()),
             other => ("dropped", other.name()),
         };
         println!(

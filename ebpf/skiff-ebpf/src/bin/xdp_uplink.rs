@@ -1,7 +1,9 @@
 //! XDP program on the node's uplink: the earliest point a packet from the network is seen.
 //!
-//! Today: validate headers, count, drop malformed packets with their reason before the kernel
-//! allocates an skb. The NodePort fast path attaches here as it is built.
+//! Validates headers and drops malformed packets with their reason before the kernel allocates
+//! an skb, and is the NodePort fast path: a flow to a backend on another node (and its
+//! replies) is translated and sent straight back out of the uplink (`XDP_TX`); everything
+//! else goes on to the kernel and the TC hook (`skiff_ebpf::service::xdp_nodeport`).
 
 #![no_std]
 #![no_main]
@@ -9,7 +11,8 @@
 use aya_ebpf::{bindings::xdp_action, macros::xdp, programs::XdpContext};
 use skiff_ebpf::{
     metrics,
-    packet::{self, ParseError},
+    packet::{self, Packet, ParseError},
+    service::{self, Verdict},
 };
 use skiff_ebpf_common::{DropReason, Hook};
 
@@ -19,14 +22,28 @@ const HOOK: Hook = Hook::XdpUplink;
 pub fn xdp_uplink(ctx: XdpContext) -> u32 {
     let (data, data_end) = (ctx.data(), ctx.data_end());
     let len = (data_end - data) as u32;
-    match packet::parse(data, data_end, len) {
-        Ok(_) => {
+    let verdict = match packet::parse(data, data_end, len) {
+        Ok(Packet::Ipv4(info)) if info.has_ports => service::xdp_nodeport(&ctx, &info),
+        Ok(_) => Verdict::Pass,
+        Err(ParseError::Drop(reason)) => Verdict::Drop(reason),
+        // XDP sees the whole frame, so a header past `data_end` is simply truncated.
+        Err(ParseError::NeedPull(_)) => Verdict::Drop(DropReason::MalformedL4),
+    };
+    match verdict {
+        Verdict::Pass => {
             metrics::forwarded(HOOK, len);
             xdp_action::XDP_PASS
         }
-        Err(ParseError::Drop(reason)) => drop(reason, len),
-        // XDP sees the whole frame, so a header past `data_end` is simply truncated.
-        Err(ParseError::NeedPull(_)) => drop(DropReason::MalformedL4, len),
+        Verdict::Redirected(action) => {
+            metrics::redirected(HOOK, len);
+            action as u32
+        }
+        // Never made at XDP (rejections are TC's); counted like TC counts them.
+        Verdict::Rejected(action) => {
+            metrics::count(HOOK, DropReason::ServiceNoBackend.code(), len);
+            action as u32
+        }
+        Verdict::Drop(reason) => drop(reason, len),
     }
 }
 
