@@ -344,6 +344,7 @@ fn tracker() -> Tracker {
     Tracker::new(NodeView {
         name: BENCH_NODE.to_string(),
         addresses: Vec::new(),
+        xdp_fast_path: false,
     })
 }
 

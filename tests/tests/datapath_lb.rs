@@ -15,8 +15,8 @@ use skiff_ebpf_common::{
     ct::{CT_CLOSING, CT_FIN, CT_REPLY},
     endpoint::EndpointInfo,
     lb::{
-        BE_LOCAL, BE_TERMINATING, Backend, HAIRPIN_ADDR, LbConfig, NAT_PORT_MAX, NAT_PORT_MIN,
-        SCOPE_EXTERNAL, SVC_NODEPORT, ServiceKey, ServiceValue,
+        BE_LOCAL, BE_TERMINATING, Backend, CFG_XDP_FAST_PATH, HAIRPIN_ADDR, LbConfig, NAT_PORT_MAX,
+        NAT_PORT_MIN, SCOPE_EXTERNAL, SVC_NODEPORT, ServiceKey, ServiceValue,
     },
 };
 use skiff_tests::{
@@ -688,7 +688,7 @@ fn node_port_from_outside_translates_both_ways() {
     node.maps
         .set_config(LbConfig {
             node_addr: u32::from_ne_bytes(NODE),
-            pad: 0,
+            flags: 0,
         })
         .expect("config");
     let np = |id, backend: [u8; 4], local: bool, node: &mut Node| {
@@ -843,7 +843,7 @@ fn xdp_fast_path(node_ip: [u8; 4], gw: std::net::Ipv4Addr) {
     node.maps
         .set_config(LbConfig {
             node_addr: u32::from_ne_bytes(node_ip),
-            pad: 0,
+            flags: CFG_XDP_FAST_PATH,
         })
         .expect("config");
     let node_port = |node: &mut Node, port: u16, backends: &[([u8; 4], bool)]| {
@@ -946,4 +946,15 @@ fn xdp_fast_path(node_ip: [u8; 4], gw: std::net::Ipv4Addr) {
     let d = decode(&out.packet);
     assert_eq!((d.src, d.dst, d.ttl), (node_ip, UNRESOLVED, 63));
     assert!(d.ip_checksum_ok && d.l4_checksum_ok);
+
+    // Without the agent's go-ahead (an uplink in generic XDP), the fast path stays off.
+    node.maps
+        .set_config(LbConfig {
+            node_addr: u32::from_ne_bytes(node_ip),
+            flags: 0,
+        })
+        .expect("config");
+    let syn = packets::tcp(OUTSIDE, node_ip, 40009, 30081, SYN, 1, 0, b"");
+    let out = run(&syn);
+    assert_eq!((out.verdict, &out.packet), (XDP_PASS, &syn));
 }

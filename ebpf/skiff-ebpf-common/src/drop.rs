@@ -23,7 +23,8 @@ pub enum DropReason {
     ServiceNoBackend = 10,
     /// A backend slot names a backend id that is gone (an update raced the packet).
     ServiceBackendMissing = 11,
-    /// A connection-tracking entry could not be created for a new translated flow.
+    /// A connection-tracking entry could not be created for a new translated flow (the map
+    /// refused it, or no free NAT port was found for its tuple).
     CtCreateFailed = 12,
 }
 
@@ -76,7 +77,9 @@ impl DropReason {
             DropReason::MalformedL4 => "TCP/UDP header truncated or invalid",
             DropReason::ServiceNoBackend => "service has no endpoint: connection rejected",
             DropReason::ServiceBackendMissing => "backend slot names a removed backend",
-            DropReason::CtCreateFailed => "connection tracking entry not created",
+            DropReason::CtCreateFailed => {
+                "connection tracking entry not created (or no free NAT port)"
+            }
         }
     }
 }

@@ -63,10 +63,16 @@ pub struct LbConfig {
     /// The node's address (network order): the source of NodePort traffic forwarded to
     /// backends on other nodes.
     pub node_addr: u32,
-    /// Always zero.
-    pub pad: u32,
+    /// `CFG_*` flags.
+    pub flags: u32,
 }
 assert_size!(LbConfig, 8);
+
+/// Config flag: `xdp-uplink` runs the NodePort fast path. The agent sets it when every uplink
+/// has XDP in native mode; generic (skb) XDP cannot tell a `CHECKSUM_PARTIAL` skb (whose L4
+/// checksum field is only the pseudo-header seed) from a complete one, so it leaves NodePort
+/// to `from-netdev`.
+pub const CFG_XDP_FAST_PATH: u32 = 1;
 
 /// The address pods see as the source of their own connections through a Service (hairpin):
 /// a pod cannot receive a packet from its own address, so such flows are source-NATed to this

@@ -53,6 +53,12 @@ pub fn node_addr() -> u32 {
     CONFIG.get(0).map_or(0, |c| c.node_addr)
 }
 
+/// The `CFG_*` flags the agent set (0 until it has written them).
+#[inline(always)]
+pub fn config_flags() -> u32 {
+    CONFIG.get(0).map_or(0, |c| c.flags)
+}
+
 /// A frontend found for a packet.
 #[derive(Clone, Copy)]
 pub struct Frontend {

@@ -15,7 +15,10 @@ use aya_ebpf::programs::{TcContext, XdpContext};
 use skiff_ebpf_common::{
     DropReason,
     ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CT_ROUTE, CtEntry, CtKey},
-    lb::{BE_LOCAL, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP, SVC_NODEPORT},
+    lb::{
+        BE_LOCAL, CFG_XDP_FAST_PATH, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP,
+        SVC_NODEPORT,
+    },
 };
 
 use crate::{
@@ -104,7 +107,13 @@ fn apply<F: Frame>(ctx: &F, info: &Ipv4Info, e: &CtEntry, route: Route) -> Resul
     if e.flags & CT_HAIRPIN != 0 {
         return Ok(Verdict::Redirected(ctx.send_back()?));
     }
-    Ok(ctx.send(&route).map_or(Verdict::Pass, Verdict::Redirected))
+    match ctx.send(&route) {
+        Some(r) => Ok(Verdict::Redirected(r)),
+        // A hook that is not FULL only applies entries it can send (see `takes`): failing
+        // now means the frame could not be written, and a rewritten packet must not go on.
+        None if !F::FULL => Err(()),
+        None => Ok(Verdict::Pass),
+    }
 }
 
 /// Whether a packet found a tracked entry it should follow. A SYN on a closing forward entry is
@@ -271,6 +280,11 @@ pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
 /// passed on untouched to TC.
 #[inline(always)]
 pub fn xdp_nodeport(ctx: &XdpContext, info: &Ipv4Info) -> Verdict {
+    // Off unless the agent turned it on (every uplink in native XDP: generic XDP cannot tell
+    // a CHECKSUM_PARTIAL skb, whose checksum field is only a seed, from a complete one).
+    if lb::config_flags() & CFG_XDP_FAST_PATH == 0 {
+        return Verdict::Pass;
+    }
     from_netdev_inner(ctx, info).unwrap_or(Verdict::Drop(DropReason::MalformedL4))
 }
 
@@ -303,7 +317,12 @@ fn from_netdev_inner<F: Frame>(ctx: &F, info: &Ipv4Info) -> Result<Verdict, ()> 
     } else {
         let node = lb::node_addr();
         let addr = if node != 0 { node } else { info.daddr };
-        (addr, nat_port(addr, &be, info, now).ok_or(())?)
+        match nat_port(addr, &be, info, now) {
+            Some(port) => (addr, port),
+            // XDP leaves it to TC, which counts the drop.
+            None if !F::FULL => return Ok(Verdict::Pass),
+            None => return Ok(Verdict::Drop(DropReason::CtCreateFailed)),
+        }
     };
     let src = if local { info.saddr } else { snat };
     let sport = if local { info.sport } else { nat_port };

@@ -65,20 +65,24 @@ impl PodDatapath for PodPrograms {
         for p in programs.iter_mut().filter(|p| KINDS.contains(&p.kind())) {
             p.attach_pinned(&net.host_if, &self.pins)?;
         }
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(mac) = net.mac else {
+            // Reached through the node's stack instead.
+            tracing::warn!(host_if = %net.host_if, "pod MAC unknown: no same-node delivery");
+            endpoints.remove(net.ip)?;
+            return Ok(());
+        };
         let index = ifindex(&net.host_if)
             .with_context(|| format!("interface {} has no index", net.host_if))?;
-        self.endpoints
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .set(
-                net.ip,
-                EndpointInfo {
-                    ifindex: index,
-                    flags: 0,
-                    mac: net.mac,
-                    node_mac: net.host_mac,
-                },
-            )?;
+        endpoints.set(
+            net.ip,
+            EndpointInfo {
+                ifindex: index,
+                flags: 0,
+                mac,
+                node_mac: net.host_mac,
+            },
+        )?;
         Ok(())
     }
 

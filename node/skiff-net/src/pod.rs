@@ -56,8 +56,9 @@ pub struct PodNetwork {
     pub ip: Ipv4Addr,
     /// The host-side interface.
     pub host_if: String,
-    /// The pod interface's MAC.
-    pub mac: [u8; 6],
+    /// The pod interface's MAC (`None` when an adopted pod's could not be read: it then gets
+    /// no same-node delivery, and its network is kept).
+    pub mac: Option<[u8; 6]>,
     /// The host-side interface's MAC (the pod's gateway).
     pub host_mac: [u8; 6],
 }
@@ -103,7 +104,7 @@ pub async fn setup(
         }
         node.set_up(&host).await?;
         node.add_route(ip, 32, &host, None).await?;
-        Ok::<_, NetError>((pod.mac(POD_IF).await?, host_mac))
+        Ok::<_, NetError>((Some(pod.mac(POD_IF).await?), host_mac))
     }
     .await;
     let netns = ns.path().to_path_buf();
@@ -139,8 +140,15 @@ pub async fn adopt(
         return None;
     }
     let host_mac = node.mac(&host).await.ok()?;
-    let ns = NetNs::open(&netns).ok()?;
-    let mac = Netlink::connect_in(&ns).ok()?.mac(POD_IF).await.ok()?;
+    // Not being able to read the pod's MAC is no reason to rebuild the network of a running
+    // pod.
+    let mac = match NetNs::open(&netns) {
+        Ok(ns) => match Netlink::connect_in(&ns) {
+            Ok(nl) => nl.mac(POD_IF).await.ok(),
+            Err(_) => None,
+        },
+        Err(_) => None,
+    };
     // Already there is the usual case; a real failure shows when the pod is unreachable.
     let _ = node.add_route(ip, 32, &host, None).await;
     Some(PodNetwork {

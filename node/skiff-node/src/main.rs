@@ -326,6 +326,8 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    // The NodePort fast path needs native XDP on every uplink.
+    let mut xdp_native = !uplinks.is_empty();
     for iface in uplinks {
         let xdp = programs
             .iter_mut()
@@ -336,6 +338,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         let veth = rt
             .block_on(async { skiff_net::Netlink::connect()?.is_veth(iface).await })
             .with_context(|| format!("uplink {iface}"))?;
+        xdp_native &= !veth;
         if veth {
             xdp.attach_generic(iface)
         } else {
@@ -465,6 +468,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     let view = skiff_agent::services::desired::NodeView {
                         name: cfg.name.clone(),
                         addresses: vec![cfg.internal_ip],
+                        xdp_fast_path: xdp_native,
                     };
                     let (client, pins, metrics) =
                         (client.clone(), pins.clone(), lb_metrics.clone());

@@ -85,6 +85,8 @@ pub struct NodeView {
     pub name: String,
     /// The addresses NodePorts are served on.
     pub addresses: Vec<Ipv4Addr>,
+    /// `xdp-uplink` may run the NodePort fast path (every uplink has native XDP).
+    pub xdp_fast_path: bool,
 }
 
 fn proto_number(p: Option<&str>) -> Option<u8> {
@@ -367,6 +369,7 @@ mod tests {
         NodeView {
             name: "n1".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 7, 1)],
+            xdp_fast_path: false,
         }
     }
 

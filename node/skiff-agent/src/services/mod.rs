@@ -130,9 +130,14 @@ pub async fn run(
 ) -> Result<()> {
     let mut maps = LbMaps::open(&pins).context("open the service maps")?;
     if let Some(addr) = node.addresses.first() {
+        let flags = if node.xdp_fast_path {
+            skiff_ebpf_common::lb::CFG_XDP_FAST_PATH
+        } else {
+            0
+        };
         maps.set_config(skiff_ebpf_common::lb::LbConfig {
             node_addr: u32::from_ne_bytes(addr.octets()),
-            pad: 0,
+            flags,
         })
         .context("write the node's address for NodePort")?;
     }

@@ -281,6 +281,7 @@ mod tests {
         NodeView {
             name: "n1".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 7, 1)],
+            xdp_fast_path: false,
         }
     }
 
