@@ -198,8 +198,8 @@ impl Drop for Lan {
 }
 
 /// A `skiff-node` agent running in a [`NodeNs`], with its data and run directories. Dropping it
-/// ends the agent (by PID), then stops any container shim it left (by PID, matched on its own
-/// run directory), unmounts what they left and unpins its BPF maps.
+/// ends the agent (by PID), then runs `skiff-node reset` for what it left (containers, its
+/// containerd and shims, mounts, pins).
 #[derive(Debug)]
 pub struct NodeAgent {
     child: Option<Child>,
@@ -214,6 +214,8 @@ pub struct NodeAgent {
     binary: PathBuf,
     kubeconfig: PathBuf,
     images: Vec<PathBuf>,
+    /// The node's namespace (its path), once started.
+    netns: Option<PathBuf>,
     extra: Vec<String>,
 }
 
@@ -260,6 +262,7 @@ impl NodeAgent {
             kubeconfig: kubeconfig.to_path_buf(),
             images: images.to_vec(),
             extra: extra.iter().map(|s| s.to_string()).collect(),
+            netns: None,
         };
         agent.spawn(node);
         agent
@@ -303,6 +306,7 @@ impl NodeAgent {
         for i in &self.images {
             cmd.arg("--import-image").arg(i);
         }
+        self.netns = Some(node.ns.path().to_path_buf());
         let ns_fd = node.ns.as_raw_fd();
         // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
         // which is async-signal-safe; `ns_fd` stays open in the parent (owned by `node`).
@@ -315,6 +319,34 @@ impl NodeAgent {
             });
         }
         self.child = Some(cmd.spawn().expect("start skiff-node"));
+    }
+
+    /// `skiff-node reset` for this agent's node and directories, run in the node's namespace.
+    pub fn reset_command(&self) -> Command {
+        let mut cmd = Command::new(&self.binary);
+        cmd.args(["--node-name", &self.name])
+            .arg("--data-dir")
+            .arg(&self.data_dir)
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .arg("reset");
+        if let Some(ns) = self
+            .netns
+            .as_ref()
+            .and_then(|p| std::fs::File::open(p).ok())
+        {
+            // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
+            // which is async-signal-safe; it owns the namespace's descriptor.
+            unsafe {
+                cmd.pre_exec(move || {
+                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        cmd
     }
 
     /// The agent's log so far.
@@ -333,61 +365,10 @@ impl NodeAgent {
 impl Drop for NodeAgent {
     fn drop(&mut self) {
         self.stop();
-        // Containers the agent left running (a failed test may not have deleted its pods):
-        // runc state is under the agent's run directory; `delete --force` kills and removes.
-        let runc_root = self.run_dir.join("runc/k8s.io");
-        if let Ok(out) = Command::new("runc")
-            .arg("--root")
-            .arg(&runc_root)
-            .args(["list", "-q"])
-            .output()
-        {
-            for id in String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-            {
-                let _ = Command::new("runc")
-                    .arg("--root")
-                    .arg(&runc_root)
-                    .args(["delete", "--force", id])
-                    .output();
-            }
-        }
-        // Shims of this agent's containerd carry its socket path, which is under run_dir.
-        let marker = self.run_dir.display().to_string();
-        if let Ok(procs) = std::fs::read_dir("/proc") {
-            for p in procs.filter_map(Result::ok) {
-                let Ok(pid) = p.file_name().to_string_lossy().parse::<i32>() else {
-                    continue;
-                };
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                if String::from_utf8_lossy(&cmdline).contains(&marker) {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                }
-            }
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
-        let dirs = [
-            self.run_dir.display().to_string(),
-            self.data_dir.display().to_string(),
-        ];
-        let mut targets: Vec<&str> = mounts
-            .lines()
-            .filter_map(|l| l.split_whitespace().nth(1))
-            .filter(|m| dirs.iter().any(|d| m.starts_with(d.as_str())))
-            .collect();
-        targets.sort_by_key(|t| std::cmp::Reverse(t.len()));
-        for t in targets {
-            let _ = nix::mount::umount2(t, nix::mount::MntFlags::MNT_DETACH);
-        }
-        let _ = std::fs::remove_dir_all(&self.run_dir);
-        let _ = Command::new(&self.binary)
-            .args(["--node-name", &self.name, "bpf", "unpin"])
-            .output();
+        // Whatever the agent left (a failed test may not have deleted its pods): containers,
+        // its containerd and shims, mounts, pins — `skiff-node reset`, in the node's namespace
+        // while it exists (its routes live there).
+        let _ = self.reset_command().output();
     }
 }
 

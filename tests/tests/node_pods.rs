@@ -1513,3 +1513,55 @@ spec: {selector: {app: web}, ports: [{port: 80, targetPort: http}]}
         },
     );
 }
+
+/// `skiff-node reset` removes what a stopped agent left on the machine: its running
+/// containers, its containerd and their shims, the mounts under its directories, its pinned
+/// maps and its run directory; the data directory stays unless `--purge`.
+#[test]
+fn reset_removes_what_a_stopped_agent_left() {
+    on_one_node("reset_removes_what_a_stopped_agent_left", |_, cp, agent| {
+        cp.ok(&["run", "left", "--image=busybox:1.36", "--", "sleep", "3600"]);
+        cp.eventually(90, "pod left Running", || {
+            jsonpath(cp, &["pod", "left"], "{.status.phase}") == "Running"
+        });
+        // Stopping the agent leaves its pods running, as a kubelet does.
+        agent.stop();
+        let under = |dirs: &[&Path]| -> Vec<String> {
+            std::fs::read_to_string("/proc/self/mounts")
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| l.split_whitespace().nth(1).map(str::to_string))
+                .filter(|m| dirs.iter().any(|d| Path::new(m).starts_with(d)))
+                .collect()
+        };
+        let dirs = [agent.run_dir.as_path(), agent.data_dir.as_path()];
+        assert!(!under(&dirs).is_empty(), "the pod's mounts are there");
+        let pins = skiff_tests::bpffs().join("skiff").join(&agent.name);
+        assert!(pins.exists());
+
+        let out = agent.reset_command().output().expect("skiff-node reset");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{stdout}{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(stdout.contains("containers removed: 1"), "{stdout}");
+        assert!(under(&dirs).is_empty(), "mounts left: {:?}", under(&dirs));
+        assert!(!pins.exists(), "pins left");
+        assert!(!agent.run_dir.exists(), "run directory left");
+        assert!(
+            agent.data_dir.exists(),
+            "the data directory stays without --purge"
+        );
+        let marker = agent.run_dir.display().to_string();
+        let survivors: Vec<String> = std::fs::read_dir("/proc")
+            .expect("/proc")
+            .filter_map(Result::ok)
+            .filter_map(|p| std::fs::read(p.path().join("cmdline")).ok())
+            .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+            .filter(|c| c.contains(&marker))
+            .collect();
+        assert!(survivors.is_empty(), "processes left: {survivors:?}");
+    });
+}

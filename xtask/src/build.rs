@@ -130,7 +130,7 @@ pub fn test(nextest_args: &[String]) -> Result<()> {
 }
 
 /// Install, build, and say how to run what exists.
-pub fn up() -> Result<()> {
+pub fn up(nodes: usize) -> Result<()> {
     setup::all()?;
     ebpf(true)?;
     step("build skiff-control and skiff-node (release)");
@@ -139,24 +139,21 @@ pub fn up() -> Result<()> {
         .current_dir(&root)
         .args(["build", "--release", "--bins"]))?;
     let bin = root.join("target/release");
-    let kubeconfig = crate::cluster::start(&bin)?;
+    let kubeconfig = crate::cluster::up(&bin, nodes)?;
     println!(
-        "\nskiff's local control plane is running (store, API server, controllers):\n  \
-         API server   https://127.0.0.1:6443\n  \
+        "\nskiff is running: the control plane and {nodes} node(s), the demo applied.\n  \
+         API server   https://10.213.0.1:6443\n  \
          kubeconfig   {kc}\n  \
-         log          {log}\n\n\
-         Use it with kubectl:\n  \
+         logs         {logs}\n\n\
+         Try:\n  \
          export KUBECONFIG={kc}\n  \
-         kubectl get namespaces\n  \
-         kubectl apply -f manifests/examples/web.yaml\n  \
-         kubectl get all -n web\n\n\
-         Stop it with `cargo xtask down` (`--purge` also removes its data).\n\n\
-         Pods stay Pending until a node joins: docs/deploying-agents.md (skiff-node --kubeconfig .../node.kubeconfig).\n\
-         The node's eBPF data path runs today:\n  \
-         sudo {node} --node-name demo --uplink <iface>      # load, pin, attach XDP\n  \
-         sudo {node} --node-name demo bpf metrics           # counters by hook and drop reason\n",
+         kubectl get pods -A -o wide\n  \
+         kubectl -n demo exec deploy/client -- sh -c 'printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | nc -w 3 $WEB_SERVICE_HOST 80'\n  \
+         curl -s http://10.213.0.11:30080/        # the NodePort, from outside the cluster\n\n\
+         Inspect a node's data path: sudo {node} --node-name skiff-1 bpf lb list\n\
+         Stop everything with `cargo xtask down` (`--purge` also removes the data).\n",
         kc = kubeconfig.display(),
-        log = root.join("target/local-cluster/control.log").display(),
+        logs = root.join("target/local-cluster").display(),
         node = bin.join("skiff-node").display(),
     );
     Ok(())

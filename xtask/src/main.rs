@@ -43,9 +43,14 @@ enum Command {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         nextest_args: Vec<String>,
     },
-    /// Install what is missing, build everything, start the local cluster, print how to use it.
-    Up,
-    /// Stop the local cluster `up` started.
+    /// Install what is missing, build everything, start the local cluster (control plane and
+    /// nodes, each node in its own network namespace), apply the demo, print how to use it.
+    Up {
+        /// How many nodes.
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
+    },
+    /// Stop the local cluster `up` started and remove everything it created.
     Down {
         /// Also remove its data (store, certificates, kubeconfig).
         #[arg(long)]
@@ -75,8 +80,8 @@ fn main() -> Result<()> {
         Command::Setup => setup::all(),
         Command::BuildEbpf { release } => build::ebpf(release),
         Command::Test { nextest_args } => build::test(&nextest_args),
-        Command::Up => build::up(),
-        Command::Down { purge } => cluster::down(purge),
+        Command::Up { nodes } => build::up(nodes),
+        Command::Down { purge } => cluster::down(&util::root().join("target/release"), purge),
         Command::Bench { name, seconds } => build::bench(name, seconds),
         Command::TestImage { out } => build::test_image(&out),
     }

@@ -20,6 +20,7 @@ const PACKAGES: &[(&str, &str)] = &[
         "kube-proxy nftables baseline in the data-path benchmark",
     ),
     ("iperf3", "bulk throughput in the data-path benchmark"),
+    ("curl", "the NodePort request `cargo xtask up` suggests"),
     ("etcd-server", "etcd peer in the store benchmark"),
     (
         "protobuf-compiler",

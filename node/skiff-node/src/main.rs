@@ -18,6 +18,7 @@ use skiff_datapath::{
 use skiff_ebpf_common::DropReason;
 
 mod inspect;
+mod reset;
 
 #[derive(Debug, Parser)]
 #[command(name = "skiff-node", version, about, long_about = None)]
@@ -50,7 +51,7 @@ struct Cli {
     node_ip: Option<std::net::Ipv4Addr>,
 
     /// Where the agent keeps its state.
-    #[arg(long, default_value = "/var/lib/skiff/node")]
+    #[arg(long, default_value = "/var/lib/skiff/node", global = true)]
     data_dir: PathBuf,
 
     /// The agent's HTTPS port (logs and exec), published as the node's kubelet endpoint.
@@ -58,7 +59,7 @@ struct Cli {
     port: u16,
 
     /// Where the agent keeps runtime state (pod namespaces, runc state, containerd's socket).
-    #[arg(long, default_value = "/run/skiff/node")]
+    #[arg(long, default_value = "/run/skiff/node", global = true)]
     run_dir: PathBuf,
 
     /// An existing containerd socket to use; without it the agent starts and supervises its
@@ -114,6 +115,14 @@ enum Command {
     /// Inspect the node's eBPF data path.
     #[command(subcommand)]
     Bpf(BpfCommand),
+    /// Remove what the agent created on this machine (run with the agent stopped):
+    /// containers, its containerd and shims, mounts under --run-dir and --data-dir, its routes
+    /// to other nodes' pods, the node's pinned maps and links, and --run-dir.
+    Reset {
+        /// Also remove --data-dir (images, pod state, the node's credentials).
+        #[arg(long)]
+        purge: bool,
+    },
     /// Build the small test and demo image: an OCI image-layout archive of a static busybox
     /// with its applets linked, for `--import-image` or a registry (`skopeo copy
     /// oci-archive:…`).
@@ -209,6 +218,14 @@ fn main() -> Result<()> {
             println!("{} ({name})", out.display());
             Ok(())
         }
+        Some(Command::Reset { purge }) => reset::Reset {
+            node: &node,
+            bpffs: &cli.bpffs,
+            run_dir: &cli.run_dir,
+            data_dir: &cli.data_dir,
+            purge,
+        }
+        .run(),
         Some(Command::Bpf(BpfCommand::Unpin)) => {
             let pins = PinDir::open(&cli.bpffs, &node)?;
             let path = pins.path().to_owned();
