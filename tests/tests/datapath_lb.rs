@@ -61,37 +61,40 @@ impl Node {
         }
     }
 
-    /// Programs frontend `vip:port/proto` (service id `id`) with `backends` (address, port,
-    /// terminating), ready ones first.
-    fn service(
+    /// Programs frontend `(addr, port, proto)` (service id `id`, `SVC_*` `flags`) with
+    /// `backends` (address, port, `BE_*` flags), ready ones first, then those with
+    /// `BE_TERMINATING`.
+    fn frontend(
         &mut self,
         id: u32,
-        vip: [u8; 4],
-        port: u16,
-        proto: u8,
-        backends: &[([u8; 4], u16, bool)],
+        (addr, port, proto): ([u8; 4], u16, u8),
+        flags: u16,
+        backends: &[([u8; 4], u16, u8)],
         affinity_timeout: u32,
     ) {
         let key = |slot| {
             ServiceKey::new(
-                u32::from_ne_bytes(vip),
+                u32::from_ne_bytes(addr),
                 port.to_be(),
                 proto,
                 SCOPE_EXTERNAL,
                 slot,
             )
         };
-        let ready = backends.iter().filter(|b| !b.2).count() as u16;
-        for (i, (addr, bport, terminating)) in backends.iter().enumerate() {
+        let terminating = backends
+            .iter()
+            .filter(|b| b.2 & BE_TERMINATING != 0)
+            .count() as u16;
+        for (i, (baddr, bport, bflags)) in backends.iter().enumerate() {
             let be_id = id * 100 + i as u32 + 1;
             self.maps
                 .set_backend(
                     be_id,
                     Backend {
-                        address: u32::from_ne_bytes(*addr),
+                        address: u32::from_ne_bytes(*baddr),
                         port: bport.to_be(),
                         proto,
-                        flags: if *terminating { BE_TERMINATING } else { 0 },
+                        flags: *bflags,
                     },
                 )
                 .expect("backend");
@@ -111,12 +114,30 @@ impl Node {
                 ServiceValue {
                     service_id: id,
                     affinity_timeout,
-                    count: ready,
-                    terminating: backends.len() as u16 - ready,
+                    count: backends.len() as u16 - terminating,
+                    terminating,
+                    flags,
                     ..ServiceValue::default()
                 },
             )
             .expect("frontend");
+    }
+
+    /// A ClusterIP frontend `vip:port/proto` with `backends` (address, port, terminating).
+    fn service(
+        &mut self,
+        id: u32,
+        vip: [u8; 4],
+        port: u16,
+        proto: u8,
+        backends: &[([u8; 4], u16, bool)],
+        affinity_timeout: u32,
+    ) {
+        let backends: Vec<([u8; 4], u16, u8)> = backends
+            .iter()
+            .map(|(a, p, t)| (*a, *p, if *t { BE_TERMINATING } else { 0 }))
+            .collect();
+        self.frontend(id, (vip, port, proto), 0, &backends, affinity_timeout);
     }
 
     fn pins_dir(&self) -> &skiff_datapath::PinDir {
@@ -692,46 +713,14 @@ fn node_port_from_outside_translates_both_ways() {
         })
         .expect("config");
     let np = |id, backend: [u8; 4], local: bool, node: &mut Node| {
-        let key = |slot| {
-            ServiceKey::new(
-                u32::from_ne_bytes(NODE),
-                30080u16.to_be(),
-                TCP,
-                SCOPE_EXTERNAL,
-                slot,
-            )
-        };
-        node.maps
-            .set_backend(
-                id,
-                Backend {
-                    address: u32::from_ne_bytes(backend),
-                    port: 8080u16.to_be(),
-                    proto: TCP,
-                    flags: if local { BE_LOCAL } else { 0 },
-                },
-            )
-            .expect("backend");
-        node.maps
-            .set_service(
-                key(1),
-                ServiceValue {
-                    backend_id: id,
-                    ..ServiceValue::default()
-                },
-            )
-            .expect("slot");
-        node.maps
-            .set_service(
-                key(0),
-                ServiceValue {
-                    service_id: 9,
-                    count: 1,
-                    flags: SVC_NODEPORT,
-                    ..ServiceValue::default()
-                },
-            )
-            .expect("frontend");
+        let flags = if local { BE_LOCAL } else { 0 };
+        node.frontend(
+            id,
+            (NODE, 30080, TCP),
+            SVC_NODEPORT,
+            &[(backend, 8080, flags)],
+            0,
+        );
     };
 
     // A local backend: only the destination changes.
@@ -847,50 +836,17 @@ fn xdp_fast_path(node_ip: [u8; 4], gw: std::net::Ipv4Addr) {
         })
         .expect("config");
     let node_port = |node: &mut Node, port: u16, backends: &[([u8; 4], bool)]| {
-        let id = u32::from(port);
-        let key = |slot| {
-            ServiceKey::new(
-                u32::from_ne_bytes(node_ip),
-                port.to_be(),
-                TCP,
-                SCOPE_EXTERNAL,
-                slot,
-            )
-        };
-        for (i, (addr, local)) in backends.iter().enumerate() {
-            let be = id * 10 + i as u32;
-            node.maps
-                .set_backend(
-                    be,
-                    Backend {
-                        address: u32::from_ne_bytes(*addr),
-                        port: 8080u16.to_be(),
-                        proto: TCP,
-                        flags: if *local { BE_LOCAL } else { 0 },
-                    },
-                )
-                .expect("backend");
-            node.maps
-                .set_service(
-                    key(i as u16 + 1),
-                    ServiceValue {
-                        backend_id: be,
-                        ..ServiceValue::default()
-                    },
-                )
-                .expect("slot");
-        }
-        node.maps
-            .set_service(
-                key(0),
-                ServiceValue {
-                    service_id: id,
-                    count: backends.len() as u16,
-                    flags: SVC_NODEPORT,
-                    ..ServiceValue::default()
-                },
-            )
-            .expect("frontend");
+        let backends: Vec<([u8; 4], u16, u8)> = backends
+            .iter()
+            .map(|(a, local)| (*a, 8080, if *local { BE_LOCAL } else { 0 }))
+            .collect();
+        node.frontend(
+            u32::from(port),
+            (node_ip, port, TCP),
+            SVC_NODEPORT,
+            &backends,
+            0,
+        );
     };
     let run = |frame: &[u8]| xdp.test_run_xdp(frame, ifindex).expect("run");
 

@@ -276,6 +276,20 @@ fn cluster_ip_services_are_routed_by_ebpf_across_nodes() {
             .collect();
         assert_eq!(endpoints, node1_pods, "node 1's endpoint map");
 
+        // The `kubernetes` Service's EndpointSlice names the address the API server listens
+        // on (pods reach it through 10.96.0.1 where the API server's machine routes back to
+        // the pod network: the test host has no route to it).
+        let api_ep = get(
+            cp,
+            &["endpointslice", "kubernetes"],
+            "{.endpoints[0].addresses[0]}:{.ports[0].port}",
+        );
+        assert_eq!(
+            api_ep.split(':').next(),
+            Some(n1.host_ip.to_string().as_str()),
+            "kubernetes endpoints: {api_ep}"
+        );
+
         // A Service without endpoints refuses at once instead of timing out.
         let nothing = get(cp, &["service", "nothing"], "{.spec.clusterIP}");
         let started = Instant::now();

@@ -189,6 +189,24 @@ fn node_net_up(i: usize) -> Result<()> {
     ip(&["-n", &ns, "route", "add", "default", "via", HOST_IP])
 }
 
+/// Makes `cmd` run in network namespace `name` (`/run/netns/<name>`).
+fn in_netns(cmd: &mut Command, name: &str) -> Result<()> {
+    let ns = fs::File::open(Path::new("/run/netns").join(name))
+        .with_context(|| format!("open namespace {name}"))?;
+    // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
+    // is async-signal-safe; it owns the namespace's descriptor, open until the command is
+    // dropped.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 fn kubectl(kubeconfig: &Path) -> Command {
     let mut c = Command::new("kubectl");
     c.arg("--kubeconfig").arg(kubeconfig);
@@ -274,9 +292,6 @@ fn node_up(bin: &Path, i: usize, image: &Path) -> Result<()> {
     let log_path = dir().join("nodes").join(format!("{name}.log"));
     let log =
         fs::File::create(&log_path).with_context(|| format!("create {}", log_path.display()))?;
-    let ns = fs::File::open(Path::new("/run/netns").join(node_ns(i)))
-        .with_context(|| format!("open namespace {}", node_ns(i)))?;
-    let ns_fd = ns.as_raw_fd();
     let mut cmd = Command::new(bin.join("skiff-node"));
     cmd.args(["--node-name", &name])
         .arg("--kubeconfig")
@@ -292,18 +307,8 @@ fn node_up(bin: &Path, i: usize, image: &Path) -> Result<()> {
         .stdout(log.try_clone()?)
         .stderr(log)
         .process_group(0);
-    // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
-    // is async-signal-safe; `ns` stays open in the parent until after spawn.
-    unsafe {
-        cmd.pre_exec(move || {
-            if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
+    in_netns(&mut cmd, &node_ns(i))?;
     let child = cmd.spawn().context("start skiff-node")?;
-    drop(ns);
     fs::write(&proc.pid_file, child.id().to_string()).context("write the pid file")?;
     Ok(())
 }
@@ -388,6 +393,33 @@ pub fn up(bin: &Path, nodes: usize) -> Result<PathBuf> {
         node_up(bin, i, &image)?;
     }
     wait_ready(&kubeconfig, nodes)?;
+    // The host routes to every node's pods, as machines on a routed network do: pods reach the
+    // API server (the `kubernetes` Service) and the host reaches pods.
+    step("route the host to the nodes' pod networks");
+    for i in 1..=nodes {
+        let out = kubectl(&kubeconfig)
+            .args([
+                "get",
+                "node",
+                &node_name(i),
+                "-o",
+                "jsonpath={.spec.podCIDR}",
+            ])
+            .output()?;
+        let cidr = String::from_utf8_lossy(&out.stdout).trim().to_string();
+        if cidr.is_empty() {
+            bail!("node {} has no pod CIDR yet", node_name(i));
+        }
+        ip(&[
+            "route",
+            "replace",
+            &cidr,
+            "via",
+            &node_ip(i),
+            "dev",
+            HOST_IF,
+        ])?;
+    }
     step("apply manifests/demo/");
     let status = kubectl(&kubeconfig)
         .args(["apply", "-f"])
@@ -423,8 +455,6 @@ fn node_down(bin: &Path, i: usize, purge: bool) -> Result<()> {
         step(&format!(
             "reset node {name} (containers, containerd, mounts, pins)"
         ));
-        let nsf = fs::File::open(Path::new("/run/netns").join(&ns))?;
-        let ns_fd = nsf.as_raw_fd();
         let mut cmd = Command::new(bin.join("skiff-node"));
         cmd.args(["--node-name", &name])
             .arg("--data-dir")
@@ -435,17 +465,8 @@ fn node_down(bin: &Path, i: usize, purge: bool) -> Result<()> {
         if purge {
             cmd.arg("--purge");
         }
-        // SAFETY: as in `node_up`: only setns(2) between fork and exec.
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        in_netns(&mut cmd, &ns)?;
         let status = cmd.status().context("run skiff-node reset")?;
-        drop(nsf);
         if !status.success() {
             bail!("skiff-node reset for {name} failed (see above)");
         }

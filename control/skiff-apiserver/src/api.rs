@@ -1729,6 +1729,32 @@ pub(crate) async fn create_internal(
     create(api, &t, obj, &Params::new()).await.map(|(o, _)| o)
 }
 
+/// Creates an object from inside the server, or replaces the one there (objects the server
+/// keeps as it wants them, like the `kubernetes` Service's endpoints).
+pub(crate) async fn put_internal(
+    api: &Api,
+    def: &'static ResourceDef,
+    namespace: Option<&str>,
+    mut obj: Value,
+) -> ApiResult<Value> {
+    match create_internal(api, def, namespace, obj.clone()).await {
+        Err(e) if e.code == 409 => {
+            let t = Target {
+                def,
+                namespace: namespace.map(str::to_string),
+                name: meta_str(&obj, "name").map(str::to_string),
+                sub: None,
+            };
+            let current = get(api, &t).await?;
+            obj["metadata"]["resourceVersion"] = current.obj["metadata"]["resourceVersion"].clone();
+            update(api, &t, obj, &Params::new(), Mode::Main)
+                .await
+                .map(|(o, _)| o)
+        }
+        r => r,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -95,7 +95,19 @@ impl ApiServer {
             objects: Objects::new(node),
             node_token: pki.bootstrap_token.clone(),
         });
-        bootstrap(&api)
+        // Where pods reach this API server through the `kubernetes` Service: the advertised
+        // URL's address, else the bound one (a loopback or wildcard address is no use to pods).
+        let advertise = cfg
+            .advertise_url
+            .as_deref()
+            .and_then(url_ipv4)
+            .or(match addr.ip() {
+                std::net::IpAddr::V4(ip) if !ip.is_loopback() && !ip.is_unspecified() => {
+                    Some((ip, addr.port()))
+                }
+                _ => None,
+            });
+        bootstrap(&api, addr.port(), advertise)
             .await
             .context("create the initial objects")?;
         let (admin_token, ca_pem) = (pki.admin_token.clone(), pki.ca_pem.clone());
@@ -362,9 +374,24 @@ async fn openapi_v3(Path(path): Path<String>) -> Response {
     }
 }
 
+/// The IPv4 address and port of an `https://a.b.c.d:port` URL.
+fn url_ipv4(url: &str) -> Option<(std::net::Ipv4Addr, u16)> {
+    let hostport = url.strip_prefix("https://")?.split('/').next()?;
+    let addr: SocketAddr = hostport.parse().ok()?;
+    match addr {
+        SocketAddr::V4(a) => Some((*a.ip(), a.port())),
+        SocketAddr::V6(_) => None,
+    }
+}
+
 /// Creates the namespaces, the built-in priority classes and the `kubernetes` Service every
-/// cluster has, if missing.
-async fn bootstrap(api: &Api) -> Result<()> {
+/// cluster has, if missing, and points the Service's EndpointSlice at this server
+/// (`advertise`), as kube-apiserver's endpoint reconciler does.
+async fn bootstrap(
+    api: &Api,
+    port: u16,
+    advertise: Option<(std::net::Ipv4Addr, u16)>,
+) -> Result<()> {
     let ns = resources::find("", "v1", "namespaces").unwrap_or_else(|| unreachable!());
     for name in ["default", "kube-system", "kube-public", "kube-node-lease"] {
         let obj = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}});
@@ -398,11 +425,29 @@ async fn bootstrap(api: &Api) -> Result<()> {
         "metadata": {"name": "kubernetes", "namespace": "default",
             "labels": {"component": "apiserver", "provider": "kubernetes"}},
         "spec": {"clusterIP": KUBERNETES_SERVICE_IP.to_string(),
-            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": 6443}]},
+            "ports": [{"name": "https", "port": 443, "protocol": "TCP", "targetPort": port}]},
     });
     match api::create_internal(api, svc, Some("default"), obj).await {
-        Ok(_) => Ok(()),
-        Err(e) if e.code == 409 => Ok(()),
-        Err(e) => Err(anyhow::anyhow!("service default/kubernetes: {e}")),
+        Ok(_) => {}
+        Err(e) if e.code == 409 => {}
+        Err(e) => return Err(anyhow::anyhow!("service default/kubernetes: {e}")),
     }
+    let Some((ip, port)) = advertise else {
+        tracing::info!("no address pods can reach: the kubernetes Service has no endpoints");
+        return Ok(());
+    };
+    let slices = resources::find("discovery.k8s.io", "v1", "endpointslices")
+        .unwrap_or_else(|| unreachable!());
+    let obj = json!({
+        "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"name": "kubernetes", "namespace": "default",
+            "labels": {"kubernetes.io/service-name": "kubernetes"}},
+        "addressType": "IPv4",
+        "endpoints": [{"addresses": [ip.to_string()], "conditions": {"ready": true}}],
+        "ports": [{"name": "https", "port": port, "protocol": "TCP"}],
+    });
+    api::put_internal(api, slices, Some("default"), obj)
+        .await
+        .map(|_| ())
+        .map_err(|e| anyhow::anyhow!("endpointslice default/kubernetes: {e}"))
 }

@@ -50,6 +50,31 @@ fn hop(ttl_proto: [u8; 2]) -> Option<[u8; 2]> {
     (ttl_proto[0] > 1).then(|| [ttl_proto[0] - 1, ttl_proto[1]])
 }
 
+/// TC: decrements the TTL as a router hop, with the header checksum; `None` when it is spent
+/// (nothing is changed then).
+#[inline(always)]
+pub fn tc_hop(ctx: &TcContext) -> Option<()> {
+    let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).ok()?;
+    let hopped = hop(ttl_proto)?;
+    ctx.l3_csum_replace(
+        IP_CSUM_OFF,
+        u64::from(u16::from_ne_bytes(ttl_proto)),
+        u64::from(u16::from_ne_bytes(hopped)),
+        2,
+    )
+    .ok()?;
+    ctx.store(TTL_OFF, &hopped[0], 0).ok()
+}
+
+/// TC: sets the frame's destination and source MACs.
+#[inline(always)]
+pub fn tc_set_macs(ctx: &TcContext, dmac: &[u8; 6], smac: &[u8; 6]) -> Option<()> {
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(dmac);
+    macs[6..].copy_from_slice(smac);
+    ctx.store(0, &macs, 0).ok()
+}
+
 impl Frame for TcContext {
     const FULL: bool = true;
 
@@ -81,31 +106,22 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn send(&self, route: &Route) -> Option<i32> {
-        let ttl_proto: [u8; 2] = self.load(TTL_OFF).ok()?;
-        let hopped = hop(ttl_proto)?;
+        if matches!(route, Route::None) {
+            return None;
+        }
+        tc_hop(self)?;
         let ifindex = match route {
             Route::Known {
                 ifindex,
                 dmac,
                 smac,
             } => {
-                let mut macs = [0u8; 12];
-                macs[..6].copy_from_slice(dmac);
-                macs[6..].copy_from_slice(smac);
-                self.store(0, &macs, 0).ok()?;
+                tc_set_macs(self, dmac, smac)?;
                 *ifindex
             }
             Route::Neigh { ifindex } => *ifindex,
             Route::None => return None,
         };
-        self.l3_csum_replace(
-            IP_CSUM_OFF,
-            u64::from(u16::from_ne_bytes(ttl_proto)),
-            u64::from(u16::from_ne_bytes(hopped)),
-            2,
-        )
-        .ok()?;
-        self.store(TTL_OFF, &hopped[0], 0).ok()?;
         // SAFETY: helpers taking plain integers (a null parameter block asks the kernel to
         // resolve the next hop itself).
         Some(unsafe {

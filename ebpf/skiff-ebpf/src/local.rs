@@ -14,6 +14,8 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::endpoint::{ENDPOINTS_MAX_ENTRIES, EndpointInfo};
 
+use crate::frame::{tc_hop, tc_set_macs};
+
 /// Pods of this node by IPv4 address (network order).
 #[btf_map(name = "skiff_endpoints")]
 pub static ENDPOINTS: HashMap<
@@ -23,10 +25,7 @@ pub static ENDPOINTS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-const IP_OFF: usize = 14;
-const TTL_OFF: usize = IP_OFF + 8;
-const IP_CSUM_OFF: usize = IP_OFF + 10;
-const DADDR_OFF: usize = IP_OFF + 16;
+const DADDR_OFF: usize = 14 + 16;
 
 /// Delivers the packet to the pod of this node it is addressed to (after any translation):
 /// the frame's MACs as the pod's gateway sets them, the TTL decremented as by a router hop,
@@ -37,23 +36,8 @@ pub fn deliver(ctx: &TcContext) -> Option<i32> {
     let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
     // SAFETY: a value pointer from a successful lookup, read at once.
     let ep = unsafe { *ENDPOINTS.get(&daddr)? };
-    let ttl_proto: [u8; 2] = ctx.load(TTL_OFF).ok()?;
-    if ttl_proto[0] <= 1 {
-        return None;
-    }
-    let hopped = [ttl_proto[0] - 1, ttl_proto[1]];
-    ctx.l3_csum_replace(
-        IP_CSUM_OFF,
-        u64::from(u16::from_ne_bytes(ttl_proto)),
-        u64::from(u16::from_ne_bytes(hopped)),
-        2,
-    )
-    .ok()?;
-    ctx.store(TTL_OFF, &hopped[0], 0).ok()?;
-    let mut macs = [0u8; 12];
-    macs[..6].copy_from_slice(&ep.mac);
-    macs[6..].copy_from_slice(&ep.node_mac);
-    ctx.store(0, &macs, 0).ok()?;
+    tc_hop(ctx)?;
+    tc_set_macs(ctx, &ep.mac, &ep.node_mac)?;
     // SAFETY: a helper taking plain integers.
     Some(unsafe { bpf_redirect_peer(ep.ifindex, 0) } as i32)
 }

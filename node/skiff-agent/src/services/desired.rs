@@ -361,11 +361,12 @@ fn pick(eps: &[SliceEndpoint], local_only: bool, flags: u16, affinity: u32) -> F
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use serde_json::json;
 
-    fn node() -> NodeView {
+    /// The node the unit tests of the services module run as.
+    pub(crate) fn node() -> NodeView {
         NodeView {
             name: "n1".into(),
             addresses: vec![Ipv4Addr::new(192, 168, 7, 1)],

@@ -275,15 +275,7 @@ mod tests {
     use serde_json::json;
 
     use super::*;
-    use crate::services::desired::desired;
-
-    fn node() -> NodeView {
-        NodeView {
-            name: "n1".into(),
-            addresses: vec![Ipv4Addr::new(192, 168, 7, 1)],
-            xdp_fast_path: false,
-        }
-    }
+    use crate::services::desired::{desired, tests::node};
 
     /// Service `i` in namespace `ns`: several shapes, and Services 1 and 2 share an external IP
     /// (a conflict the first by name wins).
