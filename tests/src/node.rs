@@ -197,6 +197,20 @@ impl Drop for Lan {
     }
 }
 
+/// Makes `cmd` run in the network namespace `ns` is open on.
+fn enter_netns(cmd: &mut Command, ns: std::fs::File) {
+    // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
+    // is async-signal-safe; it owns the namespace's descriptor.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+}
+
 /// A `skiff-node` agent running in a [`NodeNs`], with its data and run directories. Dropping it
 /// ends the agent (by PID), then runs `skiff-node reset` for what it left (containers, its
 /// containerd and shims, mounts, pins).
@@ -307,17 +321,10 @@ impl NodeAgent {
             cmd.arg("--import-image").arg(i);
         }
         self.netns = Some(node.ns.path().to_path_buf());
-        let ns_fd = node.ns.as_raw_fd();
-        // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
-        // which is async-signal-safe; `ns_fd` stays open in the parent (owned by `node`).
-        unsafe {
-            cmd.pre_exec(move || {
-                if libc::setns(ns_fd, libc::CLONE_NEWNET) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                Ok(())
-            });
-        }
+        enter_netns(
+            &mut cmd,
+            std::fs::File::open(node.ns.path()).expect("the node's namespace"),
+        );
         self.child = Some(cmd.spawn().expect("start skiff-node"));
     }
 
@@ -335,16 +342,7 @@ impl NodeAgent {
             .as_ref()
             .and_then(|p| std::fs::File::open(p).ok())
         {
-            // SAFETY: the closure runs in the forked child before exec and only calls setns(2),
-            // which is async-signal-safe; it owns the namespace's descriptor.
-            unsafe {
-                cmd.pre_exec(move || {
-                    if libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) != 0 {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                    Ok(())
-                });
-            }
+            enter_netns(&mut cmd, ns);
         }
         cmd
     }
