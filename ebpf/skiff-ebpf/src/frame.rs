@@ -31,11 +31,11 @@ pub trait Frame {
     fn ifindex(&self) -> u32;
     /// Rewrites one end's address and port, with checksums.
     fn rewrite(&self, info: &Ipv4Info, end: End, addr: u32, port: u16) -> Result<(), ()>;
-    /// The route of the packet once translated to `saddr → daddr`; [`Route::None`] when its
-    /// TTL is spent (the kernel answers "time exceeded").
+    /// The route of the packet once translated to `saddr → daddr` ([`Route::None`] when the
+    /// program does not route it; XDP also when it cannot send it itself, e.g. a spent TTL).
     fn route(&self, saddr: u32, daddr: u32) -> Route;
-    /// Sends the (translated) packet along `route`: MACs, TTL − 1, redirect. `None` when it
-    /// cannot, and the kernel carries on.
+    /// Sends the (translated) packet along `route`: TTL − 1, MACs, redirect. `None` when it
+    /// cannot (a spent TTL: the kernel answers "time exceeded"), and the kernel carries on.
     fn send(&self, route: &Route) -> Option<i32>;
     /// Sends the packet back out of the interface it came in on, MACs swapped.
     fn send_back(&self) -> Result<i32, ()>;
@@ -96,32 +96,21 @@ impl Frame for TcContext {
 
     #[inline(always)]
     fn route(&self, saddr: u32, daddr: u32) -> Route {
-        match self.load::<[u8; 2]>(TTL_OFF).ok().and_then(hop) {
-            // `tot_len` 0: the kernel checks the skb itself (GSO-aware) instead of comparing
-            // an aggregated packet's length with the route's MTU.
-            Some(_) => fib::lookup(self.skb.skb.cast(), Frame::ifindex(self), saddr, daddr, 0),
-            None => Route::None,
-        }
+        // `tot_len` 0: the kernel checks the skb itself (GSO-aware) instead of comparing an
+        // aggregated packet's length with the route's MTU. A spent TTL shows in `send`.
+        fib::lookup(self.skb.skb.cast(), Frame::ifindex(self), saddr, daddr, 0)
     }
 
     #[inline(always)]
     fn send(&self, route: &Route) -> Option<i32> {
-        if matches!(route, Route::None) {
-            return None;
-        }
-        tc_hop(self)?;
         let ifindex = match route {
-            Route::Known {
-                ifindex,
-                dmac,
-                smac,
-            } => {
-                tc_set_macs(self, dmac, smac)?;
-                *ifindex
-            }
-            Route::Neigh { ifindex } => *ifindex,
+            Route::Known { ifindex, .. } | Route::Neigh { ifindex } => *ifindex,
             Route::None => return None,
         };
+        tc_hop(self)?;
+        if let Route::Known { dmac, smac, .. } = route {
+            tc_set_macs(self, dmac, smac)?;
+        }
         // SAFETY: helpers taking plain integers (a null parameter block asks the kernel to
         // resolve the next hop itself).
         Some(unsafe {
