@@ -219,14 +219,7 @@ fn fill(
                 requested.push(port_key(np));
             }
             if np == 0 {
-                let mut rng = rand::rng();
-                loop {
-                    let c = i64::from(rng.random_range(NODE_PORTS));
-                    if !used.contains(&c) && !old_held.contains(&c) {
-                        np = c;
-                        break;
-                    }
-                }
+                np = random_node_port(&used, &old_held);
             }
             used.push(np);
             m.insert("nodePort".into(), json!(np));
@@ -251,14 +244,7 @@ fn fill(
                 requested.push(port_key(hc));
             }
             if hc == 0 {
-                let mut rng = rand::rng();
-                loop {
-                    let c = i64::from(rng.random_range(NODE_PORTS));
-                    if !used.contains(&c) && !old_held.contains(&c) {
-                        hc = c;
-                        break;
-                    }
-                }
+                hc = random_node_port(&used, &old_held);
             }
             m.insert("healthCheckNodePort".into(), json!(hc));
         } else {
@@ -266,6 +252,19 @@ fn fill(
         }
     }
     Ok(())
+}
+
+/// A random node port in the range that is neither in `used` (this Service's, so far) nor in
+/// `held` (what the Service held before); ports of other Services are caught by the store
+/// transaction's "absent" compare.
+fn random_node_port(used: &[i64], held: &[i64]) -> i64 {
+    let mut rng = rand::rng();
+    loop {
+        let c = i64::from(rng.random_range(NODE_PORTS));
+        if !used.contains(&c) && !held.contains(&c) {
+            return c;
+        }
+    }
 }
 
 /// Allocation for a create. Fills `obj` in.
