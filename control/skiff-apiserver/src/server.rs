@@ -374,14 +374,11 @@ async fn openapi_v3(Path(path): Path<String>) -> Response {
     }
 }
 
-/// The IPv4 address and port of an `https://a.b.c.d:port` URL.
+/// The IPv4 address and port of an `https://a.b.c.d[:port]` URL.
 fn url_ipv4(url: &str) -> Option<(std::net::Ipv4Addr, u16)> {
-    let hostport = url.strip_prefix("https://")?.split('/').next()?;
-    let addr: SocketAddr = hostport.parse().ok()?;
-    match addr {
-        SocketAddr::V4(a) => Some((*a.ip(), a.port())),
-        SocketAddr::V6(_) => None,
-    }
+    let uri: axum::http::Uri = url.parse().ok()?;
+    let ip = uri.host()?.parse().ok()?;
+    Some((ip, uri.port_u16().unwrap_or(443)))
 }
 
 /// Creates the namespaces, the built-in priority classes and the `kubernetes` Service every
