@@ -350,11 +350,7 @@ fn tracker() -> Tracker {
 
 /// One agent pass: the Services the events touched recomputed, then the maps brought to them.
 fn pass(tracker: &mut Tracker, programmer: &mut Programmer, maps: &mut LbMaps) -> Result<()> {
-    let changes = tracker.changes();
-    let report = programmer.apply_changes(
-        changes.frontends.iter().map(|(k, s)| (*k, s.as_ref())),
-        maps,
-    );
+    let report = skiff_agent::services::pass(tracker, programmer, Vec::new(), maps).report;
     if let Some((k, e)) = report.errors.first() {
         bail!("programming {k:?}: {e}");
     }

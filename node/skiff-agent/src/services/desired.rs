@@ -118,9 +118,10 @@ pub fn slice_service(s: &EndpointSlice) -> Option<(String, String)> {
     Some((ns.clone(), svc.clone()))
 }
 
-/// Computes the desired frontends from every Service and EndpointSlice. Where two Services
-/// claim one frontend (the same external IP and port), the first by namespace and name wins,
-/// as in [`super::tracker::Tracker`].
+/// Computes the desired frontends from every Service and EndpointSlice at once: the reference
+/// the incremental [`super::tracker::Tracker`] is tested against. Where two Services claim one
+/// frontend (the same external IP and port), the first by namespace and name wins, as there.
+#[cfg(test)]
 pub fn desired<'a>(
     services: impl IntoIterator<Item = &'a Service>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,

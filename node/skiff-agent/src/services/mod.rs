@@ -20,7 +20,10 @@ use kube::{
     Api, Client, Resource,
     runtime::{WatchStreamExt, watcher},
 };
-use skiff_datapath::{DatapathError, PinDir, lb::LbMaps};
+use skiff_datapath::{
+    DatapathError, PinDir,
+    lb::{LbMaps, LbTable},
+};
 use tokio::time::Instant;
 
 use crate::metrics::LbMetrics;
@@ -181,21 +184,18 @@ pub async fn run(
         if !changed || !services.ready || !slices.ready {
             continue;
         }
-        let changes = tracker.changes();
-        let mut todo: BTreeMap<FrontendKey, Option<FrontendSpec>> =
-            changes.frontends.into_iter().collect();
-        if retry_at.is_none() {
-            for k in failed.drain(..) {
-                todo.entry(k).or_insert_with(|| tracker.spec(&k).cloned());
-            }
-        }
-        let old_ids: Vec<u32> = todo
-            .keys()
-            .filter_map(|k| programmer.service_id(k))
-            .collect();
-        let report =
-            programmer.apply_changes(todo.iter().map(|(k, s)| (*k, s.as_ref())), &mut maps);
-        if changes.health {
+        let retry = if retry_at.is_none() {
+            std::mem::take(&mut failed)
+        } else {
+            Vec::new()
+        };
+        let Pass {
+            touched,
+            previous_ids,
+            report,
+            health: health_changed,
+        } = pass(&mut tracker, &mut programmer, retry, &mut maps);
+        if health_changed {
             health.sync(&tracker.health());
         }
         let now = Instant::now();
@@ -208,10 +208,10 @@ pub async fn run(
         metrics.backends.set(programmer.backends() as i64);
         {
             let mut owners = metrics.owners.lock().unwrap_or_else(|p| p.into_inner());
-            for id in old_ids {
+            for id in previous_ids {
                 owners.remove(&id);
             }
-            for k in todo.keys() {
+            for k in &touched {
                 if let (Some(id), Some(o)) = (programmer.service_id(k), tracker.owner(k)) {
                     owners.insert(id, (o.clone(), frontend_label(k)));
                 }
@@ -244,6 +244,46 @@ pub async fn run(
             failed.extend(report.errors.iter().map(|(k, _)| *k));
             retry_at = Some(Instant::now() + Duration::from_secs(1));
         }
+    }
+}
+
+/// What one [`pass`] did.
+#[derive(Debug)]
+pub struct Pass {
+    /// The frontends it wrote, removed or left as they were (recomputed or retried).
+    pub touched: Vec<FrontendKey>,
+    /// The service ids those frontends had before it.
+    pub previous_ids: Vec<u32>,
+    /// The map writes.
+    pub report: programmer::Report,
+    /// The health check ports changed.
+    pub health: bool,
+}
+
+/// One pass of the agent: the Services the events since the last pass touched are recomputed,
+/// the frontends in `retry` (failed before) are tried again, and the maps brought to them.
+pub fn pass(
+    tracker: &mut Tracker,
+    programmer: &mut Programmer,
+    retry: Vec<FrontendKey>,
+    table: &mut dyn LbTable,
+) -> Pass {
+    let changes = tracker.changes();
+    let mut todo: BTreeMap<FrontendKey, Option<FrontendSpec>> =
+        changes.frontends.into_iter().collect();
+    for k in retry {
+        todo.entry(k).or_insert_with(|| tracker.spec(&k).cloned());
+    }
+    let previous_ids = todo
+        .keys()
+        .filter_map(|k| programmer.service_id(k))
+        .collect();
+    let report = programmer.apply_changes(todo.iter().map(|(k, s)| (*k, s.as_ref())), table);
+    Pass {
+        touched: todo.into_keys().collect(),
+        previous_ids,
+        report,
+        health: changes.health,
     }
 }
 

@@ -254,6 +254,7 @@ impl Tracker {
 
     /// Everything, as [`super::desired::desired`] computes it from scratch (after
     /// [`Tracker::changes`] has taken the dirty Services in).
+    #[cfg(test)]
     pub fn desired(&self) -> Desired {
         let mut out = Desired::default();
         for fk in self.claims.keys() {
