@@ -61,6 +61,17 @@ pub fn set_tot_len(frame: &mut [u8], len: u16) {
     frame[IPV4_TOT_LEN..IPV4_TOT_LEN + 2].copy_from_slice(&len.to_be_bytes());
 }
 
+/// Sets the IPv4 TTL of a valid frame, with a correct header checksum.
+pub fn set_ttl(frame: &mut [u8], ttl: u8) {
+    let (mut h, _) =
+        etherparse::Ipv4Header::from_slice(&frame[ETH_LEN..]).expect("an IPv4 header");
+    h.time_to_live = ttl;
+    h.header_checksum = h.calc_header_checksum();
+    let mut out = Vec::with_capacity(h.header_len());
+    h.write(&mut out).expect("write the IPv4 header");
+    frame[ETH_LEN..ETH_LEN + out.len()].copy_from_slice(&out);
+}
+
 /// Offset of the L4 header of a frame with a 20-byte IPv4 header.
 pub const L4: usize = ETH_LEN + 20;
 

@@ -578,21 +578,6 @@ fn a_pod_reaches_itself_through_its_service() {
     assert!(d.ip_checksum_ok && d.l4_checksum_ok);
 }
 
-/// Sets a frame's IPv4 TTL, fixing the header checksum.
-fn with_ttl(mut frame: Vec<u8>, ttl: u8) -> Vec<u8> {
-    frame[22] = ttl;
-    frame[24..26].copy_from_slice(&[0, 0]);
-    let mut sum: u32 = frame[14..34]
-        .chunks(2)
-        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    frame[24..26].copy_from_slice(&(!(sum as u16)).to_be_bytes());
-    frame
-}
-
 /// A packet for a pod of this node — translated to a local backend, or addressed to the pod
 /// directly, from a pod or from another node — is handed straight to that pod's interface
 /// (`bpf_redirect_peer`) with the frame a router would send it: the pod's MAC as destination,
@@ -652,7 +637,8 @@ fn packets_for_pods_of_this_node_are_delivered_straight_to_them() {
     let elsewhere = syn(41003, BACKENDS[1], 8080);
     let out = node.from_pod.test_run(&elsewhere).expect("run");
     assert_eq!((out.verdict, out.packet), (TC_ACT_OK, elsewhere));
-    let spent = with_ttl(syn(41004, BACKENDS[0], 8080), 1);
+    let mut spent = syn(41004, BACKENDS[0], 8080);
+    packets::set_ttl(&mut spent, 1);
     let out = node.from_pod.test_run(&spent).expect("run");
     assert_eq!((out.verdict, out.packet), (TC_ACT_OK, spent));
 
