@@ -63,8 +63,7 @@ pub fn set_tot_len(frame: &mut [u8], len: u16) {
 
 /// Sets the IPv4 TTL of a valid frame, with a correct header checksum.
 pub fn set_ttl(frame: &mut [u8], ttl: u8) {
-    let (mut h, _) =
-        etherparse::Ipv4Header::from_slice(&frame[ETH_LEN..]).expect("an IPv4 header");
+    let (mut h, _) = etherparse::Ipv4Header::from_slice(&frame[ETH_LEN..]).expect("an IPv4 header");
     h.time_to_live = ttl;
     h.header_checksum = h.calc_header_checksum();
     let mut out = Vec::with_capacity(h.header_len());

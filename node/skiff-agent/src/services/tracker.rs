@@ -87,14 +87,20 @@ impl Tracker {
     pub fn set_slice(&mut self, slice: EndpointSlice) {
         let k = key_of(&slice.metadata);
         self.unfile(&k);
-        if let Some(owner) = slice_service(&slice) {
-            self.dirty.insert(owner.clone());
-            self.slices
-                .entry(owner.clone())
-                .or_default()
-                .insert(k.1.clone(), slice);
-            self.slice_owner.insert(k, owner);
+        if let Some(owner) = self.file(k, slice) {
+            self.dirty.insert(owner);
         }
+    }
+
+    /// Files a slice under the Service it names (none: not usable, not kept); that Service.
+    fn file(&mut self, k: ObjectKey, slice: EndpointSlice) -> Option<ObjectKey> {
+        let owner = slice_service(&slice)?;
+        self.slices
+            .entry(owner.clone())
+            .or_default()
+            .insert(k.1.clone(), slice);
+        self.slice_owner.insert(k, owner.clone());
+        Some(owner)
     }
 
     /// An EndpointSlice was deleted.
@@ -142,19 +148,12 @@ impl Tracker {
         for s in all {
             let k = key_of(&s.metadata);
             let prev = old.remove(&k);
-            if prev.as_ref() != Some(&s) {
-                // Its Service before the change, too (the label may have moved).
+            let changed = prev.as_ref() != Some(&s);
+            let owner = self.file(k, s);
+            if changed {
+                // Its Service before the change too (the label may have moved).
                 self.dirty.extend(prev.as_ref().and_then(slice_service));
-            }
-            if let Some(owner) = slice_service(&s) {
-                if prev.as_ref() != Some(&s) {
-                    self.dirty.insert(owner.clone());
-                }
-                self.slices
-                    .entry(owner.clone())
-                    .or_default()
-                    .insert(k.1.clone(), s);
-                self.slice_owner.insert(k, owner);
+                self.dirty.extend(owner);
             }
         }
         // Slices that went away (or changed Service) dirty the Service they were filed under.
