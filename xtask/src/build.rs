@@ -148,7 +148,7 @@ pub fn up(nodes: usize) -> Result<()> {
          Try:\n  \
          export KUBECONFIG={kc}\n  \
          kubectl get pods -A -o wide\n  \
-         kubectl -n demo exec deploy/client -- sh -c 'printf \"GET / HTTP/1.0\\r\\n\\r\\n\" | nc -w 3 $WEB_SERVICE_HOST 80'\n  \
+         kubectl -n demo exec deploy/client -- wget -qO- http://web   # by name: cluster DNS + eBPF\n  \
          curl -s http://10.213.0.11:30080/        # the NodePort, from outside the cluster\n\n\
          Inspect a node's data path: sudo {node} --node-name skiff-1 bpf lb list\n\
          Stop everything with `cargo xtask down` (`--purge` also removes the data).\n",

@@ -22,7 +22,7 @@ use skiff_store::StoreNode;
 use tokio::net::TcpListener;
 
 use crate::{
-    alloc::KUBERNETES_SERVICE_IP,
+    alloc::{CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP},
     api::{self, Api},
     discovery,
     error::ApiError,
@@ -381,9 +381,10 @@ fn url_ipv4(url: &str) -> Option<(std::net::Ipv4Addr, u16)> {
     Some((ip, uri.port_u16().unwrap_or(443)))
 }
 
-/// Creates the namespaces, the built-in priority classes and the `kubernetes` Service every
-/// cluster has, if missing, and points the Service's EndpointSlice at this server
-/// (`advertise`), as kube-apiserver's endpoint reconciler does.
+/// Creates the namespaces, the built-in priority classes, the `kubernetes` Service every
+/// cluster has and the `kube-system/kube-dns` Service, if missing, and points the
+/// `kubernetes` EndpointSlice at this server (`advertise`), as kube-apiserver's endpoint
+/// reconciler does.
 async fn bootstrap(
     api: &Api,
     port: u16,
@@ -428,6 +429,24 @@ async fn bootstrap(
         Ok(_) => {}
         Err(e) if e.code == 409 => {}
         Err(e) => return Err(anyhow::anyhow!("service default/kubernetes: {e}")),
+    }
+    // Cluster DNS: every agent serves it and publishes its own address as an endpoint
+    // (`kube-dns-<node>`); internalTrafficPolicy Local keeps each pod's queries on its node.
+    let obj = json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "kube-dns", "namespace": "kube-system",
+            "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true",
+                "kubernetes.io/name": "skiff-dns"}},
+        "spec": {"clusterIP": CLUSTER_DNS_IP.to_string(), "internalTrafficPolicy": "Local",
+            "ports": [
+                {"name": "dns", "port": 53, "protocol": "UDP", "targetPort": 53},
+                {"name": "dns-tcp", "port": 53, "protocol": "TCP", "targetPort": 53},
+            ]},
+    });
+    match api::create_internal(api, svc, Some("kube-system"), obj).await {
+        Ok(_) => {}
+        Err(e) if e.code == 409 => {}
+        Err(e) => return Err(anyhow::anyhow!("service kube-system/kube-dns: {e}")),
     }
     let Some((ip, port)) = advertise else {
         tracing::info!("no address pods can reach: the kubernetes Service has no endpoints");

@@ -23,6 +23,8 @@ pub struct Runtime {
     /// The node's allocatable CPU (cores), memory and ephemeral storage (bytes): what an unset
     /// limit means.
     pub allocatable: (f64, f64, f64),
+    /// The cluster DNS address for `dnsPolicy: ClusterFirst` (none: pods resolve as the node).
+    pub cluster_dns: Option<String>,
 }
 
 fn svc_name(name: &str) -> String {

@@ -10,6 +10,7 @@
 //! - [`metrics`]: the Prometheus endpoint.
 
 pub mod datapath;
+pub mod dns;
 pub mod env;
 pub mod exec;
 pub mod machine;

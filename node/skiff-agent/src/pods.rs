@@ -75,6 +75,8 @@ pub struct PodConfig {
     pub volume_sync: Duration,
     /// The data path's programs for pod interfaces (none: pods get no service translation).
     pub datapath: Option<Arc<dyn PodDatapath>>,
+    /// The cluster DNS address pods are pointed at (`--cluster-dns`).
+    pub cluster_dns: Option<Ipv4Addr>,
 }
 
 /// Attaches the data path to a pod's network, and detaches it.
@@ -638,6 +640,7 @@ impl PodManager {
                 .unwrap_or_default(),
             host_ip: self.cfg.node_ip.to_string(),
             allocatable: self.allocatable,
+            cluster_dns: self.cfg.cluster_dns.map(|ip| ip.to_string()),
         }
     }
 

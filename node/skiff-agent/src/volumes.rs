@@ -451,14 +451,23 @@ pub fn node_resolv_conf() -> String {
     etc
 }
 
-/// The pod's `/etc/resolv.conf` from the node's and the pod's `dnsPolicy`/`dnsConfig`. Until
-/// cluster DNS exists, `ClusterFirst` resolves as `Default` does (the kubelet's behaviour when
-/// no cluster DNS is configured).
-pub fn resolv_conf(pod: &Pod, node: &str) -> String {
+/// The pod's `/etc/resolv.conf` from the node's, the pod's `dnsPolicy`/`dnsConfig` and the
+/// cluster DNS address, as the kubelet writes it: `ClusterFirst` (the default) points at the
+/// cluster DNS with the search path `<ns>.svc.<domain> svc.<domain> <domain>` (then the
+/// node's) and `ndots:5` — or resolves as `Default` for host-network pods (unless
+/// `ClusterFirstWithHostNet`) and when no cluster DNS is configured; `Default` is the node's
+/// configuration; `None` only the pod's `dnsConfig`.
+pub fn resolv_conf(pod: &Pod, node: &str, cluster_dns: Option<&str>) -> String {
     let spec = pod.spec.as_ref();
     let policy = spec
         .and_then(|s| s.dns_policy.clone())
         .unwrap_or_else(|| "ClusterFirst".into());
+    let host_network = spec.and_then(|s| s.host_network) == Some(true);
+    let cluster = match policy.as_str() {
+        "ClusterFirstWithHostNet" => cluster_dns,
+        "ClusterFirst" if !host_network => cluster_dns,
+        _ => None,
+    };
     let (mut servers, mut searches, mut options) = (Vec::new(), Vec::new(), Vec::new());
     if policy != "None" {
         for line in node.lines() {
@@ -470,6 +479,18 @@ pub fn resolv_conf(pod: &Pod, node: &str) -> String {
                 _ => {}
             }
         }
+    }
+    if let Some(dns) = cluster {
+        let ns = pod.namespace().unwrap_or_else(|| "default".into());
+        servers = vec![dns.to_string()];
+        let mut s = vec![
+            format!("{ns}.svc.{CLUSTER_DOMAIN}"),
+            format!("svc.{CLUSTER_DOMAIN}"),
+            CLUSTER_DOMAIN.to_string(),
+        ];
+        s.append(&mut searches);
+        searches = s;
+        options = vec!["ndots:5".to_string()];
     }
     if let Some(c) = spec.and_then(|s| s.dns_config.clone()) {
         servers.extend(c.nameservers.unwrap_or_default());
@@ -565,7 +586,7 @@ pub async fn prepare(
         ("hostname", format!("{}\n", hostname(pod)), "/etc/hostname"),
         (
             "resolv.conf",
-            resolv_conf(pod, &node_resolv_conf()),
+            resolv_conf(pod, &node_resolv_conf(), rt.cluster_dns.as_deref()),
             "/etc/resolv.conf",
         ),
     ] {
@@ -761,13 +782,39 @@ mod tests {
         assert!(h.starts_with("# Kubernetes-managed hosts file.\n127.0.0.1\tlocalhost\n"));
         assert!(h.contains("10.244.0.5\tweb-0.web.shop.svc.cluster.local\tweb-0\n"));
         assert!(h.ends_with("# Entries added by HostAliases.\n10.1.2.3\tdb\tdb.local\n"));
-        let r = resolv_conf(
-            &p,
-            "nameserver 192.0.2.53\nsearch lan\noptions ndots:1 edns0\n",
-        );
+        let node = "nameserver 192.0.2.53\nsearch lan\noptions ndots:1 edns0\n";
+        // Without cluster DNS, ClusterFirst is the node's configuration.
         assert_eq!(
-            r,
+            resolv_conf(&p, node, None),
             "search lan x.example\nnameserver 192.0.2.53\noptions edns0 ndots:2\n"
+        );
+        // With it: the cluster search path first, ndots:5 unless the pod sets it.
+        assert_eq!(
+            resolv_conf(&p, node, Some("10.96.0.10")),
+            "search shop.svc.cluster.local svc.cluster.local cluster.local lan x.example\n\
+             nameserver 10.96.0.10\noptions ndots:2\n"
+        );
+        let plain = pod(serde_json::json!({
+            "metadata": {"name": "p", "namespace": "team"}, "spec": {"containers": []}
+        }));
+        assert_eq!(
+            resolv_conf(&plain, node, Some("10.96.0.10")),
+            "search team.svc.cluster.local svc.cluster.local cluster.local lan\n\
+             nameserver 10.96.0.10\noptions ndots:5\n"
+        );
+        // Host-network pods resolve as the node does, unless ClusterFirstWithHostNet.
+        let host = pod(serde_json::json!({
+            "metadata": {"name": "h", "namespace": "team"},
+            "spec": {"containers": [], "hostNetwork": true}
+        }));
+        assert_eq!(
+            resolv_conf(&host, node, Some("10.96.0.10")),
+            "search lan\nnameserver 192.0.2.53\noptions ndots:1 edns0\n"
+        );
+        let mut with_net = host.clone();
+        with_net.spec.as_mut().unwrap().dns_policy = Some("ClusterFirstWithHostNet".into());
+        assert!(
+            resolv_conf(&with_net, node, Some("10.96.0.10")).contains("nameserver 10.96.0.10\n")
         );
         let none = pod(serde_json::json!({
             "metadata": {"name": "p"},
@@ -775,7 +822,7 @@ mod tests {
                      "dnsConfig": {"nameservers": ["1.1.1.1"]}}
         }));
         assert_eq!(
-            resolv_conf(&none, "nameserver 192.0.2.53\n"),
+            resolv_conf(&none, "nameserver 192.0.2.53\n", Some("10.96.0.10")),
             "nameserver 1.1.1.1\n"
         );
     }

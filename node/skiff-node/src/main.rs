@@ -96,6 +96,21 @@ struct Cli {
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: String,
 
+    /// The cluster DNS address written into pods' resolv.conf (`dnsPolicy: ClusterFirst`): the
+    /// `kube-system/kube-dns` Service.
+    #[arg(long, default_value_t = skiff_agent::dns::CLUSTER_DNS_IP)]
+    cluster_dns: std::net::Ipv4Addr,
+
+    /// Don't run the built-in DNS server (this node's pods then need another server behind
+    /// --cluster-dns).
+    #[arg(long)]
+    no_dns_server: bool,
+
+    /// Resolvers the DNS server forwards names outside the cluster domain to (repeatable,
+    /// `ip` or `ip:port`). Default: the node's resolv.conf nameservers.
+    #[arg(long = "dns-upstream", value_name = "ADDR")]
+    dns_upstreams: Vec<String>,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -469,6 +484,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         insecure_registries: cli.insecure_registries.clone(),
                         volume_sync: cli.volume_sync_period,
                         datapath: Some(pod_programs.clone()),
+                        cluster_dns: Some(cli.cluster_dns),
                     },
                     ch,
                     images,
@@ -481,6 +497,25 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         tracing::error!(error = format!("{e:#}"), "pod manager stopped");
                     }
                 });
+                let zone = if cli.no_dns_server {
+                    None
+                } else {
+                    let zone = std::sync::Arc::new(
+                        skiff_agent::dns::Zone::new(skiff_agent::volumes::CLUSTER_DOMAIN)
+                            .map_err(anyhow::Error::msg)?,
+                    );
+                    let upstreams = dns_upstreams(cli, cfg.internal_ip)?;
+                    let addr = std::net::SocketAddr::from((cfg.internal_ip, 53));
+                    let (client, name, zone2) = (client.clone(), cfg.name.clone(), zone.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) =
+                            skiff_agent::dns::run(client, name, addr, zone2, upstreams).await
+                        {
+                            tracing::error!(error = format!("{e:#}"), "cluster DNS stopped");
+                        }
+                    });
+                    Some(zone)
+                };
                 {
                     let view = skiff_agent::services::desired::NodeView {
                         name: cfg.name.clone(),
@@ -491,7 +526,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         (client.clone(), pins.clone(), lb_metrics.clone());
                     tokio::spawn(async move {
                         if let Err(e) =
-                            skiff_agent::services::run(client, view, pins, metrics).await
+                            skiff_agent::services::run(client, view, pins, metrics, zone).await
                         {
                             tracing::error!(error = format!("{e:#}"), "service sync stopped");
                         }
@@ -534,6 +569,26 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     drop(programs);
     drop(pod_programs);
     Ok(())
+}
+
+/// The DNS server's upstream resolvers: `--dns-upstream`, else the node's resolv.conf.
+fn dns_upstreams(cli: &Cli, node_ip: std::net::Ipv4Addr) -> Result<Vec<std::net::SocketAddr>> {
+    let exclude = [
+        std::net::IpAddr::V4(cli.cluster_dns),
+        std::net::IpAddr::V4(node_ip),
+    ];
+    if cli.dns_upstreams.is_empty() {
+        let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+        return Ok(skiff_agent::dns::upstreams_from(&conf, &exclude));
+    }
+    cli.dns_upstreams
+        .iter()
+        .map(|u| {
+            u.parse::<std::net::SocketAddr>()
+                .or_else(|_| u.parse::<std::net::IpAddr>().map(|ip| (ip, 53).into()))
+                .with_context(|| format!("--dns-upstream {u:?}: not an address"))
+        })
+        .collect()
 }
 
 fn print_metrics(bpffs: &std::path::Path, node: &str) -> Result<()> {

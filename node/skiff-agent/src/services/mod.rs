@@ -123,13 +123,14 @@ where
         .boxed()
 }
 
-/// Keeps the service maps of the node whose pins are in `pins` in sync with the cluster until
-/// the task is dropped.
+/// Keeps the service maps of the node whose pins are in `pins` — and the cluster DNS records in
+/// `zone`, when the node serves them — in sync with the cluster until the task is dropped.
 pub async fn run(
     client: Client,
     node: NodeView,
     pins: PinDir,
     metrics: Arc<LbMetrics>,
+    zone: Option<Arc<crate::dns::Zone>>,
 ) -> Result<()> {
     let mut maps = LbMaps::open(&pins).context("open the service maps")?;
     if let Some(addr) = node.addresses.first() {
@@ -194,7 +195,14 @@ pub async fn run(
             previous_ids,
             report,
             health: health_changed,
+            services: recomputed,
         } = pass(&mut tracker, &mut programmer, retry, &mut maps);
+        if let Some(zone) = &zone {
+            for k in &recomputed {
+                let (svc, slices) = tracker.service(k);
+                zone.update(k, svc, &slices);
+            }
+        }
         if health_changed {
             health.sync(&tracker.health());
         }
@@ -258,6 +266,8 @@ pub struct Pass {
     pub report: programmer::Report,
     /// The health check ports changed.
     pub health: bool,
+    /// The Services recomputed.
+    pub services: Vec<tracker::ObjectKey>,
 }
 
 /// One pass of the agent: the Services the events since the last pass touched are recomputed,
@@ -284,6 +294,7 @@ pub fn pass(
         previous_ids,
         report,
         health: changes.health,
+        services: changes.services,
     }
 }
 

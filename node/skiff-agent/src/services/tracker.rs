@@ -34,6 +34,8 @@ pub struct Changes {
     pub frontends: Vec<(FrontendKey, Option<FrontendSpec>)>,
     /// The health check ports changed.
     pub health: bool,
+    /// The Services recomputed (changed, or with a changed EndpointSlice).
+    pub services: Vec<ObjectKey>,
 }
 
 /// Services, EndpointSlices and what each Service contributes to the maps.
@@ -165,6 +167,7 @@ impl Tracker {
         let mut out = Changes::default();
         let mut touched: BTreeSet<FrontendKey> = BTreeSet::new();
         for k in std::mem::take(&mut self.dirty) {
+            out.services.push(k.clone());
             let part = match self.services.get(&k) {
                 Some(svc) => {
                     let slices: Vec<&EndpointSlice> = self
@@ -221,6 +224,16 @@ impl Tracker {
                 .push((fk, self.winner(&fk).map(|(_, s)| s.clone())));
         }
         out
+    }
+
+    /// A Service and its EndpointSlices.
+    pub fn service(&self, k: &ObjectKey) -> (Option<&Service>, Vec<&EndpointSlice>) {
+        let slices = self
+            .slices
+            .get(k)
+            .map(|m| m.values().collect())
+            .unwrap_or_default();
+        (self.services.get(k), slices)
     }
 
     /// The Service a frontend belongs to and its spec.
