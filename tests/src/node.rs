@@ -151,9 +151,18 @@ impl Lan {
         let node_ip = Ipv4Addr::new(10, 200, self.subnet, i);
         let ns = NetNs::create(Path::new(DEFAULT_NETNS_DIR), &unique_name("skiff-t-node"))
             .expect("node netns");
+        // Unique per process, LAN and node (several LANs may exist at once in one process).
         let (a, b) = (
-            format!("sna{:x}{i:02x}", std::process::id() & 0xffff),
-            format!("snb{:x}{i:02x}", std::process::id() & 0xffff),
+            format!(
+                "sna{:x}{:02x}{i:02x}",
+                std::process::id() & 0xffff,
+                self.subnet
+            ),
+            format!(
+                "snb{:x}{:02x}{i:02x}",
+                std::process::id() & 0xffff,
+                self.subnet
+            ),
         );
         rt().block_on(async {
             let host = Netlink::connect().expect("netlink");
@@ -383,6 +392,11 @@ pub struct LanCluster {
 }
 
 impl LanCluster {
+    /// A namespace on the cluster's LAN with no agent: a machine outside the cluster.
+    pub fn outside(&self) -> NodeNs {
+        self.lan.node()
+    }
+
     /// Runs `body` on a control plane and `n` nodes, waiting first until every node is Ready.
     /// On failure it prints the pods, events and every agent's log; it cleans up either way.
     pub fn run(n: usize, body: impl FnOnce(&mut LanCluster)) {

@@ -3,11 +3,13 @@
 //! scheduler's (`Scheduled`, `FailedScheduling`) and the controllers' (`ScalingReplicaSet`,
 //! `SuccessfulCreate`, …). A repeat of the same event (same object, reason and message) within
 //! ten minutes bumps `count` and `lastTimestamp` on the existing Event instead of creating
-//! another, as upstream's correlator does. Recording never blocks or fails the caller.
+//! another, as upstream's correlator does. Recording never blocks or fails the caller: events
+//! go through a queue (1000 deep; beyond that they are dropped, as upstream's broadcaster
+//! does) to one writer per recorder, so they reach the API in the order they were recorded.
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, OnceLock},
     time::{Duration, Instant},
 };
 
@@ -46,21 +48,40 @@ struct Recorded {
     first: Instant,
 }
 
+/// How many events may wait for the writer.
+const QUEUE: usize = 1000;
+
+/// An event waiting to be written.
+struct Pending {
+    involved: ObjectReference,
+    kind: Kind,
+    reason: String,
+    message: String,
+}
+
+/// What the writer needs.
+struct Writer {
+    client: Client,
+    component: String,
+    host: Option<String>,
+    seen: Mutex<HashMap<Key, Recorded>>,
+}
+
 /// Records events as one component (`kubelet` on a host, `default-scheduler`,
 /// `deployment-controller`, …).
 #[derive(Clone)]
 pub struct Recorder {
-    client: Client,
-    component: String,
-    host: Option<String>,
-    seen: Arc<Mutex<HashMap<Key, Recorded>>>,
+    writer: Arc<Writer>,
+    /// The writer task's queue, started with the first event (on the caller's runtime); it
+    /// ends when every clone of the recorder is gone.
+    queue: Arc<OnceLock<tokio::sync::mpsc::Sender<Pending>>>,
 }
 
 impl std::fmt::Debug for Recorder {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Recorder")
-            .field("component", &self.component)
-            .field("host", &self.host)
+            .field("component", &self.writer.component)
+            .field("host", &self.writer.host)
             .finish()
     }
 }
@@ -74,10 +95,13 @@ impl Recorder {
     /// A recorder reporting as `component` (on `host`, for per-node components).
     pub fn new(client: Client, component: &str, host: Option<String>) -> Recorder {
         Recorder {
-            client,
-            component: component.to_string(),
-            host,
-            seen: Arc::new(Mutex::new(HashMap::new())),
+            writer: Arc::new(Writer {
+                client,
+                component: component.to_string(),
+                host,
+                seen: Mutex::new(HashMap::new()),
+            }),
+            queue: Arc::new(OnceLock::new()),
         }
     }
 
@@ -98,12 +122,36 @@ impl Recorder {
 
     /// Records an event about the object `involved` refers to, in the background.
     pub fn record(&self, involved: ObjectReference, kind: Kind, reason: &str, message: &str) {
-        let me = self.clone();
-        let (reason, message) = (reason.to_string(), message.to_string());
-        tokio::spawn(async move { me.write(involved, kind, reason, message).await });
+        let queue = self.queue.get_or_init(|| {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Pending>(QUEUE);
+            let writer = self.writer.clone();
+            tokio::spawn(async move {
+                while let Some(p) = rx.recv().await {
+                    writer.write(p).await;
+                }
+            });
+            tx
+        });
+        let pending = Pending {
+            involved,
+            kind,
+            reason: reason.to_string(),
+            message: message.to_string(),
+        };
+        if queue.try_send(pending).is_err() {
+            tracing::debug!(reason, "event queue full: event dropped");
+        }
     }
+}
 
-    async fn write(&self, involved: ObjectReference, kind: Kind, reason: String, message: String) {
+impl Writer {
+    async fn write(&self, p: Pending) {
+        let Pending {
+            involved,
+            kind,
+            reason,
+            message,
+        } = p;
         let ns = involved
             .namespace
             .clone()
