@@ -1,6 +1,10 @@
 //! `build-ebpf`, `test` and `up`.
 
-use std::{fs, path::Path, process::Command};
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::Command,
+};
 
 use anyhow::{Context, Result, bail};
 
@@ -129,16 +133,21 @@ pub fn test(nextest_args: &[String]) -> Result<()> {
     std::process::exit(status.code().unwrap_or(1));
 }
 
-/// Install, build, and say how to run what exists.
-pub fn up(nodes: usize) -> Result<()> {
-    setup::all()?;
-    ebpf(true)?;
-    step("build skiff-control and skiff-node (release)");
+/// Install, build, and say how to run what exists (with `bin_dir`: run what is built there).
+pub fn up(nodes: usize, bin_dir: Option<PathBuf>) -> Result<()> {
     let root = root();
-    run(cargo_with(None)
-        .current_dir(&root)
-        .args(["build", "--release", "--bins"]))?;
-    let bin = root.join("target/release");
+    let bin = match bin_dir {
+        Some(dir) => dir,
+        None => {
+            setup::all()?;
+            ebpf(true)?;
+            step("build skiff-control and skiff-node (release)");
+            run(cargo_with(None)
+                .current_dir(&root)
+                .args(["build", "--release", "--bins"]))?;
+            root.join("target/release")
+        }
+    };
     let kubeconfig = crate::cluster::up(&bin, nodes)?;
     println!(
         "\nskiff is running: the control plane and {nodes} node(s), the demo applied.\n  \

@@ -49,12 +49,19 @@ enum Command {
         /// How many nodes.
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Run the `skiff-control` and `skiff-node` already built in this directory: no set-up,
+        /// no build (the end-to-end suite uses its debug build).
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<std::path::PathBuf>,
     },
     /// Stop the local cluster `up` started and remove everything it created.
     Down {
         /// Also remove its data (store, certificates, kubeconfig).
         #[arg(long)]
         purge: bool,
+        /// Where the `skiff-node` that resets the nodes is (default: the release build).
+        #[arg(long, value_name = "DIR")]
+        bin_dir: Option<std::path::PathBuf>,
     },
     /// Build the busybox test and demo image as an OCI layout archive (for `skiff-node
     /// --import-image`, or `skopeo copy oci-archive:…` into a registry).
@@ -80,8 +87,11 @@ fn main() -> Result<()> {
         Command::Setup => setup::all(),
         Command::BuildEbpf { release } => build::ebpf(release),
         Command::Test { nextest_args } => build::test(&nextest_args),
-        Command::Up { nodes } => build::up(nodes),
-        Command::Down { purge } => cluster::down(&util::root().join("target/release"), purge),
+        Command::Up { nodes, bin_dir } => build::up(nodes, bin_dir),
+        Command::Down { purge, bin_dir } => cluster::down(
+            &bin_dir.unwrap_or_else(|| util::root().join("target/release")),
+            purge,
+        ),
         Command::Bench { name, seconds } => build::bench(name, seconds),
         Command::TestImage { out } => build::test_image(&out),
     }
