@@ -9,7 +9,6 @@
 
 use std::{
     future::Future,
-    net::SocketAddr,
     path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{
@@ -26,6 +25,8 @@ use kube::{
     Api, Client,
     api::{ListParams, PostParams, WatchEvent, WatchParams},
 };
+
+use crate::common::{free_addr, rss_mib};
 
 /// Options of `skiff-bench api`.
 #[derive(Debug, clap::Args)]
@@ -54,10 +55,6 @@ impl Drop for Server {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn free_addr() -> Result<SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
 }
 
 async fn start(args: &Args) -> Result<(Server, Client)> {
@@ -299,18 +296,6 @@ async fn fan_out(client: &Client, watchers: usize, events: usize) -> Result<Row>
     };
     row.print();
     Ok(row)
-}
-
-fn rss_mib(pid: u32) -> Option<f64> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let kb: f64 = s
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))?
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()?;
-    Some(kb / 1024.0)
 }
 
 /// `skiff-bench api`.

@@ -19,14 +19,20 @@
 //! programming time, iperf3, BPF_PROG_RUN per-packet cost. Ends with
 //! `ebpf/iptables new-conn ratio at 10000 services: R`.
 //!
+//! `startup`: control plane start → API ready (cold and warm), a real node's start → Ready and
+//! → its cluster DNS, and the control plane's memory idle and with 1000 pods on simulated
+//! nodes, against k3s's published figures. Ends with `control plane idle RSS MB: X`.
+//!
 //! `scheduler`: the scheduling framework in process (5000 nodes, 10,000 pods) against
 //! upstream's `scheduler_perf` floor, and Deployments through the API onto 1000 simulated
 //! nodes. Ends with `scheduler pods/s at 5000 nodes: N`.
 
 mod api;
+mod common;
 mod datapath;
 mod podstartup;
 mod scheduler;
+mod startup;
 mod store;
 
 use anyhow::Result;
@@ -51,6 +57,8 @@ enum Bench {
     Scheduler(scheduler::Args),
     /// Service routing: the eBPF data path against kube-proxy's iptables rules (as root).
     Datapath(datapath::Args),
+    /// Start-up times and memory against k3s's published figures (as root).
+    Startup(startup::Args),
 }
 
 fn main() -> Result<()> {
@@ -64,6 +72,14 @@ fn main() -> Result<()> {
         Bench::Store(args) => rt.block_on(store::run(args)),
         Bench::Api(args) => rt.block_on(api::run(args)),
         Bench::Scheduler(args) => rt.block_on(scheduler::run(args)),
+        Bench::Startup(args) => {
+            podstartup::require_root()?;
+            let node_ns = skiff_tests::node::NodeNs::new();
+            let r = rt.block_on(startup::run(args, &node_ns));
+            drop(rt);
+            drop(node_ns);
+            r
+        }
         Bench::Podstartup(args) => {
             podstartup::require_root()?;
             // The node's namespace is made and removed outside the runtime (its helper runs

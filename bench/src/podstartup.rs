@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
@@ -20,6 +20,11 @@ use kube::{
     api::{DeleteParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
+
+use crate::common::{Proc, node_ready, wait_for};
+
+/// How often conditions are polled.
+const POLL: Duration = Duration::from_millis(200);
 
 /// Options of `skiff-bench podstartup`.
 #[derive(Debug, clap::Args)]
@@ -41,15 +46,6 @@ pub struct Args {
     rate: f64,
 }
 
-/// A process this benchmark started, ended by PID (SIGTERM, then SIGKILL).
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        skiff_tests::stop_child(&mut self.0, Duration::from_secs(15));
-    }
-}
-
 fn pct(lat: &[Duration], p: f64) -> f64 {
     let mut l = lat.to_vec();
     l.sort();
@@ -61,21 +57,6 @@ fn pct(lat: &[Duration], p: f64) -> f64 {
     )]
     let i = ((l.len() as f64 * p) as usize).min(l.len().saturating_sub(1));
     l.get(i).map_or(0.0, |d| d.as_secs_f64() * 1000.0)
-}
-
-async fn wait_for<F, Fut>(what: &str, secs: u64, mut check: F) -> Result<()>
-where
-    F: FnMut() -> Fut,
-    Fut: Future<Output = bool>,
-{
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !check().await {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    Ok(())
 }
 
 /// `ctr run -d` of the image, `n` times in a row on the node's containerd: the runtime's floor.
@@ -128,9 +109,7 @@ fn pod(i: usize) -> Result<Pod> {
 /// Fails unless this process may create namespaces and run containers.
 pub fn require_root() -> Result<()> {
     if !nix::unistd::geteuid().is_root() {
-        bail!(
-            "the pod startup benchmark runs pods (network namespaces, containerd): run it as root"
-        );
+        bail!("this benchmark runs a real node (network namespaces, containerd): run it as root");
     }
     Ok(())
 }
@@ -195,19 +174,13 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
     let socket = node.run_dir.join("containerd/containerd.sock");
     let nodes: Api<Node> = Api::all(client.clone());
     let result = async {
-        wait_for("the node to be Ready", 90, || async {
+        wait_for("the node to be Ready", 90, POLL, || async {
             nodes
                 .get_opt(&node_name)
                 .await
                 .ok()
                 .flatten()
-                .is_some_and(|n| {
-                    n.status
-                        .and_then(|s| s.conditions)
-                        .unwrap_or_default()
-                        .iter()
-                        .any(|c| c.type_ == "Ready" && c.status == "True")
-                })
+                .is_some_and(|n| node_ready(&n))
         })
         .await?;
         let namespaces: Api<Namespace> = Api::all(client.clone());
@@ -264,7 +237,7 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
         // Stop the pods before the floor, so both measure an otherwise idle node.
         pods.delete_collection(&DeleteParams::default(), &Default::default())
             .await?;
-        wait_for("the pods to go", 180, || async {
+        wait_for("the pods to go", 180, POLL, || async {
             pods.list(&Default::default())
                 .await
                 .is_ok_and(|l| l.items.is_empty())

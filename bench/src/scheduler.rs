@@ -15,7 +15,7 @@
 use std::{
     collections::HashSet,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -33,6 +33,8 @@ use kube::{
 };
 use serde_json::json;
 use skiff_controllers::scheduler::framework::{self, PodInfo, Snapshot};
+
+use crate::common::{Proc, free_addr, node_ready};
 
 /// Options of `skiff-bench scheduler`.
 #[derive(Debug, clap::Args)]
@@ -111,31 +113,6 @@ fn in_process(nodes: usize, pods: usize, owned: bool) -> Result<f64> {
     Ok(pods as f64 / secs)
 }
 
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // Only the processes we started, by PID.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.0.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.0.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn free_addr() -> Result<std::net::SocketAddr> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
-}
-
 /// Deployments through the API onto simulated nodes: (pods/s to bound, seconds to all Running).
 async fn end_to_end(args: &Args) -> Result<(f64, f64, usize)> {
     let _ = std::fs::remove_dir_all(&args.data_dir);
@@ -190,12 +167,7 @@ async fn end_to_end(args: &Args) -> Result<(f64, f64, usize)> {
             .await?
             .items
             .iter()
-            .filter(|n| {
-                n.status
-                    .as_ref()
-                    .and_then(|s| s.conditions.as_ref())
-                    .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-            })
+            .filter(|n| node_ready(n))
             .count();
         if ready == args.sim_nodes {
             break;

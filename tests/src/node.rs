@@ -291,6 +291,11 @@ impl NodeAgent {
         agent
     }
 
+    /// The agent's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Kills the agent with SIGKILL, as a crash would (its containers keep running).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {

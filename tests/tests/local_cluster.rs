@@ -1,7 +1,7 @@
-//! `cargo xtask up` and `cargo xtask down` as a user runs them (with the debug build instead of
-//! a release build): the cluster comes up with the demo, a pod reaches the demo Service by
-//! name, and `down` leaves nothing behind — no namespace, veth, pin, mount, route, process or
-//! directory — so `up` after `down` starts afresh.
+//! `cargo xtask up --nodes 3` and `cargo xtask down` as a user runs them (with the debug
+//! build instead of a release build): the cluster comes up with the demo, a pod reaches the
+//! demo Service by name, and `down` leaves nothing behind — no namespace, veth, pin, mount,
+//! route, process or directory — so `up` after `down` starts afresh.
 
 use std::{path::PathBuf, process::Command};
 
@@ -117,7 +117,7 @@ fn xtask_up_runs_the_demo_and_down_leaves_nothing_behind() {
     let bin_dir = bin("skiff-node");
     let bin_dir = bin_dir.parent().expect("bin dir").display().to_string();
     let result = std::panic::catch_unwind(|| {
-        xtask(&["up", "--nodes", "2", "--bin-dir", &bin_dir]);
+        xtask(&["up", "--nodes", "3", "--bin-dir", &bin_dir]);
         let pods = kubectl(&["get", "pods", "-A", "-o", "wide"]);
         let pods = String::from_utf8_lossy(&pods.stdout).into_owned();
         assert_eq!(

@@ -180,6 +180,9 @@ pub enum BenchName {
     /// The scheduler: 5000 nodes / 10,000 pods in process (vs upstream's scheduler_perf floor),
     /// and Deployments onto 1000 simulated nodes through the API.
     Scheduler,
+    /// Start-up and memory (needs root): control plane start → ready, a real node → Ready, RSS
+    /// idle and with 1000 pods on simulated nodes, against k3s's published figures.
+    Startup,
     /// Service routing (needs root): skiff's eBPF path against kube-proxy's iptables rules at
     /// 1, 1k and 10k Services, programming time, iperf3, BPF_PROG_RUN per-packet cost.
     Datapath,
@@ -242,6 +245,11 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
             "target/bench-data-pods",
             "pod startup benchmark: one real node (vs containerd's own start and upstream's SLO)",
         ),
+        BenchName::Startup => (
+            "startup",
+            "target/bench-data-startup",
+            "start-up and memory benchmark: control plane, a real node, 1000 pods (vs k3s's figures)",
+        ),
         BenchName::Scheduler => (
             "scheduler",
             "target/bench-data-scheduler",
@@ -263,7 +271,7 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
     let mut cmd = Command::new(bin.join("skiff-bench"));
     cmd.arg(sub);
     match name {
-        BenchName::Podstartup | BenchName::Scheduler => {
+        BenchName::Podstartup | BenchName::Scheduler | BenchName::Startup => {
             cmd.arg("--skiff-node").arg(bin.join("skiff-node"))
         }
         _ => cmd.args(["--seconds", &seconds.to_string()]),

@@ -1,0 +1,398 @@
+//! The start-up and footprint benchmark.
+//!
+//! - Control plane start → API ready (`/readyz` answers 200): cold (an empty data directory:
+//!   the CA, credentials and store are created) and warm (a restart on its data).
+//! - Node start → Ready, and → its cluster DNS endpoint published: a real `skiff-node` in a
+//!   node network namespace with its own containerd, a new node each run.
+//! - A cluster from nothing: the control plane's cold start, then a node until it serves DNS
+//!   (what k3s's "system pods Ready" stands for: skiff has no system pods, DNS is in the agent).
+//! - Resident memory: the control plane idle (10 s after its node is Ready), the node agent and
+//!   its containerd idle, and the control plane with 1000 pods Running on 50 simulated nodes
+//!   (and its peak).
+//!
+//! The peer is k3s's own figures, as the issue gives them: ≈ 500 MB resident idle and ≈ 50 s
+//! until its system pods are Ready. Ends with `control plane idle RSS MB: X`.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{
+    apps::v1::Deployment,
+    core::v1::{Node, Pod},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    api::{ListParams, PostParams},
+};
+use serde_json::json;
+use skiff_tests::node::{NodeAgent, NodeNs};
+
+use crate::common::{Proc, node_ready, rss_mib, status_mib, wait_for};
+
+/// How often readiness is polled while timing (the resolution of the figures).
+const POLL: Duration = Duration::from_millis(10);
+
+/// Options of `skiff-bench startup`.
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// `skiff-control` binary.
+    #[arg(long)]
+    skiff_control: PathBuf,
+    /// `skiff-node` binary.
+    #[arg(long)]
+    skiff_node: PathBuf,
+    /// Directory for the data (a real disk).
+    #[arg(long)]
+    data_dir: PathBuf,
+    /// Runs of each start-up measurement.
+    #[arg(long, default_value_t = 5)]
+    runs: usize,
+    /// Pods on simulated nodes for the loaded memory figure.
+    #[arg(long, default_value_t = 1000)]
+    pods: usize,
+    /// Simulated nodes holding them.
+    #[arg(long, default_value_t = 50)]
+    sim_nodes: usize,
+}
+
+/// A running control plane and its admin client.
+struct Control {
+    proc: Proc,
+    /// The API server's port (a restart listens on it again: the kubeconfigs name it).
+    port: u16,
+    client: Client,
+    /// The node bootstrap kubeconfig.
+    node_kubeconfig: PathBuf,
+}
+
+/// Starts `skiff-control` on `dir`, listening on the node link's host side (on `port`, else a
+/// free one); how long until `/readyz` answered 200.
+async fn start_control(
+    args: &Args,
+    dir: &Path,
+    ip: std::net::Ipv4Addr,
+    port: Option<u16>,
+) -> Result<(Control, Duration)> {
+    let port = match port {
+        Some(p) => p,
+        None => std::net::TcpListener::bind((ip, 0))?.local_addr()?.port(),
+    };
+    let free = || -> Result<String> { Ok(crate::common::free_addr()?.to_string()) };
+    let t0 = Instant::now();
+    let proc = Proc(
+        Command::new(&args.skiff_control)
+            .arg("--data-dir")
+            .arg(dir)
+            .args(["--api-listen", &format!("{ip}:{port}")])
+            .args(["--tls-san", &ip.to_string()])
+            .args(["--peer-listen", &free()?, "--client-listen", &free()?])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(args.data_dir.join("control.log"))?,
+            )
+            .spawn()
+            .with_context(|| format!("start {}", args.skiff_control.display()))?,
+    );
+    let kubeconfig = dir.join("admin.kubeconfig");
+    let deadline = t0 + Duration::from_secs(60);
+    let mut client = None;
+    loop {
+        if client.is_none() && kubeconfig.exists() {
+            client = skiff_controllers::client_from_kubeconfig(&kubeconfig)
+                .await
+                .ok();
+        }
+        if let Some(c) = &client {
+            let req = http::Request::get("/readyz").body(Vec::new())?;
+            if c.request_text(req).await.is_ok_and(|t| t.trim() == "ok") {
+                break;
+            }
+        }
+        if Instant::now() > deadline {
+            let log =
+                std::fs::read_to_string(args.data_dir.join("control.log")).unwrap_or_default();
+            let tail: Vec<&str> = log.lines().rev().take(20).collect();
+            bail!(
+                "skiff-control did not become ready; its log ends:\n{}",
+                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+            );
+        }
+        tokio::time::sleep(POLL).await;
+    }
+    let took = t0.elapsed();
+    let client = client.unwrap_or_else(|| unreachable!("ready implies a client"));
+    Ok((
+        Control {
+            proc,
+            port,
+            client,
+            node_kubeconfig: dir.join("node.kubeconfig"),
+        },
+        took,
+    ))
+}
+
+/// Median and maximum in milliseconds.
+fn summary(d: &[Duration]) -> (f64, f64) {
+    let mut ms: Vec<f64> = d.iter().map(|d| d.as_secs_f64() * 1000.0).collect();
+    ms.sort_by(f64::total_cmp);
+    let median = ms.get(ms.len() / 2).copied().unwrap_or(0.0);
+    (median, ms.last().copied().unwrap_or(0.0))
+}
+
+/// The PID of `parent`'s child named `comm`.
+fn child_named(parent: u32, comm: &str) -> Option<u32> {
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+        let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+        // `pid (comm) state ppid …`; comm may hold spaces, so split at the last ')'.
+        let (head, rest) = stat.rsplit_once(')')?;
+        let name = head.split_once('(')?.1;
+        let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+        (ppid == parent && name == comm).then_some(pid)
+    })
+}
+
+/// Starts a new node agent; (time to Ready, time to its kube-dns endpoint).
+async fn start_node(
+    args: &Args,
+    control: &Control,
+    node_ns: &NodeNs,
+) -> Result<(NodeAgent, Duration, Duration)> {
+    let t0 = Instant::now();
+    let agent = NodeAgent::start_binary(
+        &args.skiff_node,
+        node_ns,
+        &control.node_kubeconfig,
+        &args.data_dir,
+        &[],
+        &[],
+    );
+    let nodes: Api<Node> = Api::all(control.client.clone());
+    let name = agent.name.clone();
+    let ready = wait_for("the node to be Ready", 60, POLL, || async {
+        nodes
+            .get_opt(&name)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|n| node_ready(&n))
+    })
+    .await
+    .map(|()| t0.elapsed());
+    let slices: Api<EndpointSlice> = Api::namespaced(control.client.clone(), "kube-system");
+    let slice = format!("kube-dns-{name}");
+    let timed = async {
+        let ready = ready?;
+        wait_for("the node's kube-dns endpoint", 60, POLL, || async {
+            slices.get_opt(&slice).await.ok().flatten().is_some()
+        })
+        .await?;
+        anyhow::Ok((ready, t0.elapsed()))
+    }
+    .await;
+    match timed {
+        Ok((r, d)) => Ok((agent, r, d)),
+        Err(e) => {
+            eprintln!("agent log:\n{}", agent.log());
+            tokio::task::block_in_place(|| drop(agent));
+            Err(e)
+        }
+    }
+}
+
+/// Runs `pods` pods of one Deployment on `sim_nodes` simulated nodes; the simulator.
+async fn load(args: &Args, control: &Control) -> Result<Proc> {
+    let sim = Proc(
+        Command::new(&args.skiff_node)
+            .args(["--node-name", "sim", "--kubeconfig"])
+            .arg(&control.node_kubeconfig)
+            .args(["--simulate", &args.sim_nodes.to_string()])
+            .args(["--simulate-start-delay", "100ms"])
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(args.data_dir.join("simulate.log"))?)
+            .spawn()
+            .context("start skiff-node --simulate")?,
+    );
+    let nodes: Api<Node> = Api::all(control.client.clone());
+    let sim_ready = ListParams::default().labels("skiff.dev/simulated=true");
+    wait_for(
+        "the simulated nodes to be Ready",
+        300,
+        Duration::from_secs(1),
+        || async {
+            nodes
+                .list(&sim_ready)
+                .await
+                .is_ok_and(|l| l.items.iter().filter(|n| node_ready(n)).count() == args.sim_nodes)
+        },
+    )
+    .await?;
+    let d: Deployment = serde_json::from_value(json!({
+        "metadata": {"name": "load"},
+        "spec": {"replicas": args.pods, "selector": {"matchLabels": {"app": "load"}},
+            "template": {"metadata": {"labels": {"app": "load"}},
+                "spec": {"nodeSelector": {"skiff.dev/simulated": "true"},
+                    "containers": [{"name": "c", "image": "busybox:1.36",
+                        "resources": {"requests": {"cpu": "10m", "memory": "16Mi"}}}]}}}
+    }))?;
+    Api::<Deployment>::namespaced(control.client.clone(), "default")
+        .create(&PostParams::default(), &d)
+        .await?;
+    let pods: Api<Pod> = Api::namespaced(control.client.clone(), "default");
+    let lp = ListParams::default().labels("app=load");
+    wait_for(
+        "the pods to be Running",
+        600,
+        Duration::from_secs(1),
+        || async {
+            pods.list(&lp).await.is_ok_and(|l| {
+                l.items
+                    .iter()
+                    .filter(|p| {
+                        p.status.as_ref().and_then(|s| s.phase.as_deref()) == Some("Running")
+                    })
+                    .count()
+                    == args.pods
+            })
+        },
+    )
+    .await?;
+    Ok(sim)
+}
+
+/// The start-up figures taken before the memory readings.
+struct Timings {
+    cold: Vec<Duration>,
+    to_ready: Vec<Duration>,
+    to_dns: Vec<Duration>,
+}
+
+/// Idle memory, warm restarts (replacing `control`), the loaded memory; prints the table.
+async fn measure(
+    args: &Args,
+    control: &mut Option<Control>,
+    agent: &NodeAgent,
+    dir: &Path,
+    ip: std::net::Ipv4Addr,
+    t: Timings,
+) -> Result<()> {
+    let runs = args.runs.max(1);
+    let pid = |c: &Option<Control>| c.as_ref().map(|c| c.proc.pid()).context("control plane");
+    eprintln!("idle memory (10 s)…");
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let control_idle = rss_mib(pid(control)?).context("control plane RSS")?;
+    let agent_pid = agent.pid().context("the agent runs")?;
+    let agent_idle = rss_mib(agent_pid).context("agent RSS")?;
+    let containerd_idle = child_named(agent_pid, "containerd")
+        .and_then(rss_mib)
+        .context("the agent's containerd RSS")?;
+
+    eprintln!("control plane: {runs} warm restarts…");
+    let mut warm = Vec::new();
+    let port = control.as_ref().map(|c| c.port);
+    for _ in 0..runs {
+        drop(control.take());
+        let (c, took) = start_control(args, dir, ip, port).await?;
+        warm.push(took);
+        *control = Some(c);
+    }
+
+    eprintln!("{} pods on {} simulated nodes…", args.pods, args.sim_nodes);
+    let sim = load(args, control.as_ref().context("control plane")?).await?;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let loaded = rss_mib(pid(control)?).context("control plane RSS")?;
+    let peak = status_mib(pid(control)?, "VmHWM").context("control plane peak RSS")?;
+    drop(sim);
+
+    let (cold_med, cold_max) = summary(&t.cold);
+    let (warm_med, warm_max) = summary(&warm);
+    let (ready_med, ready_max) = summary(&t.to_ready);
+    let (dns_med, dns_max) = summary(&t.to_dns);
+    let cluster_s = (cold_med + dns_med) / 1000.0;
+    println!("\n| measure ({runs} runs: median / max) | skiff | k3s (published) |\n|---|---|---|");
+    println!(
+        "| control plane start → API ready, cold (new CA, store) | {cold_med:.0} / {cold_max:.0} ms | |"
+    );
+    println!("| control plane restart → API ready, warm | {warm_med:.0} / {warm_max:.0} ms | |");
+    println!("| node start → Ready (own containerd) | {ready_med:.0} / {ready_max:.0} ms | |");
+    println!("| node start → its cluster DNS published | {dns_med:.0} / {dns_max:.0} ms | |");
+    println!(
+        "| cluster from nothing → ready for workloads (control cold + node to DNS) | {cluster_s:.1} s | ≈ 50 s until its system pods are Ready |"
+    );
+    println!(
+        "| control plane RSS, idle, one node | {control_idle:.0} MB | ≈ 500 MB (server, idle) |"
+    );
+    println!(
+        "| + node agent and its containerd, idle | {agent_idle:.0} + {containerd_idle:.0} MB | |"
+    );
+    println!(
+        "| control plane RSS, {} pods Running on {} simulated nodes (peak) | {loaded:.0} MB ({peak:.0} MB) | |",
+        args.pods, args.sim_nodes
+    );
+    println!("control plane idle RSS MB: {control_idle:.0}");
+    Ok(())
+}
+
+/// Runs the benchmark (`node_ns`: the real node's namespace).
+pub async fn run(args: Args, node_ns: &NodeNs) -> Result<()> {
+    let runs = args.runs.max(1);
+    let _ = std::fs::remove_dir_all(&args.data_dir);
+    std::fs::create_dir_all(&args.data_dir)?;
+    let dir = args.data_dir.join("control");
+    let ip = node_ns.host_ip;
+
+    eprintln!("control plane: {runs} cold starts…");
+    let mut cold = Vec::new();
+    let mut control = None;
+    for _ in 0..runs {
+        drop(control.take());
+        let _ = std::fs::remove_dir_all(&dir);
+        let (c, took) = start_control(&args, &dir, ip, None).await?;
+        cold.push(took);
+        control = Some(c);
+    }
+    let control = control.unwrap_or_else(|| unreachable!("at least one run"));
+
+    eprintln!("node: {runs} starts…");
+    let (mut to_ready, mut to_dns) = (Vec::new(), Vec::new());
+    let mut agent = None;
+    for _ in 0..runs {
+        if let Some(a) = agent.take() {
+            tokio::task::block_in_place(|| drop::<NodeAgent>(a));
+        }
+        let (a, r, d) = start_node(&args, &control, node_ns).await?;
+        to_ready.push(r);
+        to_dns.push(d);
+        agent = Some(a);
+    }
+    let agent = agent.unwrap_or_else(|| unreachable!("at least one run"));
+    let mut control = Some(control);
+    let result = measure(
+        &args,
+        &mut control,
+        &agent,
+        &dir,
+        ip,
+        Timings {
+            cold,
+            to_ready,
+            to_dns,
+        },
+    )
+    .await;
+    tokio::task::block_in_place(|| drop(agent));
+    drop(control);
+    let _ = std::fs::remove_dir_all(&args.data_dir);
+    result
+}
