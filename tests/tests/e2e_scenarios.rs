@@ -435,6 +435,16 @@ fn a_daemonset_covers_every_node_a_job_completes_and_a_cronjob_fires() {
     });
 }
 
+/// A child process ended (by PID) when dropped, also when the test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// An HTTP/1.0 GET from inside `ns`; the body.
 fn http_get_in(ns: &skiff_net::NetNs, addr: std::net::SocketAddrV4) -> Option<String> {
     use std::io::{Read, Write};
@@ -520,20 +530,37 @@ fn events_chain_from_deployment_to_started_logs_exec_and_describe() {
     }
     LanCluster::run(3, |c| {
         let cp = &c.cp;
-        // `kubectl get events --watch`, running while the Deployment is created.
+        // `kubectl get events --watch`, running while the Deployment is created (only what
+        // happens from then on: the initial list is in name order, not causal order).
         let out_path = cp.scratch().join("events-watch.txt");
         let out = std::fs::File::create(&out_path).expect("events file");
-        let mut watch = cp
-            .kubectl_cmd(&[
+        let _watch = KillOnDrop(
+            cp.kubectl_cmd(&[
                 "get",
                 "events",
-                "--watch",
+                "--watch-only",
                 "-o",
                 "custom-columns=KIND:.involvedObject.kind,NAME:.involvedObject.name,REASON:.reason",
             ])
             .stdout(out)
             .spawn()
-            .expect("kubectl get events --watch");
+            .expect("kubectl get events --watch"),
+        );
+        // The watch is running once it shows an event created after it started.
+        let mut n = 0;
+        cp.eventually(30, "the event watch running", || {
+            n += 1;
+            cp.ok_stdin(
+                &["create", "-f", "-"],
+                &format!(
+                    "{{\"apiVersion\": \"v1\", \"kind\": \"Event\", \"metadata\": {{\"name\": \"sentinel-{n}\"}}, \
+                     \"involvedObject\": {{\"kind\": \"Pod\", \"name\": \"sentinel\", \"namespace\": \"default\"}}, \
+                     \"reason\": \"Sentinel\", \"message\": \"the watch runs\", \"type\": \"Normal\"}}"
+                ),
+            );
+            std::thread::sleep(Duration::from_millis(300));
+            std::fs::read_to_string(&out_path).is_ok_and(|t| t.contains("Sentinel"))
+        });
         cp.ok_stdin(
             &["apply", "-f", "-"],
             r#"
@@ -577,8 +604,6 @@ spec:
                 })
             },
         );
-        let _ = watch.kill();
-        let _ = watch.wait();
         // In causal order.
         let at = |reason: &str| {
             seen.lines()

@@ -127,21 +127,26 @@ fn xtask_up_runs_the_demo_and_down_leaves_nothing_behind() {
             3,
             "the demo's two web pods and its client Running:\n{pods}"
         );
-        // The command `up` prints: the client reaches the demo Service by name.
-        let got = kubectl(&[
-            "-n",
-            "demo",
-            "exec",
-            "deploy/client",
-            "--",
-            "wget",
-            "-qO-",
-            "http://web",
-        ]);
-        assert!(
-            String::from_utf8_lossy(&got.stdout).starts_with("hello from web-"),
-            "{got:?}"
-        );
+        // The command `up` prints: the client reaches the demo Service by name (its records and
+        // routes follow the Deployment within moments of it being Available).
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            let got = kubectl(&[
+                "-n",
+                "demo",
+                "exec",
+                "deploy/client",
+                "--",
+                "wget",
+                "-qO-",
+                "http://web",
+            ]);
+            if String::from_utf8_lossy(&got.stdout).starts_with("hello from web-") {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "{got:?}");
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
         xtask(&["down", "--purge", "--bin-dir", &bin_dir]);
         let left = leftovers();
         assert!(

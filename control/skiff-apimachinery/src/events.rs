@@ -9,7 +9,7 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex, OnceLock},
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -50,6 +50,8 @@ struct Recorded {
 
 /// How many events may wait for the writer.
 const QUEUE: usize = 1000;
+/// How long one event's write may take.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// An event waiting to be written.
 struct Pending {
@@ -72,9 +74,9 @@ struct Writer {
 #[derive(Clone)]
 pub struct Recorder {
     writer: Arc<Writer>,
-    /// The writer task's queue, started with the first event (on the caller's runtime); it
-    /// ends when every clone of the recorder is gone.
-    queue: Arc<OnceLock<tokio::sync::mpsc::Sender<Pending>>>,
+    /// The writer task's queue, started with the first event (on the caller's runtime, again
+    /// if that task is gone); it ends when every clone of the recorder is gone.
+    queue: Arc<Mutex<Option<tokio::sync::mpsc::Sender<Pending>>>>,
 }
 
 impl std::fmt::Debug for Recorder {
@@ -101,7 +103,7 @@ impl Recorder {
                 host,
                 seen: Mutex::new(HashMap::new()),
             }),
-            queue: Arc::new(OnceLock::new()),
+            queue: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -122,25 +124,47 @@ impl Recorder {
 
     /// Records an event about the object `involved` refers to, in the background.
     pub fn record(&self, involved: ObjectReference, kind: Kind, reason: &str, message: &str) {
-        let queue = self.queue.get_or_init(|| {
-            let (tx, mut rx) = tokio::sync::mpsc::channel::<Pending>(QUEUE);
-            let writer = self.writer.clone();
-            tokio::spawn(async move {
-                while let Some(p) = rx.recv().await {
-                    writer.write(p).await;
-                }
-            });
-            tx
-        });
-        let pending = Pending {
+        let mut pending = Pending {
             involved,
             kind,
             reason: reason.to_string(),
             message: message.to_string(),
         };
-        if queue.try_send(pending).is_err() {
-            tracing::debug!(reason, "event queue full: event dropped");
+        let mut queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
+        // At most two tries: the writer may be gone (its runtime ended), then a new one starts.
+        for _ in 0..2 {
+            let tx = queue.get_or_insert_with(|| self.spawn_writer());
+            match tx.try_send(pending) {
+                Ok(()) => return,
+                Err(tokio::sync::mpsc::error::TrySendError::Full(p)) => {
+                    tracing::debug!(reason = p.reason, "event queue full: event dropped");
+                    return;
+                }
+                Err(tokio::sync::mpsc::error::TrySendError::Closed(p)) => {
+                    tracing::warn!("the event writer ended; starting another");
+                    *queue = None;
+                    pending = p;
+                }
+            }
         }
+    }
+
+    fn spawn_writer(&self) -> tokio::sync::mpsc::Sender<Pending> {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Pending>(QUEUE);
+        let writer = self.writer.clone();
+        tokio::spawn(async move {
+            while let Some(p) = rx.recv().await {
+                let reason = p.reason.clone();
+                // One stuck request must not hold back every later event.
+                if tokio::time::timeout(WRITE_TIMEOUT, writer.write(p))
+                    .await
+                    .is_err()
+                {
+                    tracing::debug!(reason, "recording an event timed out");
+                }
+            }
+        });
+        tx
     }
 }
 

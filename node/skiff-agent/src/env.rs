@@ -25,6 +25,8 @@ pub struct Runtime {
     pub allocatable: (f64, f64, f64),
     /// The cluster DNS address for `dnsPolicy: ClusterFirst` (none: pods resolve as the node).
     pub cluster_dns: Option<String>,
+    /// The node's own DNS server, for host-network pods with `ClusterFirstWithHostNet`.
+    pub host_dns: Option<String>,
 }
 
 fn svc_name(name: &str) -> String {

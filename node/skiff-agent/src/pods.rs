@@ -77,6 +77,8 @@ pub struct PodConfig {
     pub datapath: Option<Arc<dyn PodDatapath>>,
     /// The cluster DNS address pods are pointed at (`--cluster-dns`).
     pub cluster_dns: Option<Ipv4Addr>,
+    /// The agent's own DNS server, when it runs one (host-network pods use it).
+    pub host_dns: Option<Ipv4Addr>,
 }
 
 /// Attaches the data path to a pod's network, and detaches it.
@@ -641,6 +643,7 @@ impl PodManager {
             host_ip: self.cfg.node_ip.to_string(),
             allocatable: self.allocatable,
             cluster_dns: self.cfg.cluster_dns.map(|ip| ip.to_string()),
+            host_dns: self.cfg.host_dns.map(|ip| ip.to_string()),
         }
     }
 

@@ -456,14 +456,22 @@ pub fn node_resolv_conf() -> String {
 /// cluster DNS with the search path `<ns>.svc.<domain> svc.<domain> <domain>` (then the
 /// node's) and `ndots:5` — or resolves as `Default` for host-network pods (unless
 /// `ClusterFirstWithHostNet`) and when no cluster DNS is configured; `Default` is the node's
-/// configuration; `None` only the pod's `dnsConfig`.
-pub fn resolv_conf(pod: &Pod, node: &str, cluster_dns: Option<&str>) -> String {
+/// configuration; `None` only the pod's `dnsConfig`. Host-network pods do not pass the pod
+/// programs that translate the cluster DNS Service, so `ClusterFirstWithHostNet` names the
+/// node's own DNS server (`host_dns`, when the agent runs one) instead.
+pub fn resolv_conf(
+    pod: &Pod,
+    node: &str,
+    cluster_dns: Option<&str>,
+    host_dns: Option<&str>,
+) -> String {
     let spec = pod.spec.as_ref();
     let policy = spec
         .and_then(|s| s.dns_policy.clone())
         .unwrap_or_else(|| "ClusterFirst".into());
     let host_network = spec.and_then(|s| s.host_network) == Some(true);
     let cluster = match policy.as_str() {
+        "ClusterFirstWithHostNet" if host_network => host_dns.or(cluster_dns),
         "ClusterFirstWithHostNet" => cluster_dns,
         "ClusterFirst" if !host_network => cluster_dns,
         _ => None,
@@ -586,7 +594,12 @@ pub async fn prepare(
         ("hostname", format!("{}\n", hostname(pod)), "/etc/hostname"),
         (
             "resolv.conf",
-            resolv_conf(pod, &node_resolv_conf(), rt.cluster_dns.as_deref()),
+            resolv_conf(
+                pod,
+                &node_resolv_conf(),
+                rt.cluster_dns.as_deref(),
+                rt.host_dns.as_deref(),
+            ),
             "/etc/resolv.conf",
         ),
     ] {
@@ -785,12 +798,12 @@ mod tests {
         let node = "nameserver 192.0.2.53\nsearch lan\noptions ndots:1 edns0\n";
         // Without cluster DNS, ClusterFirst is the node's configuration.
         assert_eq!(
-            resolv_conf(&p, node, None),
+            resolv_conf(&p, node, None, None),
             "search lan x.example\nnameserver 192.0.2.53\noptions edns0 ndots:2\n"
         );
         // With it: the cluster search path first, ndots:5 unless the pod sets it.
         assert_eq!(
-            resolv_conf(&p, node, Some("10.96.0.10")),
+            resolv_conf(&p, node, Some("10.96.0.10"), None),
             "search shop.svc.cluster.local svc.cluster.local cluster.local lan x.example\n\
              nameserver 10.96.0.10\noptions ndots:2\n"
         );
@@ -798,7 +811,7 @@ mod tests {
             "metadata": {"name": "p", "namespace": "team"}, "spec": {"containers": []}
         }));
         assert_eq!(
-            resolv_conf(&plain, node, Some("10.96.0.10")),
+            resolv_conf(&plain, node, Some("10.96.0.10"), None),
             "search team.svc.cluster.local svc.cluster.local cluster.local lan\n\
              nameserver 10.96.0.10\noptions ndots:5\n"
         );
@@ -808,13 +821,15 @@ mod tests {
             "spec": {"containers": [], "hostNetwork": true}
         }));
         assert_eq!(
-            resolv_conf(&host, node, Some("10.96.0.10")),
+            resolv_conf(&host, node, Some("10.96.0.10"), Some("10.0.0.5")),
             "search lan\nnameserver 192.0.2.53\noptions ndots:1 edns0\n"
         );
         let mut with_net = host.clone();
         with_net.spec.as_mut().unwrap().dns_policy = Some("ClusterFirstWithHostNet".into());
+        // … at the node's own DNS server (the Service's translation is for pod interfaces).
         assert!(
-            resolv_conf(&with_net, node, Some("10.96.0.10")).contains("nameserver 10.96.0.10\n")
+            resolv_conf(&with_net, node, Some("10.96.0.10"), Some("10.0.0.5"))
+                .contains("search team.svc.cluster.local svc.cluster.local cluster.local lan\nnameserver 10.0.0.5\n")
         );
         let none = pod(serde_json::json!({
             "metadata": {"name": "p"},
@@ -822,7 +837,7 @@ mod tests {
                      "dnsConfig": {"nameservers": ["1.1.1.1"]}}
         }));
         assert_eq!(
-            resolv_conf(&none, "nameserver 192.0.2.53\n", Some("10.96.0.10")),
+            resolv_conf(&none, "nameserver 192.0.2.53\n", Some("10.96.0.10"), None),
             "nameserver 1.1.1.1\n"
         );
     }

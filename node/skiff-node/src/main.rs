@@ -253,7 +253,8 @@ fn main() -> Result<()> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        // hickory's server logs every query at info.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,hickory_server=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);
@@ -485,6 +486,7 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         volume_sync: cli.volume_sync_period,
                         datapath: Some(pod_programs.clone()),
                         cluster_dns: Some(cli.cluster_dns),
+                        host_dns: (!cli.no_dns_server).then_some(cfg.internal_ip),
                     },
                     ch,
                     images,

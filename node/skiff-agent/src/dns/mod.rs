@@ -23,7 +23,7 @@ use hickory_server::{
         op::{
             Edns, Header, HeaderCounts, Message, MessageType, Metadata, OpCode, Query, ResponseCode,
         },
-        rr::{DNSClass, LowerName, Name, RData, Record, RecordType},
+        rr::{DNSClass, LowerName, Name, RData, Record},
     },
     server::{Request, RequestHandler, ResponseHandler, ResponseInfo},
     zone_handler::MessageResponseBuilder,
@@ -33,6 +33,7 @@ use kube::{Api, Client, api::PostParams};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+pub use hickory_server::proto::rr::RecordType;
 use zone::Lookup;
 pub use zone::Zone;
 
@@ -46,20 +47,28 @@ const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle between queries.
 const TCP_IDLE: Duration = Duration::from_secs(10);
 
+/// Most queries forwarded at once.
+pub const MAX_FORWARDS: usize = 256;
+
 /// Answers queries: the cluster domain from the zone, everything else from upstream.
 #[derive(Debug)]
 pub struct Handler {
     zone: Arc<Zone>,
     upstreams: Vec<SocketAddr>,
+    forwards: tokio::sync::Semaphore,
 }
 
 impl Handler {
     pub fn new(zone: Arc<Zone>, upstreams: Vec<SocketAddr>) -> Handler {
-        Handler { zone, upstreams }
+        Handler {
+            zone,
+            upstreams,
+            forwards: tokio::sync::Semaphore::new(MAX_FORWARDS),
+        }
     }
 
     /// The answer to one question: (response code, whether authoritative, answers,
-    /// authorities).
+    /// authorities); `None` when the question is not the zone's (forward it).
     async fn answer(
         &self,
         request: &Request,
@@ -68,6 +77,8 @@ impl Handler {
     ) -> Option<(ResponseCode, bool, Vec<Record>, Vec<Record>)> {
         match self.zone.lookup(name, qtype) {
             Lookup::Foreign => None,
+            Lookup::NotSynced => Some((ResponseCode::ServFail, false, vec![], vec![])),
+            Lookup::Empty => Some((ResponseCode::NoError, false, vec![], vec![])),
             Lookup::NoData(soa) => Some((ResponseCode::NoError, true, vec![], vec![soa])),
             Lookup::NxDomain(soa) => Some((ResponseCode::NXDomain, true, vec![], vec![soa])),
             Lookup::Answer(mut answers) => {
@@ -80,19 +91,25 @@ impl Handler {
                     },
                     _ => None,
                 };
-                if let Some(target) = target {
-                    let lower = LowerName::new(&target);
-                    match self.zone.lookup(&lower, qtype) {
-                        Lookup::Answer(more) => answers.extend(more),
-                        Lookup::Foreign => {
-                            if let Some(m) = self.resolve(request, target, qtype).await {
-                                answers.extend(m.answers);
-                            }
-                        }
-                        _ => {}
+                let Some(target) = target else {
+                    return Some((ResponseCode::NoError, true, answers, vec![]));
+                };
+                match self.zone.lookup(&LowerName::new(&target), qtype) {
+                    Lookup::Answer(more) => {
+                        answers.extend(more);
+                        Some((ResponseCode::NoError, true, answers, vec![]))
                     }
+                    // Followed out of the zone: the rest is the upstream's (not ours to vouch
+                    // for), its code included.
+                    Lookup::Foreign => match self.resolve(request, target, qtype).await {
+                        Some(m) => {
+                            answers.extend(m.answers);
+                            Some((m.metadata.response_code, false, answers, m.authorities))
+                        }
+                        None => Some((ResponseCode::ServFail, false, answers, vec![])),
+                    },
+                    _ => Some((ResponseCode::NoError, true, answers, vec![])),
                 }
-                Some((ResponseCode::NoError, true, answers, vec![]))
             }
         }
     }
@@ -103,12 +120,21 @@ impl Handler {
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(name, qtype));
         let raw = q.to_vec().ok()?;
-        let bytes = self.forward(&raw, request.protocol()).await.ok()?;
+        let bytes = self
+            .forward(&raw, request.protocol(), request.max_payload())
+            .await
+            .ok()?;
         Message::from_vec(&bytes).ok()
     }
 
-    /// Sends `raw` to the upstream resolvers in turn; the first answer.
-    async fn forward(&self, raw: &[u8], protocol: Protocol) -> Result<Vec<u8>> {
+    /// Sends `raw` to the upstream resolvers in turn; the first answer. At most
+    /// [`MAX_FORWARDS`] are in flight: beyond that a query is answered `SERVFAIL` at once
+    /// rather than holding a socket and a buffer while upstreams are slow.
+    async fn forward(&self, raw: &[u8], protocol: Protocol, max_udp: u16) -> Result<Vec<u8>> {
+        let _permit = self
+            .forwards
+            .try_acquire()
+            .map_err(|_| anyhow::anyhow!("{MAX_FORWARDS} forwarded queries in flight"))?;
         let id = raw.get(..2).context("short query")?;
         let mut last = anyhow::anyhow!("no upstream resolver is configured");
         for up in &self.upstreams {
@@ -122,12 +148,13 @@ impl Handler {
                     let sock = tokio::net::UdpSocket::bind(bind).await?;
                     sock.connect(up).await?;
                     sock.send(raw).await?;
-                    let mut buf = vec![0u8; 65535];
+                    // The upstream answers within what the query (the client's) advertised.
+                    let mut buf = vec![0u8; usize::from(max_udp.max(512))];
                     loop {
                         let n = sock.recv(&mut buf).await?;
                         // Only the answer to this query (a connected socket already only
-                        // hears from the upstream).
-                        if n >= 12 && buf[..2] == *id {
+                        // hears from the upstream): its id, with the response bit set.
+                        if n >= 12 && buf[..2] == *id && buf[2] & 0x80 != 0 {
                             buf.truncate(n);
                             return anyhow::Ok(buf);
                         }
@@ -224,7 +251,14 @@ impl RequestHandler for Handler {
                 let msg = builder().build(metadata, &answers, &authorities, [], []);
                 response.send_response(msg).await
             }
-            None => match self.forward(request.as_slice(), request.protocol()).await {
+            None => match self
+                .forward(
+                    request.as_slice(),
+                    request.protocol(),
+                    request.max_payload(),
+                )
+                .await
+            {
                 Ok(bytes) => match Message::from_vec(&bytes) {
                     Ok(up) => {
                         let mut m = up.metadata;
@@ -249,6 +283,43 @@ impl RequestHandler for Handler {
             Err(e) => failed(request, &e),
         }
     }
+}
+
+/// Asks `server` one question over UDP (what a stub resolver does); its answer.
+pub async fn query(
+    server: SocketAddr,
+    name: &str,
+    qtype: RecordType,
+    timeout: Duration,
+) -> Result<Message> {
+    let mut q = Message::new(query_id(), MessageType::Query, OpCode::Query);
+    q.metadata.recursion_desired = true;
+    q.add_query(Query::query(Name::from_ascii(name)?, qtype));
+    let bind: SocketAddr = if server.is_ipv4() {
+        ([0, 0, 0, 0], 0).into()
+    } else {
+        ([0u16; 8], 0).into()
+    };
+    let sock = tokio::net::UdpSocket::bind(bind).await?;
+    sock.connect(server).await?;
+    sock.send(&q.to_vec()?).await?;
+    let mut buf = vec![0u8; 4096];
+    let n = tokio::time::timeout(timeout, sock.recv(&mut buf))
+        .await
+        .with_context(|| format!("no answer from {server} in {timeout:?}"))??;
+    let m = Message::from_vec(&buf[..n])?;
+    anyhow::ensure!(m.metadata.id == q.metadata.id, "an answer to another query");
+    Ok(m)
+}
+
+/// A query id that differs between calls (from the clock: a connected socket on an ephemeral
+/// port already only hears its server).
+fn query_id() -> u16 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    (nanos ^ (nanos >> 16)) as u16
 }
 
 /// The node's resolvers, from its `resolv.conf` text (port 53), minus `exclude` (the cluster
@@ -354,8 +425,12 @@ pub async fn publish(client: &Client, node_name: &str, addr: SocketAddr) -> Resu
     Ok(())
 }
 
-/// Serves cluster DNS on `addr` from `zone` and publishes this node's endpoint for it; runs
-/// until the server fails.
+/// How often the node's `kube-dns` EndpointSlice is checked (re-created if it went with a
+/// re-registered Node, corrected if changed).
+const REPUBLISH: Duration = Duration::from_secs(30);
+
+/// Serves cluster DNS on `addr` from `zone` and keeps this node's endpoint for it published;
+/// runs until the server fails.
 pub async fn run(
     client: Client,
     node_name: String,
@@ -365,21 +440,30 @@ pub async fn run(
 ) -> Result<()> {
     let server = Server::bind(addr, Handler::new(zone, upstreams.clone())).await?;
     tracing::info!(addr = %server.addr, upstreams = ?upstreams, "cluster DNS listening");
-    let mut delay = Duration::from_millis(200);
-    loop {
-        match publish(&client, &node_name, server.addr).await {
-            Ok(()) => break,
-            Err(e) => {
-                tracing::warn!(
-                    error = format!("{e:#}"),
-                    "kube-dns endpoint not published; retrying"
-                );
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(Duration::from_secs(10));
+    let addr = server.addr;
+    let publisher = async move {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match publish(&client, &node_name, addr).await {
+                Ok(()) => {
+                    delay = Duration::from_millis(200);
+                    tokio::time::sleep(REPUBLISH).await;
+                }
+                Err(e) => {
+                    tracing::warn!(
+                        error = format!("{e:#}"),
+                        "kube-dns endpoint not published; retrying"
+                    );
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(10));
+                }
             }
         }
+    };
+    tokio::select! {
+        r = server.run() => r,
+        () = publisher => unreachable!("the publisher loops forever"),
     }
-    server.run().await
 }
 
 #[cfg(test)]
@@ -415,32 +499,23 @@ mod tests {
     }
 
     async fn ask(server: SocketAddr, name: &str, t: RecordType, tcp: bool) -> Message {
+        if !tcp {
+            return query(server, name, t, Duration::from_secs(10))
+                .await
+                .unwrap();
+        }
         let mut q = Message::new(4242, MessageType::Query, OpCode::Query);
         q.metadata.recursion_desired = true;
         q.add_query(Query::query(Name::from_ascii(name).unwrap(), t));
         let raw = q.to_vec().unwrap();
-        let bytes = if tcp {
-            let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
-            let mut msg = (raw.len() as u16).to_be_bytes().to_vec();
-            msg.extend_from_slice(&raw);
-            s.write_all(&msg).await.unwrap();
-            let n = s.read_u16().await.unwrap() as usize;
-            let mut buf = vec![0u8; n];
-            s.read_exact(&mut buf).await.unwrap();
-            buf
-        } else {
-            let sock = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
-            sock.connect(server).await.unwrap();
-            sock.send(&raw).await.unwrap();
-            let mut buf = vec![0u8; 65535];
-            let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
-                .await
-                .expect("an answer")
-                .unwrap();
-            buf.truncate(n);
-            buf
-        };
-        let m = Message::from_vec(&bytes).unwrap();
+        let mut s = tokio::net::TcpStream::connect(server).await.unwrap();
+        let mut msg = (raw.len() as u16).to_be_bytes().to_vec();
+        msg.extend_from_slice(&raw);
+        s.write_all(&msg).await.unwrap();
+        let n = s.read_u16().await.unwrap() as usize;
+        let mut buf = vec![0u8; n];
+        s.read_exact(&mut buf).await.unwrap();
+        let m = Message::from_vec(&buf).unwrap();
         assert_eq!(m.metadata.id, 4242);
         m
     }
@@ -455,6 +530,7 @@ mod tests {
 
     async fn server(upstreams: Vec<SocketAddr>) -> (SocketAddr, Arc<Zone>) {
         let zone = Arc::new(Zone::new("cluster.local").unwrap());
+        zone.set_synced(true);
         let svc = |v| serde_json::from_value(v).unwrap();
         let k = |n: &str| ("default".to_string(), n.to_string());
         zone.update(
@@ -486,7 +562,12 @@ mod tests {
 
     #[tokio::test]
     async fn answers_the_cluster_domain_over_udp_and_tcp() {
-        let (addr, _zone) = server(vec![]).await;
+        let (addr, zone) = server(vec![]).await;
+        // Not filled from the cluster yet: SERVFAIL (retried), not a cacheable NXDOMAIN.
+        zone.set_synced(false);
+        let m = ask(addr, "web.default.svc.cluster.local.", RecordType::A, false).await;
+        assert_eq!(m.metadata.response_code, ResponseCode::ServFail);
+        zone.set_synced(true);
         for tcp in [false, true] {
             let m = ask(addr, "web.default.svc.cluster.local.", RecordType::A, tcp).await;
             assert_eq!(m.metadata.response_code, ResponseCode::NoError);

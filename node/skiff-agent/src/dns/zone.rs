@@ -4,7 +4,8 @@
 //! - a Service with a ClusterIP: `A`/`AAAA` `<svc>.<ns>.svc.<zone>` → the ClusterIPs, `SRV`
 //!   `_<port>._<proto>.<svc>.<ns>.svc.<zone>` per named port → that name and the Service port,
 //!   `PTR` for each ClusterIP;
-//! - a headless Service: `A`/`AAAA` `<svc>.<ns>.svc.<zone>` → every ready endpoint address;
+//! - a headless Service: `A` `<svc>.<ns>.svc.<zone>` → every ready endpoint address (the
+//!   agent follows IPv4 EndpointSlices);
 //!   each endpoint also under `<hostname>.<svc>.<ns>.svc.<zone>` (its `hostname`, set for pods
 //!   whose `subdomain` is the Service — StatefulSet pods — else its address with dashes), which
 //!   the `SRV` records point at with the endpoint's port; `PTR` for endpoints with a hostname;
@@ -19,7 +20,10 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::{IpAddr, Ipv4Addr},
-    sync::RwLock,
+    sync::{
+        RwLock,
+        atomic::{AtomicBool, Ordering},
+    },
 };
 
 use hickory_server::proto::rr::{
@@ -39,6 +43,12 @@ pub const TTL: u32 = 5;
 pub enum Lookup {
     /// Not a name this zone answers for (forward it).
     Foreign,
+    /// The zone has not been filled from the cluster yet (`SERVFAIL`: a client retries,
+    /// where an `NXDOMAIN` would be cached).
+    NotSynced,
+    /// A reverse name the zone holds, without records of the asked type (`NOERROR`, no `SOA`:
+    /// the name is outside the zone's own).
+    Empty,
     /// Records of the asked type (or the `CNAME` the name is).
     Answer(Vec<Record>),
     /// The name exists with no records of the asked type (`NOERROR`, the zone's `SOA`).
@@ -69,6 +79,8 @@ pub struct Zone {
     svc: LowerName,
     pod: LowerName,
     index: RwLock<Index>,
+    /// Filled from a complete list of Services and EndpointSlices, and still followed.
+    synced: AtomicBool,
 }
 
 impl Zone {
@@ -91,7 +103,13 @@ impl Zone {
             lower_origin: LowerName::new(&origin),
             origin,
             index: RwLock::new(Index::default()),
+            synced: AtomicBool::new(false),
         })
+    }
+
+    /// Marks the zone as filled from the cluster (or, `false`, no longer followed).
+    pub fn set_synced(&self, synced: bool) {
+        self.synced.store(synced, Ordering::Release);
     }
 
     /// The zone's name.
@@ -173,7 +191,11 @@ impl Zone {
 
     /// Answers `name`/`qtype` from the zone.
     pub fn lookup(&self, name: &LowerName, qtype: RecordType) -> Lookup {
+        let ours = self.lower_origin.zone_of(name);
         let ix = self.index.read().unwrap_or_else(|p| p.into_inner());
+        if !self.synced.load(Ordering::Acquire) && (ours || ix.names.contains_key(name)) {
+            return Lookup::NotSynced;
+        }
         if let Some(owners) = ix.names.get(name) {
             let all = || owners.values().flatten();
             let mut out: Vec<Record> = all()
@@ -187,13 +209,13 @@ impl Zone {
                         .cloned(),
                 );
             }
-            return if out.is_empty() {
-                Lookup::NoData(self.soa_with(ix.serial))
-            } else {
-                Lookup::Answer(out)
+            return match (out.is_empty(), ours) {
+                (false, _) => Lookup::Answer(out),
+                (true, true) => Lookup::NoData(self.soa_with(ix.serial)),
+                (true, false) => Lookup::Empty,
             };
         }
-        if !self.lower_origin.zone_of(name) {
+        if !ours {
             // A reverse name of an address the zone does not hold is the upstream's.
             return Lookup::Foreign;
         }
@@ -426,6 +448,16 @@ mod tests {
     #[test]
     fn cluster_ip_service_has_a_srv_and_ptr() {
         let z = Zone::new("cluster.local").unwrap();
+        // Before the zone is filled, names in it are not denied.
+        assert_eq!(
+            z.lookup(&lower("web.shop.svc.cluster.local."), RecordType::A),
+            Lookup::NotSynced
+        );
+        assert_eq!(
+            z.lookup(&lower("example.org."), RecordType::A),
+            Lookup::Foreign
+        );
+        z.set_synced(true);
         let s = svc(json!({
             "metadata": {"name": "web", "namespace": "shop"},
             "spec": {"clusterIP": "10.96.3.4", "clusterIPs": ["10.96.3.4"], "ports": [
@@ -472,6 +504,11 @@ mod tests {
             z.lookup(&lower("nope.shop.svc.cluster.local."), RecordType::A),
             Lookup::NxDomain(_)
         ));
+        // A reverse name without the asked type: no records, no SOA of ours.
+        assert_eq!(
+            z.lookup(&lower("4.3.96.10.in-addr.arpa."), RecordType::A),
+            Lookup::Empty
+        );
         assert_eq!(
             z.lookup(&lower("example.org."), RecordType::A),
             Lookup::Foreign
@@ -486,6 +523,10 @@ mod tests {
             z.lookup(&lower("web.shop.svc.cluster.local."), RecordType::A),
             Lookup::NxDomain(_)
         ));
+        assert!(matches!(
+            z.lookup(&lower("shop.svc.cluster.local."), RecordType::A),
+            Lookup::NxDomain(_)
+        ));
         assert_eq!(
             z.lookup(&lower("4.3.96.10.in-addr.arpa."), RecordType::PTR),
             Lookup::Foreign
@@ -495,6 +536,7 @@ mod tests {
     #[test]
     fn headless_service_answers_ready_endpoints_and_hostnames() {
         let z = Zone::new("cluster.local").unwrap();
+        z.set_synced(true);
         let s = svc(json!({
             "metadata": {"name": "db", "namespace": "default"},
             "spec": {"clusterIP": "None", "clusterIPs": ["None"],
@@ -562,6 +604,7 @@ mod tests {
     #[test]
     fn external_name_is_a_cname_and_pods_resolve_by_dashed_address() {
         let z = Zone::new("cluster.local").unwrap();
+        z.set_synced(true);
         let s = svc(json!({
             "metadata": {"name": "ext", "namespace": "default"},
             "spec": {"type": "ExternalName", "externalName": "example.org"},
@@ -591,6 +634,7 @@ mod tests {
         // A ClusterIP's PTR owned by two Services (one being replaced): removing one keeps the
         // other's.
         let z = Zone::new("cluster.local").unwrap();
+        z.set_synced(true);
         let a = svc(json!({"metadata": {"name": "a", "namespace": "x"},
             "spec": {"clusterIP": "10.96.0.50"}}));
         let b = svc(json!({"metadata": {"name": "b", "namespace": "x"},

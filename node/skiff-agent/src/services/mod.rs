@@ -155,6 +155,8 @@ pub async fn run(
         backends = programmer.backends(),
         "service maps adopted"
     );
+    // A zone no longer followed must not answer from stale records as if current.
+    let _unsync = Unsync(zone.clone());
     let mut tracker = Tracker::new(node);
     let mut services = Feed::<Service>::new();
     let mut slices = Feed::<EndpointSlice>::new();
@@ -202,6 +204,7 @@ pub async fn run(
                 let (svc, slices) = tracker.service(k);
                 zone.update(k, svc, &slices);
             }
+            zone.set_synced(true);
         }
         if health_changed {
             health.sync(&tracker.health());
@@ -251,6 +254,17 @@ pub async fn run(
         if !report.errors.is_empty() {
             failed.extend(report.errors.iter().map(|(k, _)| *k));
             retry_at = Some(Instant::now() + Duration::from_secs(1));
+        }
+    }
+}
+
+/// Marks the DNS zone as no longer followed when the sync ends.
+struct Unsync(Option<Arc<crate::dns::Zone>>);
+
+impl Drop for Unsync {
+    fn drop(&mut self) {
+        if let Some(z) = &self.0 {
+            z.set_synced(false);
         }
     }
 }
