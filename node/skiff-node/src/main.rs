@@ -475,30 +475,6 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                 let client = skiff_agent::client_from_kubeconfig(&kubeconfig).await?;
                 let status = skiff_agent::register::register(&client, &cfg).await?;
                 tracing::info!(node = %cfg.name, ip = %cfg.internal_ip, "joined the cluster");
-                let pods = skiff_agent::pods::PodManager::new(
-                    client.clone(),
-                    skiff_agent::pods::PodConfig {
-                        node: cfg.name.clone(),
-                        node_ip: cfg.internal_ip,
-                        data_dir: cli.data_dir.clone(),
-                        run_dir: cli.run_dir.clone(),
-                        insecure_registries: cli.insecure_registries.clone(),
-                        volume_sync: cli.volume_sync_period,
-                        datapath: Some(pod_programs.clone()),
-                        cluster_dns: Some(cli.cluster_dns),
-                        host_dns: (!cli.no_dns_server).then_some(cfg.internal_ip),
-                    },
-                    ch,
-                    images,
-                )
-                .await?;
-                let _ = served.pods.set(pods.clone());
-                pods_for_shutdown = Some(pods.clone());
-                let pods_task = tokio::spawn(async move {
-                    if let Err(e) = pods.run().await {
-                        tracing::error!(error = format!("{e:#}"), "pod manager stopped");
-                    }
-                });
                 let zone = if cli.no_dns_server {
                     None
                 } else {
@@ -542,6 +518,32 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                         }
                     });
                 }
+                // Pods last: the pod manager waits for the node's pod CIDR; service routing,
+                // DNS and routes to other nodes do not need it.
+                let pods = skiff_agent::pods::PodManager::new(
+                    client.clone(),
+                    skiff_agent::pods::PodConfig {
+                        node: cfg.name.clone(),
+                        node_ip: cfg.internal_ip,
+                        data_dir: cli.data_dir.clone(),
+                        run_dir: cli.run_dir.clone(),
+                        insecure_registries: cli.insecure_registries.clone(),
+                        volume_sync: cli.volume_sync_period,
+                        datapath: Some(pod_programs.clone()),
+                        cluster_dns: Some(cli.cluster_dns),
+                        host_dns: (!cli.no_dns_server).then_some(cfg.internal_ip),
+                    },
+                    ch,
+                    images,
+                )
+                .await?;
+                let _ = served.pods.set(pods.clone());
+                pods_for_shutdown = Some(pods.clone());
+                let pods_task = tokio::spawn(async move {
+                    if let Err(e) = pods.run().await {
+                        tracing::error!(error = format!("{e:#}"), "pod manager stopped");
+                    }
+                });
                 let hb = tokio::spawn(skiff_agent::register::heartbeat(client, cfg, status));
                 Some(tokio::spawn(async move {
                     let _ = tokio::join!(pods_task, hb);
