@@ -16,6 +16,7 @@ pub mod exec;
 pub mod machine;
 pub mod metrics;
 pub mod pods;
+pub mod policy;
 pub mod probes;
 pub mod qos;
 pub mod register;
