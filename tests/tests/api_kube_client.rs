@@ -214,3 +214,75 @@ async fn concurrent_service_creates_never_share_an_ip_or_port() {
         .await
         .expect("the freed IP can be taken");
 }
+
+/// Security identities (`skiff.dev/v1`): served like any kind, validated, and allocated so that
+/// nodes allocating one set of labels at once agree on one number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_identities_are_allocated_once_per_label_set() {
+    use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, allocate};
+    let cp = ControlPlane::start();
+    let client = client(&cp).await;
+    let api: Api<SecurityIdentity> = Api::all(client);
+    let labels = |ns: &str, app: &str| {
+        IdentityLabels::of(
+            ns,
+            &BTreeMap::from([("app".to_string(), app.to_string())]),
+            &BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
+        )
+    };
+    // Eight allocators (agents) of the same labels at once, none knowing the others' result.
+    let web = labels("shop", "web");
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let (api, web) = (api.clone(), web.clone());
+        tasks.push(tokio::spawn(async move { allocate(&api, &[], &web).await }));
+    }
+    let mut ids = std::collections::BTreeSet::new();
+    for t in tasks {
+        ids.insert(t.await.expect("task").expect("allocate"));
+    }
+    assert_eq!(ids.len(), 1, "one number for one label set: {ids:?}");
+    let id = *ids.first().expect("an id");
+    let all = api.list(&ListParams::default()).await.expect("list").items;
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].labels, web);
+    // Other labels, another number; a known identity is reused without a request.
+    let db = allocate(&api, &all, &labels("shop", "db"))
+        .await
+        .expect("db");
+    assert_ne!(db, id);
+    assert_eq!(allocate(&api, &all, &web).await.expect("again"), id);
+    // A number taken by other labels: the allocator moves on (the preferred one is taken here
+    // by an identity made to collide).
+    let other = labels("x", "y");
+    api.create(
+        &PostParams::default(),
+        &SecurityIdentity::new(other.preferred(), labels("z", "collides")),
+    )
+    .await
+    .expect("squat the preferred number");
+    let got = allocate(&api, &[], &other).await.expect("allocate past it");
+    assert_ne!(got, other.preferred());
+
+    // Validation: the name is a number in the cluster range; labels never change.
+    let bad = api
+        .create(
+            &PostParams::default(),
+            &SecurityIdentity::new(7, web.clone()),
+        )
+        .await
+        .expect_err("reserved number");
+    assert!(matches!(bad, kube::Error::Api(e) if e.code == 422));
+    let mut changed = api.get(&id.to_string()).await.expect("get");
+    changed.labels.namespace = "elsewhere".into();
+    let bad = api
+        .replace(&id.to_string(), &PostParams::default(), &changed)
+        .await
+        .expect_err("labels are immutable");
+    assert!(matches!(bad, kube::Error::Api(e) if e.code == 422));
+    // kubectl sees the kind (discovery, table, short name).
+    let out = cp.ok(&["get", "sid"]);
+    assert!(out.contains(&id.to_string()), "{out}");
+    let explained = cp.ok(&["explain", "securityidentity.labels"]);
+    assert!(explained.contains("podLabels"), "{explained}");
+}

@@ -4,9 +4,11 @@
 //! - [`labels`]: `metav1.LabelSelector` matching.
 //! - [`pod`]: pod readiness, availability, activity, owners and resource requests.
 //! - [`events`]: the core/v1 Events recorder, with upstream's folding of repeats.
+//! - [`identity`]: security identities (`skiff.dev/v1` `SecurityIdentity`) for NetworkPolicy.
 //! - [`client_from_kubeconfig`]: an API client from a kubeconfig file.
 
 pub mod events;
+pub mod identity;
 pub mod labels;
 pub mod pod;
 pub mod quantity;

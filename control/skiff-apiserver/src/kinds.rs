@@ -497,6 +497,31 @@ pub fn validate(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                 ));
             }
         }
+        ("skiff.dev", "SecurityIdentity") => {
+            let name = obj
+                .pointer("/metadata/name")
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let first = skiff_apimachinery::identity::FIRST;
+            let last = skiff_apimachinery::identity::LAST;
+            if !name
+                .parse::<u32>()
+                .is_ok_and(|n| (first..=last).contains(&n) && n.to_string() == name)
+            {
+                causes.push(Cause::invalid(
+                    "metadata.name",
+                    name,
+                    &format!("must be a number from {first} to {last}"),
+                ));
+            }
+            if obj
+                .pointer("/labels/namespace")
+                .and_then(Value::as_str)
+                .is_none_or(str::is_empty)
+            {
+                causes.push(Cause::required("labels.namespace"));
+            }
+        }
         ("scheduling.k8s.io", "PriorityClass") => {
             let value = obj.get("value").and_then(Value::as_i64).unwrap_or(0);
             let name = meta_str(obj, "name").unwrap_or("");
@@ -669,6 +694,10 @@ pub fn validate_update(def: &ResourceDef, new: &Value, old: &Value, causes: &mut
             if old_cidr.is_some_and(|c| !c.is_empty()) {
                 immutable("/spec/podCIDR", "spec.podCIDR", causes);
             }
+        }
+        ("skiff.dev", "SecurityIdentity") => {
+            // A number means one set of labels for as long as it exists.
+            immutable("/labels", "labels", causes);
         }
         ("batch", "Job") => {
             immutable("/spec/selector", "spec.selector", causes);

@@ -297,6 +297,10 @@ pub static RESOURCES: &[ResourceDef] = &[
     resource!(networking::NetworkPolicy, "networking.k8s.io", "v1", "NetworkPolicy", "networkpolicies", "networkpolicy",
         namespaced: true, verbs: ALL_VERBS, short: &["netpol"], categories: NONE,
         subresources: &[], spec: true, status: false),
+    // skiff.dev/v1: NetworkPolicy's security identities (skiff_apimachinery::identity)
+    resource!(skiff_apimachinery::identity::SecurityIdentity, "skiff.dev", "v1", "SecurityIdentity", "securityidentities", "securityidentity",
+        namespaced: false, verbs: ALL_VERBS, short: &["sid"], categories: NONE,
+        subresources: &[], spec: false, status: false),
     // scheduling.k8s.io/v1
     resource!(scheduling::PriorityClass, "scheduling.k8s.io", "v1", "PriorityClass", "priorityclasses", "priorityclass",
         namespaced: false, verbs: ALL_VERBS, short: &["pc"], categories: NONE,
