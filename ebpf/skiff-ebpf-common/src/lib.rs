@@ -16,6 +16,7 @@ pub mod endpoint;
 pub mod hook;
 pub mod lb;
 pub mod metrics;
+pub mod policy;
 
 pub use drop::DropReason;
 pub use hook::Hook;
@@ -41,6 +42,14 @@ pub mod map_names {
     pub const LB_CONFIG: &str = "skiff_lb_cfg";
     /// The pods of this node, for same-node delivery; see [`crate::endpoint`].
     pub const ENDPOINTS: &str = "skiff_endpoints";
+    /// Security identities by address; see [`crate::policy`].
+    pub const IPCACHE: &str = "skiff_ipcache";
+    /// Node-local identities of policy prefixes; see [`crate::policy`].
+    pub const CIDR: &str = "skiff_cidr";
+    /// What each endpoint of this node allows; see [`crate::policy`].
+    pub const POLICY: &str = "skiff_policy";
+    /// New connections decided by policy (ring buffer); see [`crate::policy`].
+    pub const FLOWS: &str = "skiff_flows";
 
     /// Every map a node pins, for inspection and cleanup.
     pub const ALL: &[&str] = &[

@@ -356,12 +356,6 @@ pub struct Entry {
 }
 
 impl Entry {
-    /// The key's prefix length in bits (identity 32, protocol 8, port bits).
-    pub fn prefix_len(&self) -> u32 {
-        let proto_bits = if self.proto == 0 { 0 } else { 8 };
-        32 + proto_bits + u32::from(self.port_bits)
-    }
-
     /// Whether a connection from/to `identity` with `proto`/`port` matches this key.
     pub fn matches(&self, identity: u32, proto: u8, port: u16) -> bool {
         if self.identity != identity {
