@@ -15,7 +15,9 @@
 //!   ([`EP_INGRESS_ISOLATED`], …, with its policy endpoint number in the high 16 bits).
 //! - `skiff_flows` (ring buffer): a [`FlowEvent`] per new connection a policy decided.
 //!
-//! Multi-byte fields of the LPM keys are in network byte order, so prefixes are the high bits.
+//! The tries' keys are aya's `lpm_trie::Key` (a prefix length, then the data): the ipcache's
+//! data is the address's network-order bytes, the policy map's [`PolicyKey`]. Multi-byte
+//! fields of the data are in network byte order, so prefixes are the high bits.
 
 use crate::assert_size;
 
@@ -62,17 +64,6 @@ pub const PREFIX_PORT_BASE: u32 = 80;
 /// A whole key.
 pub const PREFIX_FULL: u32 = 96;
 
-/// An LPM key of an IPv4 address or prefix.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Ipv4LpmKey {
-    /// Bits of `addr` that count.
-    pub prefix_len: u32,
-    /// The address, network order bytes.
-    pub addr: [u8; 4],
-}
-assert_size!(Ipv4LpmKey, 8);
-
 /// An identity looked up by address.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -83,12 +74,10 @@ pub struct IpcacheValue {
 }
 assert_size!(IpcacheValue, 8);
 
-/// A key of `skiff_policy`.
+/// The data of a `skiff_policy` key (its prefix length travels beside it, in the trie's key).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PolicyKey {
-    /// Bits of the fields below that count ([`PREFIX_IDENTITY`] … [`PREFIX_FULL`]).
-    pub prefix_len: u32,
     /// The endpoint's policy number (network order).
     pub endpoint: u16,
     /// [`DIR_INGRESS`] or [`DIR_EGRESS`].
@@ -104,12 +93,12 @@ pub struct PolicyKey {
     /// Port (network order).
     pub port: u16,
 }
-assert_size!(PolicyKey, 16);
+assert_size!(PolicyKey, 12);
 
 impl PolicyKey {
-    /// The key allowing `identity` through `endpoint` in `direction`: every protocol when
-    /// `proto` is 0, else every port when `port_bits` is 0, else ports whose first
-    /// `port_bits` bits are `port`'s.
+    /// The stored key allowing `identity` through `endpoint` in `direction`, and its prefix
+    /// length: every protocol when `proto` is 0, else every port when `port_bits` is 0, else
+    /// ports whose first `port_bits` bits are `port`'s.
     pub fn new(
         endpoint: u16,
         direction: u8,
@@ -117,7 +106,7 @@ impl PolicyKey {
         proto: u8,
         port: u16,
         port_bits: u8,
-    ) -> PolicyKey {
+    ) -> (u32, PolicyKey) {
         let port_bits = if port_bits > 16 { 16 } else { port_bits };
         let (prefix_len, proto, port) = if proto == 0 {
             (PREFIX_IDENTITY, 0, 0)
@@ -127,8 +116,7 @@ impl PolicyKey {
             let mask = u16::MAX << (16 - u32::from(port_bits));
             (PREFIX_PORT_BASE + u32::from(port_bits), proto, port & mask)
         };
-        PolicyKey {
-            prefix_len,
+        let key = PolicyKey {
             endpoint: endpoint.to_be(),
             direction,
             pad: 0,
@@ -136,19 +124,14 @@ impl PolicyKey {
             proto,
             pad2: 0,
             port: port.to_be(),
-        }
+        };
+        (prefix_len, key)
     }
 
-    /// The lookup key of a connection (a whole key: the trie finds the longest stored prefix).
+    /// The lookup key of a connection (looked up with [`PREFIX_FULL`]: the trie finds the
+    /// longest stored prefix).
     pub fn lookup(endpoint: u16, direction: u8, identity: u32, proto: u8, port: u16) -> PolicyKey {
-        let mut k = PolicyKey::new(endpoint, direction, identity, proto, port, 16);
-        k.prefix_len = PREFIX_FULL;
-        k
-    }
-
-    /// The port's significant bits (0: every port; with `proto` 0, every protocol).
-    pub fn port_bits(&self) -> u8 {
-        self.prefix_len.saturating_sub(PREFIX_PORT_BASE) as u8
+        PolicyKey::new(endpoint, direction, identity, proto, port, 16).1
     }
 }
 
@@ -204,8 +187,6 @@ mod user {
     // SAFETY: `repr(C)` structs of integers and byte arrays with their sizes asserted above
     // and no implicit padding (every field is at its natural alignment): every bit pattern is
     // a valid value, copied byte for byte.
-    unsafe impl aya::Pod for super::Ipv4LpmKey {}
-    // SAFETY: as above.
     unsafe impl aya::Pod for super::IpcacheValue {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyKey {}
@@ -234,9 +215,9 @@ mod tests {
 
     /// The trie's match: the first `prefix_len` bits of the stored key's data equal the
     /// lookup's.
-    fn lpm_matches(stored: &PolicyKey, lookup: &PolicyKey) -> bool {
+    fn lpm_matches((len, stored): &(u32, PolicyKey), lookup: &PolicyKey) -> bool {
         let (a, b) = (data(stored), data(lookup));
-        let bits = stored.prefix_len as usize;
+        let bits = *len as usize;
         (0..bits).all(|i| (a[i / 8] >> (7 - i % 8)) & 1 == (b[i / 8] >> (7 - i % 8)) & 1)
     }
 
@@ -246,12 +227,8 @@ mod tests {
         let tcp = PolicyKey::new(3, DIR_INGRESS, 300, 6, 0, 0);
         // 8000–8007: the first 13 bits of 8000.
         let block = PolicyKey::new(3, DIR_INGRESS, 300, 6, 8003, 13);
-        assert_eq!(
-            (any.prefix_len, tcp.prefix_len, block.prefix_len),
-            (64, 72, 93)
-        );
-        assert_eq!(u16::from_be(block.port), 8000);
-        assert_eq!(block.port_bits(), 13);
+        assert_eq!((any.0, tcp.0, block.0), (64, 72, 93));
+        assert_eq!(u16::from_be(block.1.port), 8000);
         for (key, proto, port, want) in [
             (&any, 17, 53, true),
             (&tcp, 6, 1, true),

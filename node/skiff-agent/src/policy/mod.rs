@@ -9,8 +9,9 @@ use skiff_ebpf_common::policy::{DIR_EGRESS, DIR_INGRESS, PolicyKey};
 
 use rules::{Direction, Entry};
 
-/// The `skiff_policy` key of `entry` for `endpoint` (its policy number) in `direction`.
-pub fn map_key(endpoint: u16, direction: Direction, entry: &Entry) -> PolicyKey {
+/// The `skiff_policy` key of `entry` for `endpoint` (its policy number) in `direction`, with
+/// its prefix length.
+pub fn map_key(endpoint: u16, direction: Direction, entry: &Entry) -> (u32, PolicyKey) {
     let dir = match direction {
         Direction::Ingress => DIR_INGRESS,
         Direction::Egress => DIR_EGRESS,
@@ -44,8 +45,8 @@ mod tests {
             (e(6, 8000, 13), PREFIX_PORT_BASE + 13),
             (e(17, 53, 16), PREFIX_PORT_BASE + 16),
         ] {
-            let k = map_key(7, Direction::Egress, &entry);
-            assert_eq!(k.prefix_len, len, "{entry:?}");
+            let (prefix_len, k) = map_key(7, Direction::Egress, &entry);
+            assert_eq!(prefix_len, len, "{entry:?}");
             assert_eq!(k.direction, DIR_EGRESS);
             assert_eq!(u16::from_be(k.endpoint), 7);
             assert_eq!(u32::from_be(k.identity), 300);
