@@ -240,6 +240,16 @@ pub(crate) fn collect<K, V>(
         })
 }
 
+/// How the CLI and the metrics name an IP protocol.
+pub fn proto_name(p: u8) -> String {
+    match p {
+        6 => "TCP".into(),
+        17 => "UDP".into(),
+        132 => "SCTP".into(),
+        other => format!("proto-{other}"),
+    }
+}
+
 /// Every connection-tracking entry of the node in `pins`.
 pub fn ct_entries(pins: &PinDir) -> Result<Vec<(CtKey, CtEntry)>, DatapathError> {
     let ct: HashMap<MapData, CtKey, CtEntry> = pins.open_map(map_names::CT)?;

@@ -8,7 +8,7 @@ use anyhow::Result;
 use skiff_datapath::{
     PinDir,
     endpoints::EndpointMap,
-    lb::{LbMaps, ct_entries, monotonic_now_ns},
+    lb::{LbMaps, ct_entries, monotonic_now_ns, proto_name},
 };
 use skiff_ebpf_common::{
     ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY},
@@ -20,14 +20,6 @@ use skiff_ebpf_common::{
 
 fn addr(a: u32) -> Ipv4Addr {
     Ipv4Addr::from(a.to_ne_bytes())
-}
-
-fn proto(p: u8) -> String {
-    match p {
-        6 => "TCP".into(),
-        17 => "UDP".into(),
-        other => format!("proto-{other}"),
-    }
 }
 
 fn svc_flags(flags: u16, scope: u8) -> String {
@@ -73,7 +65,7 @@ pub fn lb_list(bpffs: &Path, node: &str) -> Result<()> {
         "FRONTEND", "BACKEND", "SLOT", "STATE", "ID", "PACKETS"
     );
     for (fk @ (a, port, p, scope), v) in &fronts {
-        let front = format!("{a}:{port}/{}", proto(*p));
+        let front = format!("{a}:{port}/{}", proto_name(*p));
         let packets = maps.stats(v.service_id).map(|s| s.packets).unwrap_or(0);
         let state = if v.count + v.terminating == 0 {
             "no-endpoint".to_string()
@@ -161,7 +153,7 @@ pub fn ct_list(bpffs: &Path, node: &str) -> Result<()> {
         }
         println!(
             "{:<5} {tuple:<44} {:<8} {:<44} {:>6} {:>7}s {}",
-            proto(k.proto),
+            proto_name(k.proto),
             if reply { "reply" } else { "forward" },
             nat.join(", "),
             e.service_id,

@@ -338,7 +338,7 @@ fn take<K: Tracked>(
 /// How metrics name a frontend: `address:port/protocol`, with ` (internal)` for the scope
 /// pods use under externalTrafficPolicy=Local.
 fn frontend_label(k: &FrontendKey) -> String {
-    let proto = if k.proto == 17 { "UDP" } else { "TCP" };
+    let proto = skiff_datapath::lb::proto_name(k.proto);
     let scope = if k.scope == skiff_ebpf_common::lb::SCOPE_INTERNAL {
         " (internal)"
     } else {
