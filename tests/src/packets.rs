@@ -111,6 +111,13 @@ pub const ACK: Flags = Flags {
     fin: false,
     rst: false,
 };
+/// SYN|ACK.
+pub const SYN_ACK: Flags = Flags {
+    syn: true,
+    ack: true,
+    fin: false,
+    rst: false,
+};
 /// FIN|ACK.
 pub const FIN_ACK: Flags = Flags {
     syn: false,

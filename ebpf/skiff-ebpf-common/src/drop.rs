@@ -26,17 +26,20 @@ pub enum DropReason {
     /// A connection-tracking entry could not be created for a new translated flow (the map
     /// refused it, or no free NAT port was found for its tuple).
     CtCreateFailed = 12,
+    /// A new connection of an isolated endpoint that no NetworkPolicy allows.
+    PolicyDenied = 20,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 6] = [
+    pub const ALL: [DropReason; 7] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedIpv4,
         DropReason::MalformedL4,
         DropReason::ServiceNoBackend,
         DropReason::ServiceBackendMissing,
         DropReason::CtCreateFailed,
+        DropReason::PolicyDenied,
     ];
 
     /// The numeric code stored in maps.
@@ -53,6 +56,7 @@ impl DropReason {
             10 => Some(DropReason::ServiceNoBackend),
             11 => Some(DropReason::ServiceBackendMissing),
             12 => Some(DropReason::CtCreateFailed),
+            20 => Some(DropReason::PolicyDenied),
             _ => None,
         }
     }
@@ -66,6 +70,7 @@ impl DropReason {
             DropReason::ServiceNoBackend => "service_no_backend",
             DropReason::ServiceBackendMissing => "service_backend_missing",
             DropReason::CtCreateFailed => "ct_create_failed",
+            DropReason::PolicyDenied => "policy_denied",
         }
     }
 
@@ -80,6 +85,7 @@ impl DropReason {
             DropReason::CtCreateFailed => {
                 "connection tracking entry not created (or no free NAT port)"
             }
+            DropReason::PolicyDenied => "no NetworkPolicy allows this new connection",
         }
     }
 }
@@ -99,6 +105,7 @@ mod tests {
             (10, "service_no_backend"),
             (11, "service_backend_missing"),
             (12, "ct_create_failed"),
+            (20, "policy_denied"),
         ];
         assert_eq!(DropReason::ALL.len(), published.len());
         for (r, (code, name)) in DropReason::ALL.iter().zip(published) {

@@ -48,6 +48,8 @@ pub mod map_names {
     pub const CIDR: &str = "skiff_cidr";
     /// What each endpoint of this node allows; see [`crate::policy`].
     pub const POLICY: &str = "skiff_policy";
+    /// Connections of isolated endpoints; see [`crate::policy::PctKey`].
+    pub const PCT: &str = "skiff_pct";
     /// New connections decided by policy (ring buffer); see [`crate::policy`].
     pub const FLOWS: &str = "skiff_flows";
 
@@ -61,6 +63,11 @@ pub mod map_names {
         CT,
         LB_CONFIG,
         ENDPOINTS,
+        IPCACHE,
+        CIDR,
+        POLICY,
+        PCT,
+        FLOWS,
     ];
 }
 

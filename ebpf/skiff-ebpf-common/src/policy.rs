@@ -146,6 +146,39 @@ pub struct PolicyValue {
 }
 assert_size!(PolicyValue, 8);
 
+/// Capacity of `skiff_pct`.
+pub const PCT_MAX_ENTRIES: u32 = 1 << 17;
+
+/// A connection of an isolated endpoint, as seen from the endpoint (`skiff_pct`, an LRU hash):
+/// both directions of the connection find the same entry, so replies pass.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PctKey {
+    /// The endpoint's and the peer's addresses (network order).
+    pub endpoint_addr: u32,
+    pub peer_addr: u32,
+    /// Their ports (network order; 0 for protocols without ports).
+    pub endpoint_port: u16,
+    pub peer_port: u16,
+    pub proto: u8,
+    pub pad: [u8; 3],
+}
+assert_size!(PctKey, 16);
+
+/// A tracked policy connection.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PctEntry {
+    /// `CLOCK_MONOTONIC` ns after which the entry no longer matches.
+    pub expires: u64,
+    /// The policy that allowed it (0: the direction was not isolated).
+    pub policy: u32,
+    /// Which way it was opened ([`DIR_INGRESS`] or [`DIR_EGRESS`]).
+    pub direction: u8,
+    pub pad: [u8; 3],
+}
+assert_size!(PctEntry, 16);
+
 /// [`FlowEvent::verdict`]: allowed by a policy (or the endpoint is not isolated).
 pub const VERDICT_ALLOWED: u8 = 0;
 /// Dropped: no policy allows it.
@@ -192,6 +225,10 @@ mod user {
     unsafe impl aya::Pod for super::PolicyKey {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::PolicyValue {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PctKey {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::PctEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
 }

@@ -14,6 +14,7 @@ pub mod local;
 pub mod metrics;
 pub mod nat;
 pub mod packet;
+pub mod policy;
 pub mod reject;
 pub mod service;
 pub mod tc;

@@ -14,7 +14,12 @@ use aya_ebpf::{
 };
 use skiff_ebpf_common::endpoint::{ENDPOINTS_MAX_ENTRIES, EndpointInfo};
 
-use crate::frame::{tc_hop, tc_set_macs};
+use skiff_ebpf_common::Hook;
+
+use crate::{
+    frame::{tc_hop, tc_set_macs},
+    packet::Ipv4Info,
+};
 
 /// Pods of this node by IPv4 address (network order).
 #[btf_map(name = "skiff_endpoints")]
@@ -36,6 +41,28 @@ pub fn deliver(ctx: &TcContext) -> Option<i32> {
     let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
     // SAFETY: a value pointer from a successful lookup, read at once.
     let ep = unsafe { *ENDPOINTS.get(&daddr)? };
+    redirect(ctx, &ep)
+}
+
+/// [`deliver`] after the receiving pod's ingress policy (it skips `to-pod`, where that is
+/// checked otherwise): `Err` when the policy drops the packet.
+#[inline(always)]
+pub fn deliver_checked(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> Result<Option<i32>, ()> {
+    let Ok(daddr) = ctx.load::<u32>(DADDR_OFF) else {
+        return Ok(None);
+    };
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
+        return Ok(None);
+    };
+    if !crate::policy::ingress_of(ctx, info, &ep, hook) {
+        return Err(());
+    }
+    Ok(redirect(ctx, &ep))
+}
+
+#[inline(always)]
+fn redirect(ctx: &TcContext, ep: &EndpointInfo) -> Option<i32> {
     tc_hop(ctx)?;
     tc_set_macs(ctx, &ep.mac, &ep.node_mac)?;
     // SAFETY: a helper taking plain integers.

@@ -13,7 +13,7 @@
 
 use aya_ebpf::programs::{TcContext, XdpContext};
 use skiff_ebpf_common::{
-    DropReason,
+    DropReason, Hook,
     ct::{CT_CLOSING, CT_HAIRPIN, CT_REPLY, CT_ROUTE, CtEntry, CtKey},
     lb::{
         BE_LOCAL, CFG_XDP_FAST_PATH, HAIRPIN_ADDR, NAT_PORT_MAX, NAT_PORT_MIN, SVC_EXTERNAL_IP,
@@ -28,6 +28,7 @@ use crate::{
     lb, local,
     nat::End,
     packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_SYN},
+    policy,
 };
 
 /// What the hook does with the packet.
@@ -191,7 +192,16 @@ fn choose<F: Frame>(
 #[inline(always)]
 pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_pod_inner(ctx, info) {
-        Ok(Verdict::Pass) => local::deliver(ctx).map_or(Verdict::Pass, Verdict::Redirected),
+        Ok(Verdict::Pass) => {
+            // Policy sees the packet as translated: it applies to the backend.
+            if !policy::egress(ctx, info, Hook::FromPod) {
+                return Verdict::Drop(DropReason::PolicyDenied);
+            }
+            match local::deliver_checked(ctx, info, Hook::FromPod) {
+                Ok(r) => r.map_or(Verdict::Pass, Verdict::Redirected),
+                Err(()) => Verdict::Drop(DropReason::PolicyDenied),
+            }
+        }
         Ok(v) => v,
         // A helper refused to rewrite the packet: it is no longer what its headers say.
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
@@ -267,7 +277,10 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
 #[inline(always)]
 pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_netdev_inner(ctx, info) {
-        Ok(Verdict::Pass) => local::deliver(ctx).map_or(Verdict::Pass, Verdict::Redirected),
+        Ok(Verdict::Pass) => match local::deliver_checked(ctx, info, Hook::FromNetdev) {
+            Ok(r) => r.map_or(Verdict::Pass, Verdict::Redirected),
+            Err(()) => Verdict::Drop(DropReason::PolicyDenied),
+        },
         Ok(v) => v,
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
     }
@@ -385,6 +398,11 @@ fn nat_port(
 /// (and, if it was translated, destination) restored.
 #[inline(always)]
 pub fn to_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
+    // Policy sees the packet as it arrives (a reply before its source is restored: the
+    // connection as the pod opened it, after translation).
+    if !policy::ingress(ctx, info, Hook::ToPod) {
+        return Verdict::Drop(DropReason::PolicyDenied);
+    }
     let now = ct::now();
     let key = CtKey::new(info.saddr, info.daddr, info.sport, info.dport, info.proto);
     let Some(e) = ct::lookup(&key, now) else {

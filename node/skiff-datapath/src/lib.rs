@@ -9,6 +9,7 @@ pub mod error;
 pub mod lb;
 pub mod metrics;
 pub mod objects;
+pub mod policy;
 pub mod program;
 
 pub use bpffs::PinDir;

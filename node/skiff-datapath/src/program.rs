@@ -19,6 +19,7 @@ use skiff_ebpf_common::{
     endpoint::EndpointInfo,
     lb::{AffinityKey, AffinityValue, Backend, LbConfig, ServiceKey, ServiceValue},
     map_names,
+    policy::{IpcacheValue, PctEntry, PctKey, PolicyKey, PolicyValue},
 };
 
 use crate::{DatapathError, PinDir, ProgramKind};
@@ -79,6 +80,36 @@ const MAP_SPECS: &[MapSpec] = &[
         map_type: MapType::Hash,
         key_size: size_of::<u32>(),
         value_size: size_of::<EndpointInfo>(),
+    },
+    MapSpec {
+        name: map_names::IPCACHE,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + 4,
+        value_size: size_of::<IpcacheValue>(),
+    },
+    MapSpec {
+        name: map_names::CIDR,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + 4,
+        value_size: size_of::<IpcacheValue>(),
+    },
+    MapSpec {
+        name: map_names::POLICY,
+        map_type: MapType::LpmTrie,
+        key_size: 4 + size_of::<PolicyKey>(),
+        value_size: size_of::<PolicyValue>(),
+    },
+    MapSpec {
+        name: map_names::PCT,
+        map_type: MapType::LruHash,
+        key_size: size_of::<PctKey>(),
+        value_size: size_of::<PctEntry>(),
+    },
+    MapSpec {
+        name: map_names::FLOWS,
+        map_type: MapType::RingBuf,
+        key_size: 0,
+        value_size: 0,
     },
 ];
 

@@ -1,0 +1,268 @@
+//! NetworkPolicy enforcement on new connections of isolated endpoints (layouts and lookup
+//! rules in `skiff_ebpf_common::policy`).
+//!
+//! [`check`] is called with the packet as the endpoint sees it: by `from-pod` for the sending
+//! pod (egress, after service translation: policy applies to the backend), by `to-pod` for the
+//! receiving pod (ingress, before a reply's source is restored), and by whichever hook delivers
+//! to a pod of this node straight into it (`bpf_redirect_peer` skips `to-pod`). A connection
+//! already in `skiff_pct` passes — replies included, since the key is the endpoint's view —;
+//! a new one is looked up by the peer's identity, its CIDR identity and "any peer", and on
+//! allow (or audit) is tracked. The node itself may always reach its pods (probes).
+
+use aya_ebpf::{
+    bindings::BPF_F_NO_PREALLOC,
+    btf_maps::{LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    macros::btf_map,
+};
+use skiff_ebpf_common::{
+    Hook,
+    endpoint::EndpointInfo,
+    policy::{
+        CIDR_MAX_ENTRIES, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT,
+        EP_INGRESS_ISOLATED, FLOWS_RING_BYTES, FlowEvent, IDENTITY_ANY, IDENTITY_HOST,
+        IDENTITY_WORLD, IPCACHE_MAX_ENTRIES, IpcacheValue, PCT_MAX_ENTRIES, POLICY_MAX_ENTRIES,
+        PREFIX_FULL, PctEntry, PctKey, PolicyKey, PolicyValue, VERDICT_ALLOWED, VERDICT_AUDIT,
+        VERDICT_DROPPED,
+    },
+};
+
+use aya_ebpf::programs::TcContext;
+
+use crate::{ct, local::ENDPOINTS, packet::Ipv4Info};
+
+/// Identities by address: pods (/32) and nodes.
+#[btf_map(name = "skiff_ipcache")]
+pub static IPCACHE: LpmTrie<
+    [u8; 4],
+    IpcacheValue,
+    { IPCACHE_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// Node-local identities of the policies' `ipBlock` prefixes.
+#[btf_map(name = "skiff_cidr")]
+pub static CIDR: LpmTrie<
+    [u8; 4],
+    IpcacheValue,
+    { CIDR_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// What each endpoint of this node allows.
+#[btf_map(name = "skiff_policy")]
+pub static POLICY: LpmTrie<
+    PolicyKey,
+    PolicyValue,
+    { POLICY_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = LpmTrie::new();
+
+/// Connections of isolated endpoints.
+#[btf_map(name = "skiff_pct")]
+pub static PCT: LruHashMap<PctKey, PctEntry, { PCT_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+/// New connections decided by policy, for the agent's flow log.
+#[btf_map(name = "skiff_flows")]
+pub static FLOWS: RingBuf<FlowEvent, { FLOWS_RING_BYTES as usize }> = RingBuf::new();
+
+/// A connection as an endpoint sees it.
+pub struct Conn {
+    /// The endpoint's address and port (network order).
+    pub ep_addr: u32,
+    pub ep_port: u16,
+    /// The peer's.
+    pub peer_addr: u32,
+    pub peer_port: u16,
+    pub proto: u8,
+    /// [`DIR_INGRESS`] (to the endpoint) or `DIR_EGRESS`.
+    pub direction: u8,
+}
+
+#[inline(always)]
+fn ipcache_identity(addr: u32) -> Option<u32> {
+    let key = Key::new(32, addr.to_ne_bytes());
+    IPCACHE.get(&key).map(|v| v.identity)
+}
+
+#[inline(always)]
+fn cidr_identity(addr: u32) -> Option<u32> {
+    let key = Key::new(32, addr.to_ne_bytes());
+    CIDR.get(&key).map(|v| v.identity)
+}
+
+#[inline(always)]
+fn allowed_by(endpoint: u16, c: &Conn, identity: u32) -> Option<u32> {
+    let data = PolicyKey::lookup(
+        endpoint,
+        c.direction,
+        identity,
+        c.proto,
+        u16::from_be(c.peer_port_or_ep()),
+    );
+    POLICY.get(&Key::new(PREFIX_FULL, data)).map(|v| v.policy)
+}
+
+impl Conn {
+    /// The port a rule names: the endpoint's for ingress, the peer's for egress.
+    #[inline(always)]
+    fn peer_port_or_ep(&self) -> u16 {
+        if self.direction == DIR_INGRESS {
+            self.ep_port
+        } else {
+            self.peer_port
+        }
+    }
+}
+
+/// Whether the connection may pass for endpoint `ep`; records new decisions.
+#[inline(always)]
+pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
+    let flags = ep.flags;
+    if flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) == 0 {
+        return true;
+    }
+    let key = PctKey {
+        endpoint_addr: c.ep_addr,
+        peer_addr: c.peer_addr,
+        endpoint_port: c.ep_port,
+        peer_port: c.peer_port,
+        proto: c.proto,
+        pad: [0; 3],
+    };
+    let now = ct::now();
+    if let Some(e) = PCT.get_ptr_mut(&key) {
+        // SAFETY: a pointer from a successful lookup, valid for this run.
+        if unsafe { (*e).expires } >= now {
+            // SAFETY: as above; a plain store (a racing writer only moves it too).
+            unsafe { (*e).expires = now + ct::lifetime(c.proto) };
+            return true;
+        }
+    }
+    let isolated_here = if c.direction == DIR_INGRESS {
+        flags & EP_INGRESS_ISOLATED != 0
+    } else {
+        flags & EP_EGRESS_ISOLATED != 0
+    };
+    let endpoint = (flags >> EP_ID_SHIFT) as u16;
+    let peer = ipcache_identity(c.peer_addr).unwrap_or(IDENTITY_WORLD);
+    let (mut allowed, mut policy, mut decided_by) = (!isolated_here, 0, peer);
+    if isolated_here {
+        if c.direction == DIR_INGRESS && peer == IDENTITY_HOST {
+            allowed = true;
+        } else if let Some(p) = allowed_by(endpoint, c, peer) {
+            (allowed, policy) = (true, p);
+        } else if let Some(cidr) = cidr_identity(c.peer_addr) {
+            if let Some(p) = allowed_by(endpoint, c, cidr) {
+                (allowed, policy, decided_by) = (true, p, cidr);
+            }
+        }
+        if !allowed && let Some(p) = allowed_by(endpoint, c, IDENTITY_ANY) {
+            (allowed, policy) = (true, p);
+        }
+        let verdict = if allowed {
+            VERDICT_ALLOWED
+        } else if flags & EP_AUDIT != 0 {
+            VERDICT_AUDIT
+        } else {
+            VERDICT_DROPPED
+        };
+        let (saddr, daddr, sport, dport) = if c.direction == DIR_INGRESS {
+            (c.peer_addr, c.ep_addr, c.peer_port, c.ep_port)
+        } else {
+            (c.ep_addr, c.peer_addr, c.ep_port, c.peer_port)
+        };
+        let ev = FlowEvent {
+            ts_ns: now,
+            saddr: saddr.to_ne_bytes(),
+            daddr: daddr.to_ne_bytes(),
+            sport: u16::from_be(sport),
+            dport: u16::from_be(dport),
+            peer_identity: decided_by,
+            policy,
+            endpoint,
+            proto: c.proto,
+            direction: c.direction,
+            verdict,
+            hook: hook as u8,
+            pad: [0; 2],
+        };
+        // A full ring loses the event, never the packet.
+        let _ = FLOWS.output(&ev, 0);
+        if verdict == VERDICT_DROPPED {
+            return false;
+        }
+    }
+    let entry = PctEntry {
+        expires: now + ct::lifetime(c.proto),
+        policy,
+        direction: c.direction,
+        pad: [0; 3],
+    };
+    // Not tracked (map refused): the next packet is decided again, the same way.
+    let _ = PCT.insert(&key, &entry, 0);
+    true
+}
+
+const SADDR_OFF: usize = 14 + 12;
+const DADDR_OFF: usize = 14 + 16;
+
+/// The packet's addresses and ports as they are now (after any translation; network order).
+#[inline(always)]
+fn current(ctx: &TcContext, info: &Ipv4Info) -> Option<(u32, u32, u16, u16)> {
+    let saddr: u32 = ctx.load(SADDR_OFF).ok()?;
+    let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
+    let sport: u16 = ctx.load(info.l4_off).ok()?;
+    let dport: u16 = ctx.load(info.l4_off + 2).ok()?;
+    Some((saddr, daddr, sport, dport))
+}
+
+/// The sending pod's egress policy (when the source is a pod of this node); false: drop.
+#[inline(always)]
+pub fn egress(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> bool {
+    let Some((saddr, daddr, sport, dport)) = current(ctx, info) else {
+        return true;
+    };
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    let Some(ep) = (unsafe { ENDPOINTS.get(&saddr) }).copied() else {
+        return true;
+    };
+    let c = Conn {
+        ep_addr: saddr,
+        ep_port: sport,
+        peer_addr: daddr,
+        peer_port: dport,
+        proto: info.proto,
+        direction: DIR_EGRESS,
+    };
+    check(&ep, &c, hook)
+}
+
+/// The receiving pod's ingress policy (`ep`: its endpoint entry); false: drop.
+#[inline(always)]
+pub fn ingress_of(ctx: &TcContext, info: &Ipv4Info, ep: &EndpointInfo, hook: Hook) -> bool {
+    let Some((saddr, daddr, sport, dport)) = current(ctx, info) else {
+        return true;
+    };
+    let c = Conn {
+        ep_addr: daddr,
+        ep_port: dport,
+        peer_addr: saddr,
+        peer_port: sport,
+        proto: info.proto,
+        direction: DIR_INGRESS,
+    };
+    check(ep, &c, hook)
+}
+
+/// The receiving pod's ingress policy, when the destination is a pod of this node.
+#[inline(always)]
+pub fn ingress(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> bool {
+    let Ok(daddr) = ctx.load::<u32>(DADDR_OFF) else {
+        return true;
+    };
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    match (unsafe { ENDPOINTS.get(&daddr) }).copied() {
+        Some(ep) => ingress_of(ctx, info, &ep, hook),
+        None => true,
+    }
+}

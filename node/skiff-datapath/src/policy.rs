@@ -1,0 +1,112 @@
+//! Userspace side of NetworkPolicy enforcement: the identity and policy tries and the flow
+//! ring buffer (layouts in `skiff_ebpf_common::policy`).
+
+use std::net::Ipv4Addr;
+
+use aya::maps::{
+    MapData, RingBuf,
+    lpm_trie::{Key, LpmTrie},
+};
+use skiff_ebpf_common::{
+    map_names,
+    policy::{FlowEvent, IpcacheValue, PolicyKey, PolicyValue},
+};
+
+use crate::{DatapathError, PinDir, lb::update_err};
+
+/// The node's policy maps, opened from their pins.
+pub struct PolicyMaps {
+    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    cidr: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
+}
+
+impl std::fmt::Debug for PolicyMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyMaps").finish_non_exhaustive()
+    }
+}
+
+impl PolicyMaps {
+    /// Opens the maps the node's programs pinned in `pins`.
+    pub fn open(pins: &PinDir) -> Result<PolicyMaps, DatapathError> {
+        Ok(PolicyMaps {
+            ipcache: pins.open_map(map_names::IPCACHE)?,
+            cidr: pins.open_map(map_names::CIDR)?,
+            policy: pins.open_map(map_names::POLICY)?,
+        })
+    }
+
+    /// `addr/len` has identity `identity` (a pod /32, a node).
+    pub fn set_identity(
+        &mut self,
+        addr: Ipv4Addr,
+        len: u32,
+        identity: u32,
+    ) -> Result<(), DatapathError> {
+        let v = IpcacheValue { identity, flags: 0 };
+        self.ipcache
+            .insert(&Key::new(len, addr.octets()), v, 0)
+            .map_err(|e| update_err(map_names::IPCACHE, e))
+    }
+
+    /// The `ipBlock` prefix `addr/len` has node-local identity `identity`.
+    pub fn set_cidr(
+        &mut self,
+        addr: Ipv4Addr,
+        len: u32,
+        identity: u32,
+    ) -> Result<(), DatapathError> {
+        let v = IpcacheValue { identity, flags: 0 };
+        self.cidr
+            .insert(&Key::new(len, addr.octets()), v, 0)
+            .map_err(|e| update_err(map_names::CIDR, e))
+    }
+
+    /// Stores an allow key (`prefix_len`, `key`: from `PolicyKey::new`) attributed to
+    /// `policy`.
+    pub fn allow(
+        &mut self,
+        prefix_len: u32,
+        key: PolicyKey,
+        policy: u32,
+    ) -> Result<(), DatapathError> {
+        let v = PolicyValue { policy, flags: 0 };
+        self.policy
+            .insert(&Key::new(prefix_len, key), v, 0)
+            .map_err(|e| update_err(map_names::POLICY, e))
+    }
+}
+
+/// The flow ring buffer, read from userspace.
+pub struct Flows {
+    ring: RingBuf<MapData>,
+}
+
+impl std::fmt::Debug for Flows {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Flows").finish_non_exhaustive()
+    }
+}
+
+impl Flows {
+    /// Opens the ring buffer of the node in `pins`.
+    pub fn open(pins: &PinDir) -> Result<Flows, DatapathError> {
+        Ok(Flows {
+            ring: pins.open_map(map_names::FLOWS)?,
+        })
+    }
+
+    /// The events written since the last call.
+    pub fn drain(&mut self) -> Vec<FlowEvent> {
+        let mut out = Vec::new();
+        while let Some(item) = self.ring.next() {
+            if item.len() >= size_of::<FlowEvent>() {
+                // SAFETY: the programs write whole `FlowEvent`s (`repr(C)`, every bit pattern
+                // valid); the length is checked and the read is unaligned-safe.
+                out.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<FlowEvent>()) });
+            }
+        }
+        out
+    }
+}
