@@ -76,7 +76,7 @@ assert_size!(IpcacheValue, 8);
 
 /// The data of a `skiff_policy` key (its prefix length travels beside it, in the trie's key).
 #[repr(C)]
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct PolicyKey {
     /// The endpoint's policy number (network order).
     pub endpoint: u16,

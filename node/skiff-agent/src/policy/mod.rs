@@ -3,6 +3,7 @@
 //! policies, resolved into the keys the data path looks up; [`map_key`] lays a key out as
 //! `skiff_policy` stores it (`skiff_ebpf_common::policy`).
 
+pub mod desired;
 pub mod rules;
 
 use skiff_ebpf_common::policy::{DIR_EGRESS, DIR_INGRESS, PolicyKey};

@@ -1,0 +1,302 @@
+//! What a node's policy maps should hold, from what the agent follows: every pod (address,
+//! labels, named ports, node), namespace labels, NetworkPolicies and security identities.
+//!
+//! - `ipcache`: each pod whose identity exists → that identity (/32); this node's addresses →
+//!   host, other nodes' → remote node;
+//! - `cidr`: every CIDR and exception of the policies selecting a pod of this node → a
+//!   node-local identity (in prefix order, from `IDENTITY_CIDR_FIRST`);
+//! - `policy`: each local pod's allow keys (per [`super::rules`]), by its endpoint number;
+//! - `flags`: each local pod's isolation (and audit, when its namespace carries
+//!   [`AUDIT_ANNOTATION`]) with its endpoint number;
+//! - policy numbers: each policy that allows something, numbered for attribution.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+};
+
+use k8s_openapi::api::networking::v1::NetworkPolicy;
+use skiff_apimachinery::identity::IdentityLabels;
+use skiff_ebpf_common::policy::{
+    EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED, IDENTITY_CIDR_FIRST,
+    IDENTITY_HOST, IDENTITY_REMOTE_NODE, PolicyKey,
+};
+
+use super::{
+    map_key,
+    rules::{self, Direction, Peer, PolicyRef, Prefix, Subject, Universe},
+};
+
+/// A namespace annotation turning on audit mode: would-be drops are logged, not dropped.
+pub const AUDIT_ANNOTATION: &str = "policy.skiff.dev/audit";
+
+/// Named container ports: name → (protocol, port).
+pub type NamedPorts = BTreeMap<String, BTreeSet<(u8, u16)>>;
+
+/// A pod as policy needs it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct PodFacts {
+    pub ip: Ipv4Addr,
+    pub labels: IdentityLabels,
+    pub ports: NamedPorts,
+    /// Its endpoint number when it runs on this node.
+    pub endpoint: Option<u16>,
+}
+
+/// What the agent knows of the cluster.
+#[derive(Debug, Default)]
+pub struct View<'a> {
+    pub pods: Vec<PodFacts>,
+    pub policies: Vec<&'a NetworkPolicy>,
+    /// Identities by number.
+    pub identities: BTreeMap<u32, IdentityLabels>,
+    /// Namespaces in audit mode.
+    pub audited: BTreeSet<String>,
+    /// This node's addresses, and the other nodes'.
+    pub node_ips: Vec<Ipv4Addr>,
+    pub other_node_ips: Vec<Ipv4Addr>,
+}
+
+/// The maps' contents.
+#[derive(Debug, Default, PartialEq)]
+pub struct Desired {
+    /// Address → identity (all /32).
+    pub ipcache: BTreeMap<Ipv4Addr, u32>,
+    pub cidr: BTreeMap<Prefix, u32>,
+    /// (prefix length, key) → policy number.
+    pub policy: BTreeMap<(u32, PolicyKey), u32>,
+    /// Local pod address → `skiff_endpoints` flags.
+    pub flags: BTreeMap<Ipv4Addr, u32>,
+    /// Policy number → policy.
+    pub policies: BTreeMap<u32, PolicyRef>,
+}
+
+fn subject(l: &IdentityLabels) -> Subject {
+    Subject {
+        namespace: l.namespace.clone(),
+        labels: l.pod_labels.clone(),
+        namespace_labels: l.namespace_labels.clone(),
+    }
+}
+
+/// Computes the maps' contents from `view`.
+pub fn desired(view: &View<'_>) -> Desired {
+    let mut out = Desired::default();
+    // Identities of pods by their labels (several numbers for one set are all valid: the
+    // smallest is used for addresses, all match selectors).
+    let mut by_labels: BTreeMap<&IdentityLabels, u32> = BTreeMap::new();
+    for (id, l) in &view.identities {
+        by_labels.entry(l).or_insert(*id);
+    }
+    for p in &view.pods {
+        if let Some(id) = by_labels.get(&p.labels) {
+            out.ipcache.insert(p.ip, *id);
+        }
+    }
+    for ip in &view.other_node_ips {
+        out.ipcache.insert(*ip, IDENTITY_REMOTE_NODE);
+    }
+    for ip in &view.node_ips {
+        out.ipcache.insert(*ip, IDENTITY_HOST);
+    }
+
+    let subjects: Vec<(u32, Subject)> = view
+        .identities
+        .iter()
+        .map(|(id, l)| (*id, subject(l)))
+        .collect();
+    let local: Vec<(&PodFacts, u16, rules::EndpointPolicy)> = view
+        .pods
+        .iter()
+        .filter_map(|p| {
+            let ep = p.endpoint?;
+            let pol = rules::compute(view.policies.iter().copied(), &subject(&p.labels));
+            Some((p, ep, pol))
+        })
+        .collect();
+
+    // Every prefix of the rules that apply here, numbered in order.
+    let mut prefixes = BTreeSet::new();
+    for (_, _, pol) in &local {
+        for r in pol.ingress.rules.iter().chain(&pol.egress.rules) {
+            for peer in r.peers.iter().flatten() {
+                if let Peer::Block { cidr, except } = peer {
+                    prefixes.insert(*cidr);
+                    prefixes.extend(except.iter().copied());
+                }
+            }
+        }
+    }
+    out.cidr = prefixes.into_iter().zip(IDENTITY_CIDR_FIRST..).collect();
+
+    // Named ports of each identity's pods (egress resolves names on the peer).
+    let mut peer_ports: BTreeMap<u32, NamedPorts> = BTreeMap::new();
+    for p in &view.pods {
+        let Some(id) = by_labels.get(&p.labels) else {
+            continue;
+        };
+        let ports = peer_ports.entry(*id).or_default();
+        for (name, set) in &p.ports {
+            ports
+                .entry(name.clone())
+                .or_default()
+                .extend(set.iter().copied());
+        }
+    }
+    // Identities sharing labels share ports.
+    for (id, l) in &view.identities {
+        if let Some(first) = by_labels.get(l).filter(|f| **f != *id)
+            && let Some(ports) = peer_ports.get(first).cloned()
+        {
+            peer_ports.insert(*id, ports);
+        }
+    }
+
+    let mut numbers: BTreeMap<PolicyRef, u32> = BTreeMap::new();
+    for (pod, ep, pol) in &local {
+        let mut flags = u32::from(*ep) << EP_ID_SHIFT;
+        if pol.ingress.isolated() {
+            flags |= EP_INGRESS_ISOLATED;
+        }
+        if pol.egress.isolated() {
+            flags |= EP_EGRESS_ISOLATED;
+        }
+        if view.audited.contains(&pod.labels.namespace) {
+            flags |= EP_AUDIT;
+        }
+        out.flags.insert(pod.ip, flags);
+        let universe = Universe {
+            identities: subjects.iter().map(|(id, s)| (*id, s)).collect(),
+            prefixes: out.cidr.clone(),
+            own_ports: pod.ports.clone(),
+            peer_ports: peer_ports.clone(),
+        };
+        for d in [Direction::Ingress, Direction::Egress] {
+            let dir = pol.direction(d);
+            if !dir.isolated() {
+                continue;
+            }
+            for (entry, policy) in rules::entries(dir, d, &universe) {
+                let next = numbers.len() as u32 + 1;
+                let n = *numbers.entry(policy.clone()).or_insert(next);
+                out.policy.entry(map_key(*ep, d, &entry)).or_insert(n);
+            }
+        }
+    }
+    out.policies = numbers.into_iter().map(|(p, n)| (n, p)).collect();
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use skiff_ebpf_common::policy::{DIR_EGRESS, DIR_INGRESS, PREFIX_PORT_BASE};
+
+    fn labels(ns: &str, app: &str) -> IdentityLabels {
+        IdentityLabels::of(
+            ns,
+            &BTreeMap::from([("app".to_string(), app.to_string())]),
+            &BTreeMap::from([("kubernetes.io/metadata.name".to_string(), ns.to_string())]),
+        )
+    }
+
+    fn pod(
+        ip: [u8; 4],
+        l: IdentityLabels,
+        endpoint: Option<u16>,
+        ports: &[(&str, u16)],
+    ) -> PodFacts {
+        PodFacts {
+            ip: ip.into(),
+            labels: l,
+            ports: ports
+                .iter()
+                .map(|(n, p)| (n.to_string(), BTreeSet::from([(6u8, *p)])))
+                .collect(),
+            endpoint,
+        }
+    }
+
+    #[test]
+    fn local_pods_get_flags_keys_and_numbered_policies() {
+        let p: NetworkPolicy = serde_json::from_value(json!({
+            "metadata": {"name": "web-in", "namespace": "shop"},
+            "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                     "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": "client"}}}],
+                                  "ports": [{"port": "http"}]},
+                                 {"from": [{"ipBlock": {"cidr": "192.0.2.0/24", "except": ["192.0.2.128/25"]}}]}]},
+        }))
+        .unwrap();
+        let view = View {
+            pods: vec![
+                pod(
+                    [10, 244, 0, 5],
+                    labels("shop", "web"),
+                    Some(3),
+                    &[("http", 8080)],
+                ),
+                pod([10, 244, 1, 6], labels("shop", "client"), None, &[]),
+                pod([10, 244, 0, 7], labels("shop", "db"), Some(4), &[]),
+                // A pod whose identity is not allocated yet: no ipcache entry.
+                pod([10, 244, 1, 9], labels("shop", "new"), None, &[]),
+            ],
+            policies: vec![&p],
+            identities: BTreeMap::from([
+                (300, labels("shop", "web")),
+                (301, labels("shop", "client")),
+                (302, labels("shop", "db")),
+            ]),
+            audited: BTreeSet::from(["shop".to_string()]),
+            node_ips: vec![[10, 0, 0, 1].into()],
+            other_node_ips: vec![[10, 0, 0, 2].into()],
+        };
+        let d = desired(&view);
+        assert_eq!(d.ipcache.len(), 5);
+        assert_eq!(d.ipcache[&Ipv4Addr::new(10, 244, 1, 6)], 301);
+        assert_eq!(d.ipcache[&Ipv4Addr::new(10, 0, 0, 1)], IDENTITY_HOST);
+        assert_eq!(d.ipcache[&Ipv4Addr::new(10, 0, 0, 2)], IDENTITY_REMOTE_NODE);
+        // web is isolated for ingress only; db not at all; both audited.
+        assert_eq!(
+            d.flags[&Ipv4Addr::new(10, 244, 0, 5)],
+            (3 << EP_ID_SHIFT) | EP_INGRESS_ISOLATED | EP_AUDIT
+        );
+        assert_eq!(
+            d.flags[&Ipv4Addr::new(10, 244, 0, 7)],
+            (4 << EP_ID_SHIFT) | EP_AUDIT
+        );
+        // The block and its exception, numbered.
+        assert_eq!(d.cidr.len(), 2);
+        assert_eq!(
+            d.cidr.values().copied().collect::<Vec<_>>(),
+            [IDENTITY_CIDR_FIRST, IDENTITY_CIDR_FIRST + 1]
+        );
+        // Keys: client → web's own port named http (8080), and the block (not the exception).
+        let keys: Vec<(u16, u8, u32, u16, u32)> = d
+            .policy
+            .keys()
+            .map(|(len, k)| {
+                (
+                    u16::from_be(k.endpoint),
+                    k.direction,
+                    u32::from_be(k.identity),
+                    u16::from_be(k.port),
+                    *len,
+                )
+            })
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                (3, DIR_INGRESS, IDENTITY_CIDR_FIRST, 0, 64),
+                (3, DIR_INGRESS, 301, 8080, PREFIX_PORT_BASE + 16),
+            ]
+        );
+        assert!(keys.iter().all(|k| k.1 != DIR_EGRESS));
+        assert_eq!(
+            d.policies,
+            BTreeMap::from([(1, ("shop".to_string(), "web-in".to_string()))])
+        );
+        assert!(d.policy.values().all(|n| *n == 1));
+    }
+}
