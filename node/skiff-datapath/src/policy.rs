@@ -12,7 +12,15 @@ use skiff_ebpf_common::{
     policy::{FlowEvent, IpcacheValue, PolicyKey, PolicyValue},
 };
 
-use crate::{DatapathError, PinDir, lb::update_err};
+use crate::{
+    DatapathError, PinDir,
+    lb::{collect, remove_err, update_err},
+};
+
+/// ((address, prefix length), identity).
+pub type PrefixIdentity = ((Ipv4Addr, u32), u32);
+/// ((prefix length, key), policy number).
+pub type AllowEntry = ((u32, PolicyKey), u32);
 
 /// The node's policy maps, opened from their pins.
 pub struct PolicyMaps {
@@ -63,6 +71,48 @@ impl PolicyMaps {
             .map_err(|e| update_err(map_names::CIDR, e))
     }
 
+    /// Every ipcache entry: ((address, prefix length), identity).
+    pub fn identities(&self) -> Result<Vec<PrefixIdentity>, DatapathError> {
+        lpm_entries(&self.ipcache, map_names::IPCACHE)
+    }
+
+    /// Every CIDR entry.
+    pub fn cidrs(&self) -> Result<Vec<PrefixIdentity>, DatapathError> {
+        lpm_entries(&self.cidr, map_names::CIDR)
+    }
+
+    /// Every allow key: ((prefix length, key), policy number).
+    pub fn allows(&self) -> Result<Vec<AllowEntry>, DatapathError> {
+        Ok(collect(self.policy.iter(), map_names::POLICY)?
+            .into_iter()
+            .map(|(k, v)| ((k.prefix_len(), k.data()), v.policy))
+            .collect())
+    }
+
+    /// Removes an ipcache entry (absent is fine).
+    pub fn remove_identity(&mut self, addr: Ipv4Addr, len: u32) -> Result<(), DatapathError> {
+        match self.ipcache.remove(&Key::new(len, addr.octets())) {
+            Ok(()) => Ok(()),
+            Err(e) => remove_err(map_names::IPCACHE, e).map_or(Ok(()), Err),
+        }
+    }
+
+    /// Removes a CIDR entry (absent is fine).
+    pub fn remove_cidr(&mut self, addr: Ipv4Addr, len: u32) -> Result<(), DatapathError> {
+        match self.cidr.remove(&Key::new(len, addr.octets())) {
+            Ok(()) => Ok(()),
+            Err(e) => remove_err(map_names::CIDR, e).map_or(Ok(()), Err),
+        }
+    }
+
+    /// Removes an allow key (absent is fine).
+    pub fn remove_allow(&mut self, prefix_len: u32, key: PolicyKey) -> Result<(), DatapathError> {
+        match self.policy.remove(&Key::new(prefix_len, key)) {
+            Ok(()) => Ok(()),
+            Err(e) => remove_err(map_names::POLICY, e).map_or(Ok(()), Err),
+        }
+    }
+
     /// Stores an allow key (`prefix_len`, `key`: from `PolicyKey::new`) attributed to
     /// `policy`.
     pub fn allow(
@@ -76,6 +126,16 @@ impl PolicyMaps {
             .insert(&Key::new(prefix_len, key), v, 0)
             .map_err(|e| update_err(map_names::POLICY, e))
     }
+}
+
+fn lpm_entries(
+    map: &LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    name: &'static str,
+) -> Result<Vec<PrefixIdentity>, DatapathError> {
+    Ok(collect(map.iter(), name)?
+        .into_iter()
+        .map(|(k, v)| ((Ipv4Addr::from(k.data()), k.prefix_len()), v.identity))
+        .collect())
 }
 
 /// The flow ring buffer, read from userspace.

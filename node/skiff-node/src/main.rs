@@ -511,6 +511,17 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     });
                 }
                 {
+                    let (client, me, pins) = (client.clone(), cfg.name.clone(), pins.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = skiff_agent::policy::sync::run(client, me, pins).await {
+                            tracing::error!(
+                                error = format!("{e:#}"),
+                                "network policy sync stopped"
+                            );
+                        }
+                    });
+                }
+                {
                     let (client, me) = (client.clone(), cfg.name.clone());
                     tokio::spawn(async move {
                         if let Err(e) = skiff_agent::routes::run(client, me).await {

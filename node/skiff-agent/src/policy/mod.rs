@@ -5,6 +5,7 @@
 
 pub mod desired;
 pub mod rules;
+pub mod sync;
 
 use skiff_ebpf_common::policy::{DIR_EGRESS, DIR_INGRESS, PolicyKey};
 

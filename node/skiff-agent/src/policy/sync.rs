@@ -1,0 +1,279 @@
+//! The agent's policy loop: follows pods, namespaces, nodes, NetworkPolicies and security
+//! identities; allocates the identities of this node's pods; and brings the node's policy maps
+//! and its endpoints' isolation flags to what [`super::desired`] computes. Each pass
+//! recomputes everything and writes only what differs.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::Ipv4Addr,
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Namespace, Node, Pod},
+    networking::v1::NetworkPolicy,
+};
+use kube::{
+    Api, Client, Resource, ResourceExt,
+    runtime::{WatchStreamExt, reflector, watcher},
+};
+use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, allocate};
+use skiff_datapath::{PinDir, endpoints::EndpointMap, policy::PolicyMaps};
+use skiff_ebpf_common::policy::{EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED};
+use tokio::sync::Notify;
+
+use super::{
+    desired::{AUDIT_ANNOTATION, Desired, NamedPorts, PodFacts, View, desired},
+    rules::{PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+};
+
+/// A kind followed through a reflector, driven by its own task (which ends with the returned
+/// guard): its store, and `changed` notified on every event.
+fn follow<K>(
+    client: &Client,
+    changed: &Arc<Notify>,
+) -> (reflector::Store<K>, tokio::task::JoinHandle<()>)
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (reader, writer) = reflector::store();
+    let changed = changed.clone();
+    let task = tokio::spawn(
+        reflector(
+            writer,
+            watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
+        )
+        .default_backoff()
+        .for_each(move |_| {
+            changed.notify_one();
+            std::future::ready(())
+        }),
+    );
+    (reader, task)
+}
+
+/// Aborts the reflector tasks when the loop ends.
+struct Tasks(Vec<tokio::task::JoinHandle<()>>);
+
+impl Drop for Tasks {
+    fn drop(&mut self) {
+        for t in &self.0 {
+            t.abort();
+        }
+    }
+}
+
+fn named_ports(pod: &Pod) -> NamedPorts {
+    let mut out = NamedPorts::new();
+    for c in pod.spec.iter().flat_map(|s| &s.containers) {
+        for p in c.ports.iter().flatten() {
+            let Some(name) = p.name.clone().filter(|n| !n.is_empty()) else {
+                continue;
+            };
+            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
+                "UDP" => PROTO_UDP,
+                "SCTP" => PROTO_SCTP,
+                _ => PROTO_TCP,
+            };
+            if let Ok(port) = u16::try_from(p.container_port) {
+                out.entry(name).or_default().insert((proto, port));
+            }
+        }
+    }
+    out
+}
+
+fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
+    let s = pod.status.as_ref()?;
+    if s.phase
+        .as_deref()
+        .is_some_and(|p| p == "Succeeded" || p == "Failed")
+    {
+        return None;
+    }
+    s.pod_ip.as_deref()?.parse().ok()
+}
+
+fn node_ips(n: &Node) -> Vec<Ipv4Addr> {
+    n.status
+        .iter()
+        .flat_map(|s| s.addresses.iter().flatten())
+        .filter(|a| a.type_ == "InternalIP" || a.type_ == "ExternalIP")
+        .filter_map(|a| a.address.parse().ok())
+        .collect()
+}
+
+/// Keeps the policy maps of `node` (whose pins are in `pins`) in sync until dropped.
+pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
+    let mut maps = PolicyMaps::open(&pins).context("open the policy maps")?;
+    let mut endpoints = EndpointMap::open(&pins).context("open the endpoint map")?;
+    let identities_api: Api<SecurityIdentity> = Api::all(client.clone());
+    let changed = Arc::new(Notify::new());
+    let (pods, t1) = follow::<Pod>(&client, &changed);
+    let (namespaces, t2) = follow::<Namespace>(&client, &changed);
+    let (policies, t3) = follow::<NetworkPolicy>(&client, &changed);
+    let (identities, t4) = follow::<SecurityIdentity>(&client, &changed);
+    let (nodes, t5) = follow::<Node>(&client, &changed);
+    let _tasks = Tasks(vec![t1, t2, t3, t4, t5]);
+    for (what, ready) in [
+        ("pods", pods.wait_until_ready().await),
+        ("namespaces", namespaces.wait_until_ready().await),
+        ("network policies", policies.wait_until_ready().await),
+        ("security identities", identities.wait_until_ready().await),
+        ("nodes", nodes.wait_until_ready().await),
+    ] {
+        ready.with_context(|| format!("{what} never listed"))?;
+    }
+    // Endpoint numbers of this node's pods, by uid (stable while the pod lives).
+    let mut numbers: BTreeMap<String, u16> = BTreeMap::new();
+    loop {
+        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+            .state()
+            .iter()
+            .map(|n| (n.name_any(), n.labels().clone()))
+            .collect();
+        let audited: BTreeSet<String> = namespaces
+            .state()
+            .iter()
+            .filter(|n| {
+                n.annotations()
+                    .get(AUDIT_ANNOTATION)
+                    .is_some_and(|v| v == "true")
+            })
+            .map(|n| n.name_any())
+            .collect();
+        let known: Vec<SecurityIdentity> =
+            identities.state().iter().map(|i| (**i).clone()).collect();
+        let mut facts = Vec::new();
+        let mut live = BTreeSet::new();
+        for p in pods.state() {
+            let Some(ip) = pod_ip(&p) else { continue };
+            let ns = p.namespace().unwrap_or_default();
+            let labels = IdentityLabels::of(
+                &ns,
+                p.labels(),
+                ns_labels.get(&ns).unwrap_or(&BTreeMap::new()),
+            );
+            let local = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
+            let endpoint = if local {
+                let uid = p.uid().unwrap_or_default();
+                live.insert(uid.clone());
+                if !known.iter().any(|i| i.labels == labels)
+                    && let Err(e) = allocate(&identities_api, &known, &labels).await
+                {
+                    tracing::warn!(pod = %p.name_any(), error = format!("{e:#}"), "no security identity yet");
+                }
+                let used: BTreeSet<u16> = numbers.values().copied().collect();
+                let n = *numbers
+                    .entry(uid)
+                    .or_insert_with(|| (1..=u16::MAX).find(|n| !used.contains(n)).unwrap_or(0));
+                Some(n)
+            } else {
+                None
+            };
+            facts.push(PodFacts {
+                ip,
+                labels,
+                ports: named_ports(&p),
+                endpoint,
+            });
+        }
+        numbers.retain(|uid, _| live.contains(uid));
+        let policy_objs: Vec<NetworkPolicy> =
+            policies.state().iter().map(|p| (**p).clone()).collect();
+        let (mut mine, mut others) = (Vec::new(), Vec::new());
+        for n in nodes.state() {
+            if n.name_any() == node {
+                mine.extend(node_ips(&n));
+            } else {
+                others.extend(node_ips(&n));
+            }
+        }
+        let view = View {
+            pods: facts,
+            policies: policy_objs.iter().collect(),
+            identities: identities
+                .state()
+                .iter()
+                .filter_map(|i| Some((i.id()?, i.labels.clone())))
+                .collect(),
+            audited,
+            node_ips: mine,
+            other_node_ips: others,
+        };
+        let want = desired(&view);
+        if let Err(e) = apply(&want, &mut maps, &mut endpoints) {
+            tracing::error!(
+                error = format!("{e:#}"),
+                "policy maps not brought up to date; retrying"
+            );
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            continue;
+        }
+        // Wait for the next change (events that arrived meanwhile left one permit: they all
+        // join the next pass).
+        changed.notified().await;
+    }
+}
+
+/// Writes what differs between the maps and `want`.
+fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap) -> Result<()> {
+    let have: BTreeMap<(Ipv4Addr, u32), u32> = maps.identities()?.into_iter().collect();
+    for (ip, id) in &want.ipcache {
+        if have.get(&(*ip, 32)) != Some(id) {
+            maps.set_identity(*ip, 32, *id)?;
+        }
+    }
+    for (ip, len) in have.keys() {
+        if *len != 32 || !want.ipcache.contains_key(ip) {
+            maps.remove_identity(*ip, *len)?;
+        }
+    }
+    let have: BTreeMap<(Ipv4Addr, u32), u32> = maps.cidrs()?.into_iter().collect();
+    for (p, id) in &want.cidr {
+        if have.get(&(p.addr, u32::from(p.len))) != Some(id) {
+            maps.set_cidr(p.addr, u32::from(p.len), *id)?;
+        }
+    }
+    for (ip, len) in have.keys() {
+        let still = want
+            .cidr
+            .keys()
+            .any(|p| p.addr == *ip && u32::from(p.len) == *len);
+        if !still {
+            maps.remove_cidr(*ip, *len)?;
+        }
+    }
+    // Keys before flags: an endpoint becomes isolated with its allowances in place.
+    let have: BTreeMap<(u32, skiff_ebpf_common::policy::PolicyKey), u32> =
+        maps.allows()?.into_iter().collect();
+    for ((len, key), n) in &want.policy {
+        if have.get(&(*len, *key)) != Some(n) {
+            maps.allow(*len, *key, *n)?;
+        }
+    }
+    const POLICY_BITS: u32 =
+        EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_AUDIT | (0xffff << EP_ID_SHIFT);
+    for (ip, mut info) in endpoints.list()? {
+        let flags = want.flags.get(&ip).copied().unwrap_or(0);
+        if info.flags & POLICY_BITS != flags {
+            info.flags = (info.flags & !POLICY_BITS) | flags;
+            endpoints.set(ip, info)?;
+        }
+    }
+    for (len, key) in have.keys() {
+        if !want.policy.contains_key(&(*len, *key)) {
+            maps.remove_allow(*len, *key)?;
+        }
+    }
+    Ok(())
+}
