@@ -74,11 +74,13 @@ impl PodDatapath for PodPrograms {
         };
         let index = ifindex(&net.host_if)
             .with_context(|| format!("interface {} has no index", net.host_if))?;
+        // Policy flags are the policy loop's: a re-attach (agent restart) keeps them.
+        let flags = endpoints.get(net.ip).map_or(0, |e| e.flags);
         endpoints.set(
             net.ip,
             EndpointInfo {
                 ifindex: index,
-                flags: 0,
+                flags,
                 mac,
                 node_mac: net.host_mac,
             },

@@ -41,6 +41,30 @@ impl EndpointMap {
             .map_err(|e| update_err(map_names::ENDPOINTS, e))
     }
 
+    /// Changes the entry of the pod at `ip` if it is still there (`BPF_EXIST`: a pod removed
+    /// meanwhile is not brought back); whether it was.
+    pub fn update_existing(
+        &mut self,
+        ip: Ipv4Addr,
+        info: EndpointInfo,
+    ) -> Result<bool, DatapathError> {
+        const BPF_EXIST: u64 = 2;
+        match self.map.insert(key(ip), info, BPF_EXIST) {
+            Ok(()) => Ok(true),
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(update_err(map_names::ENDPOINTS, e)),
+        }
+    }
+
+    /// The entry of the pod at `ip`, if any.
+    pub fn get(&self, ip: Ipv4Addr) -> Option<EndpointInfo> {
+        self.map.get(&key(ip), 0).ok()
+    }
+
     /// Forgets the pod at `ip` (absent is fine).
     pub fn remove(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
         match self.map.remove(&key(ip)) {

@@ -61,6 +61,9 @@ where
     (reader, task)
 }
 
+/// How often the maps are brought up to date without a change.
+const RESYNC: Duration = Duration::from_secs(5);
+
 /// Aborts the reflector tasks when the loop ends.
 struct Tasks(Vec<tokio::task::JoinHandle<()>>);
 
@@ -220,8 +223,12 @@ pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
             continue;
         }
         // Wait for the next change (events that arrived meanwhile left one permit: they all
-        // join the next pass).
-        changed.notified().await;
+        // join the next pass), or the resync period (endpoints attached since, written with
+        // no flags, get theirs).
+        tokio::select! {
+            () = changed.notified() => {}
+            () = tokio::time::sleep(RESYNC) => {}
+        }
     }
 }
 
@@ -267,7 +274,8 @@ fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap) -> 
         let flags = want.flags.get(&ip).copied().unwrap_or(0);
         if info.flags & POLICY_BITS != flags {
             info.flags = (info.flags & !POLICY_BITS) | flags;
-            endpoints.set(ip, info)?;
+            // A pod removed since the listing stays removed.
+            endpoints.update_existing(ip, info)?;
         }
     }
     for (len, key) in have.keys() {
