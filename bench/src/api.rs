@@ -10,7 +10,6 @@
 use std::{
     future::Future,
     path::PathBuf,
-    process::{Child, Command, Stdio},
     sync::{
         Arc,
         atomic::{AtomicU64, Ordering},
@@ -26,7 +25,7 @@ use kube::{
     api::{ListParams, PostParams, WatchEvent, WatchParams},
 };
 
-use crate::common::{free_addr, rss_mib};
+use crate::common::{Control, free_addr, rss_mib, start_control};
 
 /// Options of `skiff-bench api`.
 #[derive(Debug, clap::Args)]
@@ -45,47 +44,20 @@ pub struct Args {
     large: usize,
 }
 
-struct Server {
-    child: Child,
-}
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        // Only the process we started, by PID.
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-async fn start(args: &Args) -> Result<(Server, Client)> {
+async fn start(args: &Args) -> Result<Control> {
     let _ = std::fs::remove_dir_all(&args.data_dir);
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("create {}", args.data_dir.display()))?;
-    let child = Command::new(&args.skiff_control)
-        .arg("--data-dir")
-        .arg(&args.data_dir)
-        .args(["--api-listen", &free_addr()?.to_string()])
-        .args(["--peer-listen", &free_addr()?.to_string()])
-        .args(["--client-listen", &free_addr()?.to_string()])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::null())
-        .spawn()
-        .with_context(|| format!("start {}", args.skiff_control.display()))?;
-    let server = Server { child };
-    let kubeconfig = args.data_dir.join("admin.kubeconfig");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if kubeconfig.exists()
-            && let Ok(c) = skiff_controllers::client_from_kubeconfig(&kubeconfig).await
-            && c.apiserver_version().await.is_ok()
-        {
-            return Ok((server, c));
-        }
-        if Instant::now() > deadline {
-            bail!("skiff-control did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let log = args.data_dir.join("control.log");
+    let (control, _) = start_control(
+        &args.skiff_control,
+        &args.data_dir,
+        free_addr()?,
+        &log,
+        Duration::from_millis(100),
+    )
+    .await?;
+    Ok(control)
 }
 
 fn pod(name: &str) -> Pod {
@@ -300,7 +272,8 @@ async fn fan_out(client: &Client, watchers: usize, events: usize) -> Result<Row>
 
 /// `skiff-bench api`.
 pub async fn run(args: Args) -> Result<()> {
-    let (server, client) = start(&args).await?;
+    let server = start(&args).await?;
+    let client = server.client.clone();
     let mut rows = Vec::new();
     make_namespace(&client, "bench").await?;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "bench");
@@ -387,7 +360,7 @@ pub async fn run(args: Args) -> Result<()> {
         .await?,
     );
     rows.push(fan_out(&client, 100, 200).await?);
-    let rss = rss_mib(server.child.id());
+    let rss = rss_mib(server.proc.pid());
 
     println!("| workload | ops/s | p50 ms | p99 ms | upstream SLO p99 ms |");
     println!("|---|---:|---:|---:|---:|");

@@ -8,7 +8,7 @@
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
-    process::{Command, Stdio},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -16,12 +16,12 @@ use anyhow::{Context, Result, bail};
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
 use kube::{
-    Api, Client, ResourceExt,
+    Api, ResourceExt,
     api::{DeleteParams, PostParams},
     runtime::{WatchStreamExt, watcher},
 };
 
-use crate::common::{Proc, node_ready, wait_for};
+use crate::common::{node_ready, start_control, wait_for};
 
 /// How often conditions are polled.
 const POLL: Duration = Duration::from_millis(200);
@@ -119,40 +119,17 @@ pub async fn run(args: Args, node_ns: &skiff_tests::node::NodeNs) -> Result<()> 
     let _ = std::fs::remove_dir_all(&args.data_dir);
     std::fs::create_dir_all(&args.data_dir)?;
     let control_dir = args.data_dir.join("control");
-    let port = std::net::TcpListener::bind((node_ns.host_ip, 0))?
-        .local_addr()?
-        .port();
-    let free = || -> Result<String> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .to_string())
-    };
-    let control = Proc(
-        Command::new(&args.skiff_control)
-            .arg("--data-dir")
-            .arg(&control_dir)
-            .args(["--api-listen", &format!("{}:{port}", node_ns.host_ip)])
-            .args(["--tls-san", &node_ns.host_ip.to_string()])
-            .args(["--peer-listen", &free()?, "--client-listen", &free()?])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(args.data_dir.join("control.log"))?)
-            .spawn()
-            .with_context(|| format!("start {}", args.skiff_control.display()))?,
-    );
-    let kubeconfig = control_dir.join("admin.kubeconfig");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    let client: Client = loop {
-        if let Ok(c) = skiff_controllers::client_from_kubeconfig(&kubeconfig).await
-            && c.apiserver_version().await.is_ok()
-        {
-            break c;
-        }
-        if Instant::now() > deadline {
-            bail!("skiff-control did not come up");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
+    let api = std::net::TcpListener::bind((node_ns.host_ip, 0))?.local_addr()?;
+    let log = args.data_dir.join("control.log");
+    let (control, _) = start_control(
+        &args.skiff_control,
+        &control_dir,
+        api,
+        &log,
+        Duration::from_millis(100),
+    )
+    .await?;
+    let client = control.client.clone();
 
     let archive = args.data_dir.join("busybox.tar");
     skiff_runtime::oci_layout::build_busybox_archive(

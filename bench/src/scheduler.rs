@@ -15,7 +15,6 @@
 use std::{
     collections::HashSet,
     path::PathBuf,
-    process::{Command, Stdio},
     sync::Arc,
     time::{Duration, Instant},
 };
@@ -28,13 +27,13 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api,
-    api::{ListParams, PostParams},
+    api::PostParams,
     runtime::{WatchStreamExt, watcher},
 };
 use serde_json::json;
 use skiff_controllers::scheduler::framework::{self, PodInfo, Snapshot};
 
-use crate::common::{Proc, free_addr, node_ready};
+use crate::common::{free_addr, start_control, start_simulator};
 
 /// Options of `skiff-bench scheduler`.
 #[derive(Debug, clap::Args)]
@@ -117,66 +116,22 @@ fn in_process(nodes: usize, pods: usize, owned: bool) -> Result<f64> {
 async fn end_to_end(args: &Args) -> Result<(f64, f64, usize)> {
     let _ = std::fs::remove_dir_all(&args.data_dir);
     std::fs::create_dir_all(&args.data_dir)?;
-    let api = free_addr()?;
-    let control = Proc(
-        Command::new(&args.skiff_control)
-            .args([
-                "--data-dir",
-                &args.data_dir.join("data").display().to_string(),
-            ])
-            .args(["--api-listen", &api.to_string()])
-            .args(["--peer-listen", &free_addr()?.to_string()])
-            .args(["--client-listen", &free_addr()?.to_string()])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(args.data_dir.join("control.log"))?)
-            .spawn()
-            .context("start skiff-control")?,
-    );
-    let kubeconfig = args.data_dir.join("data/admin.kubeconfig");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !kubeconfig.exists() {
-        if Instant::now() > deadline {
-            bail!("skiff-control did not start");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let client = skiff_controllers::client_from_kubeconfig(&kubeconfig).await?;
-    let sim = Proc(
-        Command::new(&args.skiff_node)
-            .args(["--node-name", "sim", "--kubeconfig"])
-            .arg(args.data_dir.join("data/node.kubeconfig"))
-            .args([
-                "--simulate",
-                &args.sim_nodes.to_string(),
-                "--simulate-start-delay",
-                "100ms",
-            ])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(args.data_dir.join("simulate.log"))?)
-            .spawn()
-            .context("start skiff-node --simulate")?,
-    );
-    let nodes: Api<Node> = Api::all(client.clone());
-    let deadline = Instant::now() + Duration::from_secs(300);
-    loop {
-        let ready = nodes
-            .list(&ListParams::default())
-            .await?
-            .items
-            .iter()
-            .filter(|n| node_ready(n))
-            .count();
-        if ready == args.sim_nodes {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {ready} of {} simulated nodes Ready", args.sim_nodes);
-        }
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+    let (control, _) = start_control(
+        &args.skiff_control,
+        &args.data_dir.join("data"),
+        free_addr()?,
+        &args.data_dir.join("control.log"),
+        Duration::from_millis(100),
+    )
+    .await?;
+    let client = control.client.clone();
+    let sim = start_simulator(
+        &args.skiff_node,
+        &control,
+        args.sim_nodes,
+        &args.data_dir.join("simulate.log"),
+    )
+    .await?;
     let total = args.deployments * 100;
     let pods: Api<Pod> = Api::namespaced(client.clone(), "default");
     let watch = tokio::spawn({

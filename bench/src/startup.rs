@@ -17,23 +17,22 @@
 
 use std::{
     path::{Path, PathBuf},
-    process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use k8s_openapi::api::{
     apps::v1::Deployment,
     core::v1::{Node, Pod},
 };
 use kube::{
-    Api, Client,
+    Api,
     api::{ListParams, PostParams},
 };
 use serde_json::json;
 use skiff_tests::node::{NodeAgent, NodeNs};
 
-use crate::common::{Proc, node_ready, rss_mib, status_mib, wait_for};
+use crate::common::{Control, Proc, node_ready, rss_mib, start_simulator, status_mib, wait_for};
 
 /// How often readiness is polled while timing (the resolution of the figures).
 const POLL: Duration = Duration::from_millis(10);
@@ -61,85 +60,20 @@ pub struct Args {
     sim_nodes: usize,
 }
 
-/// A running control plane and its admin client.
-struct Control {
-    proc: Proc,
-    /// The API server's port (a restart listens on it again: the kubeconfigs name it).
-    port: u16,
-    client: Client,
-    /// The node bootstrap kubeconfig.
-    node_kubeconfig: PathBuf,
-}
-
-/// Starts `skiff-control` on `dir`, listening on the node link's host side (on `port`, else a
-/// free one); how long until `/readyz` answered 200.
+/// Starts `skiff-control` on `dir`, listening on the node link's host side (on `api`, else a
+/// free port there); how long until `/readyz` answered.
 async fn start_control(
     args: &Args,
     dir: &Path,
     ip: std::net::Ipv4Addr,
-    port: Option<u16>,
+    api: Option<std::net::SocketAddr>,
 ) -> Result<(Control, Duration)> {
-    let port = match port {
-        Some(p) => p,
-        None => std::net::TcpListener::bind((ip, 0))?.local_addr()?.port(),
+    let api = match api {
+        Some(a) => a,
+        None => std::net::TcpListener::bind((ip, 0))?.local_addr()?,
     };
-    let free = || -> Result<String> { Ok(crate::common::free_addr()?.to_string()) };
-    let t0 = Instant::now();
-    let proc = Proc(
-        Command::new(&args.skiff_control)
-            .arg("--data-dir")
-            .arg(dir)
-            .args(["--api-listen", &format!("{ip}:{port}")])
-            .args(["--tls-san", &ip.to_string()])
-            .args(["--peer-listen", &free()?, "--client-listen", &free()?])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(args.data_dir.join("control.log"))?,
-            )
-            .spawn()
-            .with_context(|| format!("start {}", args.skiff_control.display()))?,
-    );
-    let kubeconfig = dir.join("admin.kubeconfig");
-    let deadline = t0 + Duration::from_secs(60);
-    let mut client = None;
-    loop {
-        if client.is_none() && kubeconfig.exists() {
-            client = skiff_controllers::client_from_kubeconfig(&kubeconfig)
-                .await
-                .ok();
-        }
-        if let Some(c) = &client {
-            let req = http::Request::get("/readyz").body(Vec::new())?;
-            if c.request_text(req).await.is_ok_and(|t| t.trim() == "ok") {
-                break;
-            }
-        }
-        if Instant::now() > deadline {
-            let log =
-                std::fs::read_to_string(args.data_dir.join("control.log")).unwrap_or_default();
-            let tail: Vec<&str> = log.lines().rev().take(20).collect();
-            bail!(
-                "skiff-control did not become ready; its log ends:\n{}",
-                tail.into_iter().rev().collect::<Vec<_>>().join("\n")
-            );
-        }
-        tokio::time::sleep(POLL).await;
-    }
-    let took = t0.elapsed();
-    let client = client.unwrap_or_else(|| unreachable!("ready implies a client"));
-    Ok((
-        Control {
-            proc,
-            port,
-            client,
-            node_kubeconfig: dir.join("node.kubeconfig"),
-        },
-        took,
-    ))
+    let log = args.data_dir.join("control.log");
+    crate::common::start_control(&args.skiff_control, dir, api, &log, POLL).await
 }
 
 /// Median and maximum in milliseconds.
@@ -221,32 +155,8 @@ async fn start_node(
 
 /// Runs `pods` pods of one Deployment on `sim_nodes` simulated nodes; the simulator.
 async fn load(args: &Args, control: &Control) -> Result<Proc> {
-    let sim = Proc(
-        Command::new(&args.skiff_node)
-            .args(["--node-name", "sim", "--kubeconfig"])
-            .arg(&control.node_kubeconfig)
-            .args(["--simulate", &args.sim_nodes.to_string()])
-            .args(["--simulate-start-delay", "100ms"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(args.data_dir.join("simulate.log"))?)
-            .spawn()
-            .context("start skiff-node --simulate")?,
-    );
-    let nodes: Api<Node> = Api::all(control.client.clone());
-    let sim_ready = ListParams::default().labels("skiff.dev/simulated=true");
-    wait_for(
-        "the simulated nodes to be Ready",
-        300,
-        Duration::from_secs(1),
-        || async {
-            nodes
-                .list(&sim_ready)
-                .await
-                .is_ok_and(|l| l.items.iter().filter(|n| node_ready(n)).count() == args.sim_nodes)
-        },
-    )
-    .await?;
+    let log = args.data_dir.join("simulate.log");
+    let sim = start_simulator(&args.skiff_node, control, args.sim_nodes, &log).await?;
     let d: Deployment = serde_json::from_value(json!({
         "metadata": {"name": "load"},
         "spec": {"replicas": args.pods, "selector": {"matchLabels": {"app": "load"}},
@@ -307,11 +217,11 @@ async fn measure(
 
     eprintln!("control plane: {runs} warm restarts…");
     let mut warm = Vec::new();
-    let port = control.as_ref().map(|c| c.port);
+    let api = control.as_ref().map(|c| c.api);
     for _ in 0..runs {
         let old = control.take();
         tokio::task::block_in_place(|| drop(old));
-        let (c, took) = start_control(args, dir, ip, port).await?;
+        let (c, took) = start_control(args, dir, ip, api).await?;
         warm.push(took);
         *control = Some(c);
     }
