@@ -27,6 +27,7 @@ use skiff_tests::{
 
 const TC_ACT_OK: u32 = 0;
 const TC_ACT_SHOT: u32 = 2;
+const TC_ACT_REDIRECT: u32 = 7;
 const TCP: u8 = 6;
 
 /// The pod under test (endpoint 1) and a peer pod elsewhere (identity 300).
@@ -223,4 +224,84 @@ fn ip_blocks_decide_by_the_longest_prefix_and_audit_mode_only_logs() {
     let ev = node.flows.drain();
     assert_eq!(ev.len(), 1);
     assert_eq!(ev[0].verdict, VERDICT_AUDIT);
+}
+
+#[test]
+fn a_service_reply_reaches_an_isolated_client_on_the_same_node() {
+    if !privileged("a_service_reply_reaches_an_isolated_client_on_the_same_node") {
+        return;
+    }
+    use skiff_datapath::lb::LbMaps;
+    use skiff_ebpf_common::lb::{Backend, SCOPE_EXTERNAL, ServiceKey, ServiceValue};
+    const VIP: [u8; 4] = [10, 96, 0, 20];
+    const BACKEND: [u8; 4] = [10, 244, 1, 5];
+    let mut node = Node::new();
+    // The client is isolated both ways and may open connections to the backend's identity.
+    node.pod(EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+    node.maps
+        .set_identity(BACKEND.into(), 32, PEER_ID)
+        .expect("ipcache");
+    node.allow(DIR_EGRESS, PEER_ID, TCP, 8080, 16, 7);
+    // The backend is a pod of this node too (not isolated), behind VIP:80.
+    node.endpoints
+        .set(
+            BACKEND.into(),
+            EndpointInfo {
+                ifindex: 0,
+                flags: 0,
+                mac: [2, 0, 0, 0, 0, 5],
+                node_mac: [2, 0, 0, 0, 0, 2],
+            },
+        )
+        .expect("backend endpoint");
+    let mut lb = LbMaps::open(&node.pins_dir).expect("service maps");
+    let key = |slot| {
+        ServiceKey::new(
+            u32::from_ne_bytes(VIP),
+            80u16.to_be(),
+            TCP,
+            SCOPE_EXTERNAL,
+            slot,
+        )
+    };
+    let backend = Backend {
+        address: u32::from_ne_bytes(BACKEND),
+        port: 8080u16.to_be(),
+        proto: TCP,
+        flags: 0,
+    };
+    lb.set_backend(1, backend).expect("backend");
+    let slot = ServiceValue {
+        backend_id: 1,
+        ..ServiceValue::default()
+    };
+    lb.set_service(key(1), slot).expect("slot");
+    let frontend = ServiceValue {
+        service_id: 1,
+        count: 1,
+        ..ServiceValue::default()
+    };
+    lb.set_service(key(0), frontend).expect("frontend");
+
+    // Out through the Service: allowed (to the backend), delivered to it.
+    let syn = packets::tcp(POD, VIP, 40000, 80, SYN, 1, 0, b"");
+    assert_eq!(
+        node.from_pod.test_run(&syn).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+    // The backend's reply leaves its interface; its source becomes the Service again and it
+    // is delivered to the client: part of the client's connection, not a new one.
+    let reply = packets::tcp(BACKEND, POD, 8080, 40000, SYN_ACK, 9, 2, b"");
+    assert_eq!(
+        node.from_pod.test_run(&reply).expect("run").verdict,
+        TC_ACT_REDIRECT
+    );
+    assert_eq!(node.denied(Hook::FromPod), 0);
+    let dropped = node
+        .flows
+        .drain()
+        .into_iter()
+        .filter(|e| e.verdict == VERDICT_DROPPED)
+        .count();
+    assert_eq!(dropped, 0);
 }

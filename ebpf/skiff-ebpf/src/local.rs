@@ -30,32 +30,30 @@ pub static ENDPOINTS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
-const DADDR_OFF: usize = 14 + 16;
-
-/// Delivers the packet to the pod of this node it is addressed to (after any translation):
-/// the frame's MACs as the pod's gateway sets them, the TTL decremented as by a router hop,
-/// then `bpf_redirect_peer`. `None` when the destination is not a pod of this node, or its TTL
-/// is spent (the kernel then answers "time exceeded").
+/// The pod of this node at `addr` (network order), if any.
 #[inline(always)]
-pub fn deliver(ctx: &TcContext) -> Option<i32> {
-    let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
+pub fn endpoint(addr: u32) -> Option<EndpointInfo> {
     // SAFETY: a value pointer from a successful lookup, read at once.
-    let ep = unsafe { *ENDPOINTS.get(&daddr)? };
-    redirect(ctx, &ep)
+    unsafe { ENDPOINTS.get(&addr) }.copied()
 }
 
-/// [`deliver`] after the receiving pod's ingress policy (it skips `to-pod`, where that is
-/// checked otherwise): `Err` when the policy drops the packet.
+/// Delivers the packet to the pod of this node it is addressed to (`dest`: its destination
+/// after any translation), once that pod's ingress policy lets it in (the delivery skips
+/// `to-pod`, where it is checked otherwise): the frame's MACs as the pod's gateway sets them,
+/// the TTL decremented as by a router hop, then `bpf_redirect_peer`. `Ok(None)` when the
+/// destination is not a pod of this node, or its TTL is spent (the kernel then answers "time
+/// exceeded"); `Err` when the policy drops the packet.
 #[inline(always)]
-pub fn deliver_checked(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> Result<Option<i32>, ()> {
-    let Ok(daddr) = ctx.load::<u32>(DADDR_OFF) else {
+pub fn deliver(
+    ctx: &TcContext,
+    info: &Ipv4Info,
+    dest: (u32, u16),
+    hook: Hook,
+) -> Result<Option<i32>, ()> {
+    let Some(ep) = endpoint(dest.0) else {
         return Ok(None);
     };
-    // SAFETY: a value pointer from a successful lookup, read at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&daddr) }).copied() else {
-        return Ok(None);
-    };
-    if !crate::policy::ingress_of(ctx, info, &ep, hook) {
+    if !crate::policy::ingress(&ep, info, dest, hook) {
         return Err(());
     }
     Ok(redirect(ctx, &ep))

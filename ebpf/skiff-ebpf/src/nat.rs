@@ -13,7 +13,8 @@ use crate::packet::{IPPROTO_TCP, Ipv4Info};
 const IP_OFF: usize = 14;
 const IP_CSUM_OFF: usize = IP_OFF + 10;
 const IP_SADDR_OFF: usize = IP_OFF + 12;
-const IP_DADDR_OFF: usize = IP_OFF + 16;
+/// Offset of the IPv4 destination address in the frame.
+pub(crate) const IP_DADDR_OFF: usize = IP_OFF + 16;
 
 /// Which end of the packet to rewrite.
 #[derive(Clone, Copy, PartialEq, Eq)]

@@ -1,10 +1,9 @@
 //! NetworkPolicy enforcement on new connections of isolated endpoints (layouts and lookup
 //! rules in `skiff_ebpf_common::policy`).
 //!
-//! [`check`] is called with the packet as the endpoint sees it: by `from-pod` for the sending
-//! pod (egress, after service translation: policy applies to the backend), by `to-pod` for the
-//! receiving pod (ingress, before a reply's source is restored), and by whichever hook delivers
-//! to a pod of this node straight into it (`bpf_redirect_peer` skips `to-pod`). A connection
+//! [`egress`] is called by `from-pod` for the sending pod (after service translation: policy
+//! applies to the backend), [`ingress`] by `to-pod` for the receiving pod and by whichever hook
+//! delivers to a pod of this node straight into it (`bpf_redirect_peer` skips `to-pod`). A connection
 //! already in `skiff_pct` passes — replies included, since the key is the endpoint's view —;
 //! a new one is looked up by the peer's identity, its CIDR identity and "any peer", and on
 //! allow (or audit) is tracked. The node itself may always reach its pods (probes).
@@ -28,7 +27,7 @@ use skiff_ebpf_common::{
 
 use aya_ebpf::programs::TcContext;
 
-use crate::{ct, local::ENDPOINTS, packet::Ipv4Info};
+use crate::{ct, nat::IP_DADDR_OFF, packet::Ipv4Info};
 
 /// Identities by address: pods (/32) and nodes.
 #[btf_map(name = "skiff_ipcache")]
@@ -114,13 +113,11 @@ impl Conn {
     }
 }
 
-/// Whether the connection may pass for endpoint `ep`; records new decisions.
+/// Whether the connection may pass for endpoint `ep` (isolated in some direction); records
+/// new decisions.
 #[inline(always)]
 pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
     let flags = ep.flags;
-    if flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) == 0 {
-        return true;
-    }
     let key = PctKey {
         endpoint_addr: c.ep_addr,
         peer_addr: c.peer_addr,
@@ -203,66 +200,55 @@ pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
     true
 }
 
-const SADDR_OFF: usize = 14 + 12;
-const DADDR_OFF: usize = 14 + 16;
-
-/// The packet's addresses and ports as they are now (after any translation; network order).
+/// The packet's destination address and port as they are now (network order): after a
+/// forward translation, the backend.
 #[inline(always)]
-fn current(ctx: &TcContext, info: &Ipv4Info) -> Option<(u32, u32, u16, u16)> {
-    let saddr: u32 = ctx.load(SADDR_OFF).ok()?;
-    let daddr: u32 = ctx.load(DADDR_OFF).ok()?;
-    let sport: u16 = ctx.load(info.l4_off).ok()?;
+pub fn current_destination(ctx: &TcContext, info: &Ipv4Info) -> Option<(u32, u16)> {
+    let daddr: u32 = ctx.load(IP_DADDR_OFF).ok()?;
     let dport: u16 = ctx.load(info.l4_off + 2).ok()?;
-    Some((saddr, daddr, sport, dport))
+    Some((daddr, dport))
 }
 
-/// The sending pod's egress policy (when the source is a pod of this node); false: drop.
+// Policy sees each end of a connection by its real address: the sender as the packet arrived
+// (`info`: a reply's source is restored to the frontend on the way), the receiver as the
+// packet is now addressed (`dest`: a forward packet's destination is translated to the
+// backend). Both directions of a connection then find the same `skiff_pct` entry.
+
 #[inline(always)]
-pub fn egress(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> bool {
-    let Some((saddr, daddr, sport, dport)) = current(ctx, info) else {
+fn isolated(ep: &EndpointInfo) -> bool {
+    ep.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED) != 0
+}
+
+/// The sending pod's (`ep`) egress policy; false: drop.
+#[inline(always)]
+pub fn egress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook) -> bool {
+    if !isolated(ep) {
         return true;
-    };
-    // SAFETY: a value pointer from a successful lookup, read at once.
-    let Some(ep) = (unsafe { ENDPOINTS.get(&saddr) }).copied() else {
-        return true;
-    };
+    }
     let c = Conn {
-        ep_addr: saddr,
-        ep_port: sport,
-        peer_addr: daddr,
-        peer_port: dport,
+        ep_addr: info.saddr,
+        ep_port: info.sport,
+        peer_addr: dest.0,
+        peer_port: dest.1,
         proto: info.proto,
         direction: DIR_EGRESS,
-    };
-    check(&ep, &c, hook)
-}
-
-/// The receiving pod's ingress policy (`ep`: its endpoint entry); false: drop.
-#[inline(always)]
-pub fn ingress_of(ctx: &TcContext, info: &Ipv4Info, ep: &EndpointInfo, hook: Hook) -> bool {
-    let Some((saddr, daddr, sport, dport)) = current(ctx, info) else {
-        return true;
-    };
-    let c = Conn {
-        ep_addr: daddr,
-        ep_port: dport,
-        peer_addr: saddr,
-        peer_port: sport,
-        proto: info.proto,
-        direction: DIR_INGRESS,
     };
     check(ep, &c, hook)
 }
 
-/// The receiving pod's ingress policy, when the destination is a pod of this node.
+/// The receiving pod's (`ep`, at `dest`) ingress policy; false: drop.
 #[inline(always)]
-pub fn ingress(ctx: &TcContext, info: &Ipv4Info, hook: Hook) -> bool {
-    let Ok(daddr) = ctx.load::<u32>(DADDR_OFF) else {
+pub fn ingress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook) -> bool {
+    if !isolated(ep) {
         return true;
-    };
-    // SAFETY: a value pointer from a successful lookup, read at once.
-    match (unsafe { ENDPOINTS.get(&daddr) }).copied() {
-        Some(ep) => ingress_of(ctx, info, &ep, hook),
-        None => true,
     }
+    let c = Conn {
+        ep_addr: dest.0,
+        ep_port: dest.1,
+        peer_addr: info.saddr,
+        peer_port: info.sport,
+        proto: info.proto,
+        direction: DIR_INGRESS,
+    };
+    check(ep, &c, hook)
 }

@@ -45,6 +45,15 @@ pub enum Verdict {
     Rejected(i32),
 }
 
+/// The verdict of a [`local::deliver`] attempt.
+#[inline(always)]
+fn delivered(r: Result<Option<i32>, ()>) -> Verdict {
+    match r {
+        Ok(r) => r.map_or(Verdict::Pass, Verdict::Redirected),
+        Err(()) => Verdict::Drop(DropReason::PolicyDenied),
+    }
+}
+
 /// The addresses a routed entry's packets carry once translated (`CT_ROUTE`: the program
 /// routes them itself), else `None`.
 #[inline(always)]
@@ -193,14 +202,16 @@ fn choose<F: Frame>(
 pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_pod_inner(ctx, info) {
         Ok(Verdict::Pass) => {
+            let Some(dest) = policy::current_destination(ctx, info) else {
+                return Verdict::Pass;
+            };
             // Policy sees the packet as translated: it applies to the backend.
-            if !policy::egress(ctx, info, Hook::FromPod) {
+            if let Some(ep) = local::endpoint(info.saddr)
+                && !policy::egress(&ep, info, dest, Hook::FromPod)
+            {
                 return Verdict::Drop(DropReason::PolicyDenied);
             }
-            match local::deliver_checked(ctx, info, Hook::FromPod) {
-                Ok(r) => r.map_or(Verdict::Pass, Verdict::Redirected),
-                Err(()) => Verdict::Drop(DropReason::PolicyDenied),
-            }
+            delivered(local::deliver(ctx, info, dest, Hook::FromPod))
         }
         Ok(v) => v,
         // A helper refused to rewrite the packet: it is no longer what its headers say.
@@ -277,9 +288,9 @@ fn from_pod_inner(ctx: &TcContext, info: &Ipv4Info) -> Result<Verdict, ()> {
 #[inline(always)]
 pub fn from_netdev(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     match from_netdev_inner(ctx, info) {
-        Ok(Verdict::Pass) => match local::deliver_checked(ctx, info, Hook::FromNetdev) {
-            Ok(r) => r.map_or(Verdict::Pass, Verdict::Redirected),
-            Err(()) => Verdict::Drop(DropReason::PolicyDenied),
+        Ok(Verdict::Pass) => match policy::current_destination(ctx, info) {
+            Some(dest) => delivered(local::deliver(ctx, info, dest, Hook::FromNetdev)),
+            None => Verdict::Pass,
         },
         Ok(v) => v,
         Err(()) => Verdict::Drop(DropReason::MalformedL4),
@@ -400,7 +411,9 @@ fn nat_port(
 pub fn to_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
     // Policy sees the packet as it arrives (a reply before its source is restored: the
     // connection as the pod opened it, after translation).
-    if !policy::ingress(ctx, info, Hook::ToPod) {
+    if let Some(ep) = local::endpoint(info.daddr)
+        && !policy::ingress(&ep, info, (info.daddr, info.dport), Hook::ToPod)
+    {
         return Verdict::Drop(DropReason::PolicyDenied);
     }
     let now = ct::now();
