@@ -25,15 +25,7 @@ pub const FIRST: u32 = 256;
 /// The last number of cluster-allocated identities.
 pub const LAST: u32 = 65535;
 
-/// Reserved identities, as Cilium numbers them.
-pub mod reserved {
-    /// The node itself.
-    pub const HOST: u32 = 1;
-    /// Anything outside the cluster.
-    pub const WORLD: u32 = 2;
-    /// Another node of the cluster.
-    pub const REMOTE_NODE: u32 = 6;
-}
+// Reserved identities (below FIRST) are the data path's: `skiff_ebpf_common::policy`.
 
 /// Pod labels left out of identities: they differ between pods of one workload.
 pub const EXCLUDED_LABELS: &[&str] = &[

@@ -74,7 +74,6 @@ impl Reset<'_> {
     /// The agent's containerd and its shims: processes whose command line names the agent's
     /// run directory (containerd's socket and state live there).
     fn processes(&self) -> Result<usize> {
-        let marker = self.run_dir.display().to_string();
         let me = std::process::id();
         let mut n = 0;
         for p in std::fs::read_dir("/proc")?.filter_map(Result::ok) {
@@ -85,7 +84,13 @@ impl Reset<'_> {
                 continue;
             }
             let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-            if String::from_utf8_lossy(&cmdline).contains(&marker) {
+            // A path under the run directory in one of its arguments (`/run/x/node` must not
+            // match `/run/x/node2`, another agent's).
+            let ours = String::from_utf8_lossy(&cmdline).split('\0').any(|arg| {
+                arg.split(['=', ',', ' '])
+                    .any(|part| Path::new(part).starts_with(self.run_dir))
+            });
+            if ours {
                 let killed = nix::sys::signal::kill(
                     nix::unistd::Pid::from_raw(pid),
                     nix::sys::signal::Signal::SIGKILL,

@@ -112,11 +112,6 @@ impl Zone {
         self.synced.store(synced, Ordering::Release);
     }
 
-    /// The zone's name.
-    pub fn origin(&self) -> &Name {
-        &self.origin
-    }
-
     /// Replaces the records of the Service `key` (absent: deleted) given its EndpointSlices.
     pub fn update(&self, key: &ObjectKey, svc: Option<&Service>, slices: &[&EndpointSlice]) {
         let records = svc
@@ -168,6 +163,7 @@ impl Zone {
     }
 
     /// The zone's `SOA` record (also what negative answers carry, its minimum the negative TTL).
+    #[cfg(test)]
     pub fn soa(&self) -> Record {
         let serial = self.index.read().unwrap_or_else(|p| p.into_inner()).serial;
         self.soa_with(serial)

@@ -37,8 +37,8 @@ pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 pub const PROTO_SCTP: u8 = 132;
 
-/// The identity that stands for any peer in [`Entry::identity`].
-pub const ANY_IDENTITY: u32 = 0;
+/// The identity that stands for any peer in [`Entry::identity`] (the data path's).
+pub use skiff_ebpf_common::policy::IDENTITY_ANY as ANY_IDENTITY;
 
 /// Which way a connection goes, seen from the endpoint.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
