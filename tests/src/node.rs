@@ -361,6 +361,33 @@ impl NodeAgent {
         cmd
     }
 
+    /// `skiff-node <args…>` for this agent's node (name, run directory) — the CLI beside it.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        Command::new(&self.binary)
+            .args(["--node-name", &self.name])
+            .arg("--run-dir")
+            .arg(&self.run_dir)
+            .args(args)
+            .output()
+            .expect("run skiff-node")
+    }
+
+    /// The agent's recent policy flows (`skiff-node flows -o json --last 100000 <args…>`).
+    pub fn flows(&self, args: &[&str]) -> Vec<serde_json::Value> {
+        let mut all = vec!["flows", "-o", "json", "--last", "100000"];
+        all.extend_from_slice(args);
+        let out = self.cli(&all);
+        assert!(
+            out.status.success(),
+            "skiff-node flows: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("a flow is one JSON object per line"))
+            .collect()
+    }
+
     /// The agent's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()

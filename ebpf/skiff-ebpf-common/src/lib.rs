@@ -52,6 +52,8 @@ pub mod map_names {
     pub const PCT: &str = "skiff_pct";
     /// New connections decided by policy (ring buffer); see [`crate::policy`].
     pub const FLOWS: &str = "skiff_flows";
+    /// Flow events the ring buffer had no room for (per-CPU, one slot); see [`crate::policy`].
+    pub const FLOWS_LOST: &str = "skiff_flows_lost";
 
     /// Every map a node pins, for inspection and cleanup.
     pub const ALL: &[&str] = &[
@@ -68,6 +70,7 @@ pub mod map_names {
         POLICY,
         PCT,
         FLOWS,
+        FLOWS_LOST,
     ];
 }
 

@@ -13,7 +13,9 @@
 //!   or `IDENTITY_ANY` has a key.
 //! - Whether an endpoint is isolated (and audited) is in its `skiff_endpoints` entry's flags
 //!   ([`EP_INGRESS_ISOLATED`], …, with its policy endpoint number in the high 16 bits).
-//! - `skiff_flows` (ring buffer): a [`FlowEvent`] per new connection a policy decided.
+//! - `skiff_flows` (ring buffer): a [`FlowEvent`] per new connection a policy decided (every
+//!   packet of a dropped one); `skiff_flows_lost` (per-CPU array, one `u64`) counts the events
+//!   the ring had no room for.
 //!
 //! The tries' keys are aya's `lpm_trie::Key` (a prefix length, then the data): the ipcache's
 //! data is the address's network-order bytes, the policy map's [`PolicyKey`]. Multi-byte

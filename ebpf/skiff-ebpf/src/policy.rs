@@ -10,7 +10,7 @@
 
 use aya_ebpf::{
     bindings::BPF_F_NO_PREALLOC,
-    btf_maps::{LpmTrie, LruHashMap, RingBuf, lpm_trie::Key},
+    btf_maps::{LpmTrie, LruHashMap, PerCpuArray, RingBuf, lpm_trie::Key},
     macros::btf_map,
 };
 use skiff_ebpf_common::{
@@ -63,6 +63,10 @@ pub static PCT: LruHashMap<PctKey, PctEntry, { PCT_MAX_ENTRIES as usize }> = Lru
 /// New connections decided by policy, for the agent's flow log.
 #[btf_map(name = "skiff_flows")]
 pub static FLOWS: RingBuf<FlowEvent, { FLOWS_RING_BYTES as usize }> = RingBuf::new();
+
+/// Flow events `FLOWS` had no room for.
+#[btf_map(name = "skiff_flows_lost")]
+pub static FLOWS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
 
 /// A connection as an endpoint sees it.
 pub struct Conn {
@@ -183,8 +187,14 @@ pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
             hook: hook as u8,
             pad: [0; 2],
         };
-        // A full ring loses the event, never the packet.
-        let _ = FLOWS.output(&ev, 0);
+        // A full ring loses the event (counted), never the packet.
+        if FLOWS.output(&ev, 0).is_err()
+            && let Some(lost) = FLOWS_LOST.get_ptr_mut(0)
+        {
+            // SAFETY: a pointer into this CPU's slot from a successful lookup; only this CPU
+            // writes it.
+            unsafe { *lost += 1 };
+        }
         if verdict == VERDICT_DROPPED {
             return false;
         }

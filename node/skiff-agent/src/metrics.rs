@@ -30,7 +30,7 @@ use prometheus_client::{
 };
 use skiff_datapath::{PinDir, lb::LbMaps, metrics::Verdict};
 
-use crate::services::desired::FrontendOwner;
+use crate::{policy::flows::FlowMetrics, services::desired::FrontendOwner};
 
 /// The service sync's metrics.
 #[derive(Debug)]
@@ -65,6 +65,28 @@ impl Default for LbMetrics {
 struct DatapathCollector {
     pins: PinDir,
     lb: Arc<LbMetrics>,
+}
+
+/// Reads the flow ring's lost-event counter at scrape time.
+#[derive(Debug)]
+struct FlowsLostCollector {
+    pins: PinDir,
+}
+
+impl Collector for FlowsLostCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if let Ok(n) = skiff_datapath::policy::flows_lost(&self.pins) {
+            let lost = encoder.encode_descriptor(
+                "skiff_policy_flow_events_lost",
+                "Flow events the data path had no room for in the ring buffer (their packets \
+                 were judged as usual)",
+                None,
+                prometheus_client::metrics::MetricType::Counter,
+            )?;
+            ConstCounter::new(n).encode(lost)?;
+        }
+        Ok(())
+    }
 }
 
 impl Collector for DatapathCollector {
@@ -141,8 +163,21 @@ fn row_labels(r: &skiff_datapath::metrics::MetricsRow) -> Vec<(String, String)> 
 }
 
 /// The registry of everything the agent exports.
-pub fn registry(pins: PinDir, lb: Arc<LbMetrics>) -> Registry {
+pub fn registry(pins: PinDir, lb: Arc<LbMetrics>, flows: &FlowMetrics) -> Registry {
     let mut r = Registry::default();
+    r.register(
+        "skiff_policy_verdicts",
+        "New connections of isolated endpoints decided by policy, by direction and verdict \
+         (allowed, dropped, audit)",
+        flows.verdicts.clone(),
+    );
+    r.register(
+        "skiff_policy_denials",
+        "Dropped (and audit-mode would-be-dropped) new connections by isolating policy: a \
+         connection is counted once for each policy isolating its endpoint in that direction",
+        flows.denials.clone(),
+    );
+    r.register_collector(Box::new(FlowsLostCollector { pins: pins.clone() }));
     r.register(
         "skiff_network_programming_duration_seconds",
         "From an EndpointSlice change seen by the agent to the service maps updated",

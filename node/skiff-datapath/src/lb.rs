@@ -243,6 +243,7 @@ pub(crate) fn collect<K, V>(
 /// How the CLI and the metrics name an IP protocol.
 pub fn proto_name(p: u8) -> String {
     match p {
+        1 => "ICMP".into(),
         6 => "TCP".into(),
         17 => "UDP".into(),
         132 => "SCTP".into(),

@@ -4,7 +4,7 @@
 use std::net::Ipv4Addr;
 
 use aya::maps::{
-    MapData, RingBuf,
+    MapData, PerCpuArray, RingBuf,
     lpm_trie::{Key, LpmTrie},
 };
 use skiff_ebpf_common::{
@@ -138,7 +138,19 @@ fn lpm_entries(
         .collect())
 }
 
-/// The flow ring buffer, read from userspace.
+/// Flow events the programs of the node in `pins` had no room for in the ring, since its
+/// maps were created.
+pub fn flows_lost(pins: &PinDir) -> Result<u64, DatapathError> {
+    let lost: PerCpuArray<MapData, u64> = pins.open_map(map_names::FLOWS_LOST)?;
+    let per_cpu = lost.get(&0, 0).map_err(|source| DatapathError::Map {
+        op: "read",
+        map: map_names::FLOWS_LOST.to_string(),
+        source: Box::new(source),
+    })?;
+    Ok(per_cpu.iter().sum())
+}
+
+/// The flow ring buffer, read from userspace (by one reader: the agent).
 pub struct Flows {
     ring: RingBuf<MapData>,
 }
@@ -146,6 +158,15 @@ pub struct Flows {
 impl std::fmt::Debug for Flows {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Flows").finish_non_exhaustive()
+    }
+}
+
+impl std::os::fd::AsRawFd for Flows {
+    /// The ring's descriptor (readable when events are waiting): the same one, open, for as
+    /// long as the `Flows` lives.
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        use std::os::fd::AsFd;
+        self.ring.as_fd().as_raw_fd()
     }
 }
 

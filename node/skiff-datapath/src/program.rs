@@ -111,6 +111,12 @@ const MAP_SPECS: &[MapSpec] = &[
         key_size: 0,
         value_size: 0,
     },
+    MapSpec {
+        name: map_names::FLOWS_LOST,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u64>(),
+    },
 ];
 
 /// A program loaded into the kernel (verified), with its maps pinned.

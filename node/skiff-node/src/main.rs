@@ -17,6 +17,7 @@ use skiff_datapath::{
 };
 use skiff_ebpf_common::DropReason;
 
+mod flows;
 mod inspect;
 mod reset;
 
@@ -111,6 +112,10 @@ struct Cli {
     #[arg(long = "dns-upstream", value_name = "ADDR")]
     dns_upstreams: Vec<String>,
 
+    /// How many recent policy flows the agent keeps for `skiff-node flows`.
+    #[arg(long, default_value_t = 4096)]
+    flow_log_capacity: usize,
+
     /// Extra node labels, `key=value` (repeatable).
     #[arg(long = "node-label", value_name = "KEY=VALUE")]
     node_labels: Vec<String>,
@@ -130,6 +135,25 @@ enum Command {
     /// Inspect the node's eBPF data path.
     #[command(subcommand)]
     Bpf(BpfCommand),
+    /// The agent's log of new connections decided by NetworkPolicy (allowed, dropped, audit),
+    /// with the pods at both ends and the policy that decided (like `hubble observe`).
+    Flows {
+        /// Keep printing new flows as they come.
+        #[arg(long, short = 'f')]
+        follow: bool,
+        /// Only flows with this verdict.
+        #[arg(long, value_enum)]
+        verdict: Option<flows::VerdictArg>,
+        /// Only flows from or to this pod (`namespace/name`; `name` alone: in `default`).
+        #[arg(long, value_name = "NAMESPACE/NAME")]
+        pod: Option<String>,
+        /// How many of the most recent matching flows to print first.
+        #[arg(long, default_value_t = 20)]
+        last: usize,
+        /// Output format.
+        #[arg(long, short = 'o', value_enum, default_value_t = flows::Output::Table)]
+        output: flows::Output,
+    },
     /// Remove what the agent created on this machine (run with the agent stopped):
     /// containers, its containerd and shims, mounts under --run-dir and --data-dir, its routes
     /// to other nodes' pods, the node's pinned maps and links, and --run-dir.
@@ -176,6 +200,9 @@ enum BpfCommand {
     /// This node's pods as the programs deliver to them (like `cilium bpf endpoint list`).
     #[command(subcommand)]
     Endpoint(EndpointCommand),
+    /// NetworkPolicy maps (like `cilium bpf policy get`).
+    #[command(subcommand)]
+    Policy(PolicyCommand),
     /// Remove this node's pinned maps (run only when the agent is stopped: counters and
     /// connection state are lost).
     Unpin,
@@ -191,6 +218,16 @@ enum LbCommand {
 enum CtCommand {
     /// Every live connection-tracking entry, decoded.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum PolicyCommand {
+    /// A pod's isolation and what its policy map allows, decoded and named (pod and policy
+    /// names come from the running agent; an address works without it).
+    Get {
+        /// `namespace/name` (`name` alone: in `default`), or the pod's address.
+        pod: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -220,6 +257,16 @@ fn main() -> Result<()> {
         Some(Command::Bpf(BpfCommand::Endpoint(EndpointCommand::List))) => {
             inspect::endpoint_list(&cli.bpffs, &node)
         }
+        Some(Command::Bpf(BpfCommand::Policy(PolicyCommand::Get { pod }))) => {
+            flows::policy_get(&cli.bpffs, &node, &cli.run_dir, &pod)
+        }
+        Some(Command::Flows {
+            follow,
+            verdict,
+            ref pod,
+            last,
+            output,
+        }) => flows::flows(&cli.run_dir, follow, last, verdict, pod.as_deref(), output),
         Some(Command::Bpf(BpfCommand::DropReasons)) => {
             println!("{:<6} {:<20} DESCRIPTION", "CODE", "NAME");
             for r in DropReason::ALL {
@@ -348,6 +395,8 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
         pod_programs,
     )?);
     let lb_metrics = std::sync::Arc::new(skiff_agent::metrics::LbMetrics::default());
+    let flow_log =
+        skiff_agent::policy::flows::FlowLog::new(node.to_string(), cli.flow_log_capacity);
     let metrics_addr: Option<std::net::SocketAddr> = match cli.metrics_addr.as_str() {
         "off" => None,
         a => Some(
@@ -411,7 +460,8 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     );
     rt.block_on(async {
         if let Some(addr) = metrics_addr {
-            let registry = skiff_agent::metrics::registry(pins.clone(), lb_metrics.clone());
+            let registry =
+                skiff_agent::metrics::registry(pins.clone(), lb_metrics.clone(), &flow_log.metrics);
             tokio::spawn(async move {
                 if let Err(e) = skiff_agent::metrics::serve(addr, registry).await {
                     tracing::error!(error = format!("{e:#}"), "metrics endpoint stopped");
@@ -511,13 +561,30 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     });
                 }
                 {
-                    let (client, me, pins) = (client.clone(), cfg.name.clone(), pins.clone());
+                    use skiff_agent::policy::flows;
+                    let (names_tx, names) = tokio::sync::watch::channel(Default::default());
+                    let (client, me, pins2) = (client.clone(), cfg.name.clone(), pins.clone());
                     tokio::spawn(async move {
-                        if let Err(e) = skiff_agent::policy::sync::run(client, me, pins).await {
+                        if let Err(e) =
+                            skiff_agent::policy::sync::run(client, me, pins2, names_tx).await
+                        {
                             tracing::error!(
                                 error = format!("{e:#}"),
                                 "network policy sync stopped"
                             );
+                        }
+                    });
+                    let ring = skiff_datapath::policy::Flows::open(&pins)?;
+                    let (log, names2) = (flow_log.clone(), names.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = flows::run(log, ring, names2).await {
+                            tracing::error!(error = format!("{e:#}"), "flow log stopped");
+                        }
+                    });
+                    let (socket, log) = (flows::socket_path(&cli.run_dir), flow_log.clone());
+                    tokio::spawn(async move {
+                        if let Err(e) = flows::serve(&socket, log, names).await {
+                            tracing::error!(error = format!("{e:#}"), "flow socket stopped");
                         }
                     });
                 }

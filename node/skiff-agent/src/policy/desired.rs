@@ -36,6 +36,7 @@ pub type NamedPorts = BTreeMap<String, BTreeSet<(u8, u16)>>;
 /// A pod as policy needs it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct PodFacts {
+    pub name: String,
     pub ip: Ipv4Addr,
     pub labels: IdentityLabels,
     pub ports: NamedPorts,
@@ -55,6 +56,20 @@ pub struct View<'a> {
     /// This node's addresses, and the other nodes'.
     pub node_ips: Vec<Ipv4Addr>,
     pub other_node_ips: Vec<Ipv4Addr>,
+    /// The numbers policies had in the last pass (kept, so a flow event decided before this
+    /// pass still names its policy).
+    pub numbers: BTreeMap<PolicyRef, u32>,
+}
+
+/// A local pod's endpoint, for naming what the data path reports.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct EndpointPolicies {
+    pub namespace: String,
+    pub pod: String,
+    pub ip: Option<Ipv4Addr>,
+    /// The policies isolating it, per direction (empty: not isolated).
+    pub ingress: Vec<PolicyRef>,
+    pub egress: Vec<PolicyRef>,
 }
 
 /// The maps' contents.
@@ -69,6 +84,8 @@ pub struct Desired {
     pub flags: BTreeMap<Ipv4Addr, u32>,
     /// Policy number → policy.
     pub policies: BTreeMap<u32, PolicyRef>,
+    /// Endpoint number → its pod and isolating policies.
+    pub endpoints: BTreeMap<u16, EndpointPolicies>,
 }
 
 fn subject(l: &IdentityLabels) -> Subject {
@@ -153,7 +170,18 @@ pub fn desired(view: &View<'_>) -> Desired {
     }
 
     let mut numbers: BTreeMap<PolicyRef, u32> = BTreeMap::new();
+    let mut next = view.numbers.values().max().copied().unwrap_or(0) + 1;
     for (pod, ep, pol) in &local {
+        out.endpoints.insert(
+            *ep,
+            EndpointPolicies {
+                namespace: pod.labels.namespace.clone(),
+                pod: pod.name.clone(),
+                ip: Some(pod.ip),
+                ingress: pol.ingress.isolating.clone(),
+                egress: pol.egress.isolating.clone(),
+            },
+        );
         let mut flags = u32::from(*ep) << EP_ID_SHIFT;
         if pol.ingress.isolated() {
             flags |= EP_INGRESS_ISOLATED;
@@ -177,8 +205,12 @@ pub fn desired(view: &View<'_>) -> Desired {
                 continue;
             }
             for (entry, policy) in rules::entries(dir, d, &universe) {
-                let next = numbers.len() as u32 + 1;
-                let n = *numbers.entry(policy.clone()).or_insert(next);
+                let n = *numbers.entry(policy.clone()).or_insert_with(|| {
+                    view.numbers.get(&policy).copied().unwrap_or_else(|| {
+                        next += 1;
+                        next - 1
+                    })
+                });
                 out.policy.entry(map_key(*ep, d, &entry)).or_insert(n);
             }
         }
@@ -208,6 +240,7 @@ mod tests {
         ports: &[(&str, u16)],
     ) -> PodFacts {
         PodFacts {
+            name: format!("pod-{}", ip[3]),
             ip: ip.into(),
             labels: l,
             ports: ports
@@ -250,6 +283,7 @@ mod tests {
             audited: BTreeSet::from(["shop".to_string()]),
             node_ips: vec![[10, 0, 0, 1].into()],
             other_node_ips: vec![[10, 0, 0, 2].into()],
+            numbers: BTreeMap::new(),
         };
         let d = desired(&view);
         assert_eq!(d.ipcache.len(), 5);
@@ -298,5 +332,52 @@ mod tests {
             BTreeMap::from([(1, ("shop".to_string(), "web-in".to_string()))])
         );
         assert!(d.policy.values().all(|n| *n == 1));
+    }
+
+    #[test]
+    fn policy_numbers_stay_across_passes_and_endpoints_name_their_isolation() {
+        let policy = |name: &str, app: &str| -> NetworkPolicy {
+            serde_json::from_value(json!({
+                "metadata": {"name": name, "namespace": "shop"},
+                "spec": {"podSelector": {"matchLabels": {"app": "web"}},
+                         "ingress": [{"from": [{"podSelector": {"matchLabels": {"app": app}}}]}]},
+            }))
+            .unwrap()
+        };
+        let (a, b) = (policy("from-a", "a"), policy("from-b", "b"));
+        fn view<'a>(
+            policies: Vec<&'a NetworkPolicy>,
+            numbers: BTreeMap<PolicyRef, u32>,
+        ) -> View<'a> {
+            View {
+                pods: vec![
+                    pod([10, 244, 0, 5], labels("shop", "web"), Some(3), &[]),
+                    pod([10, 244, 1, 6], labels("shop", "a"), None, &[]),
+                    pod([10, 244, 1, 7], labels("shop", "b"), None, &[]),
+                ],
+                policies,
+                identities: BTreeMap::from([
+                    (300, labels("shop", "web")),
+                    (301, labels("shop", "a")),
+                    (302, labels("shop", "b")),
+                ]),
+                numbers,
+                ..View::default()
+            }
+        }
+        let first = desired(&view(vec![&b], BTreeMap::new()));
+        let b_ref = ("shop".to_string(), "from-b".to_string());
+        assert_eq!(first.policies, BTreeMap::from([(1, b_ref.clone())]));
+        // from-a sorts first but comes later: from-b keeps its number.
+        let numbers = BTreeMap::from([(b_ref.clone(), 1)]);
+        let second = desired(&view(vec![&a, &b], numbers));
+        assert_eq!(
+            second.policies,
+            BTreeMap::from([(1, b_ref), (2, ("shop".to_string(), "from-a".to_string()))])
+        );
+        let ep = &second.endpoints[&3];
+        assert_eq!((ep.namespace.as_str(), ep.pod.as_str()), ("shop", "pod-5"));
+        assert_eq!(ep.ingress.len(), 2);
+        assert!(ep.egress.is_empty());
     }
 }

@@ -4,6 +4,7 @@
 //! `skiff_policy` stores it (`skiff_ebpf_common::policy`).
 
 pub mod desired;
+pub mod flows;
 pub mod rules;
 pub mod sync;
 

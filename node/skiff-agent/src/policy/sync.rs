@@ -23,10 +23,11 @@ use kube::{
 use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, allocate};
 use skiff_datapath::{PinDir, endpoints::EndpointMap, policy::PolicyMaps};
 use skiff_ebpf_common::policy::{EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED};
-use tokio::sync::Notify;
+use tokio::sync::{Notify, watch};
 
 use super::{
     desired::{AUDIT_ANNOTATION, Desired, NamedPorts, PodFacts, View, desired},
+    flows::{NamedPod, Names},
     rules::{PROTO_SCTP, PROTO_TCP, PROTO_UDP},
 };
 
@@ -115,8 +116,50 @@ fn node_ips(n: &Node) -> Vec<Ipv4Addr> {
         .collect()
 }
 
-/// Keeps the policy maps of `node` (whose pins are in `pins`) in sync until dropped.
-pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
+/// `namespace:key=value,…` of an identity's pod labels.
+fn describe(l: &IdentityLabels) -> String {
+    let labels: Vec<String> = l
+        .pod_labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    format!("{}:{}", l.namespace, labels.join(","))
+}
+
+/// What flows and `bpf policy get` need to name the pass's maps.
+fn names(view: &View<'_>, want: &Desired) -> Names {
+    let mut out = Names {
+        endpoints: want.endpoints.clone(),
+        policies: want.policies.clone(),
+        ..Names::default()
+    };
+    for (id, l) in &view.identities {
+        out.identities.insert(*id, describe(l));
+    }
+    for (p, id) in &want.cidr {
+        out.identities.insert(*id, p.to_string());
+    }
+    for facts in &view.pods {
+        out.pods.insert(
+            facts.ip,
+            NamedPod {
+                namespace: facts.labels.namespace.clone(),
+                name: facts.name.clone(),
+                identity: want.ipcache.get(&facts.ip).copied(),
+            },
+        );
+    }
+    out
+}
+
+/// Keeps the policy maps of `node` (whose pins are in `pins`) in sync until dropped;
+/// publishes on `published` what names each pass's entries.
+pub async fn run(
+    client: Client,
+    node: String,
+    pins: PinDir,
+    published: watch::Sender<Arc<Names>>,
+) -> Result<()> {
     let mut maps = PolicyMaps::open(&pins).context("open the policy maps")?;
     let mut endpoints = EndpointMap::open(&pins).context("open the endpoint map")?;
     let identities_api: Api<SecurityIdentity> = Api::all(client.clone());
@@ -138,6 +181,8 @@ pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
     }
     // Endpoint numbers of this node's pods, by uid (stable while the pod lives).
     let mut numbers: BTreeMap<String, u16> = BTreeMap::new();
+    // Policy numbers of the last pass.
+    let mut policy_numbers = BTreeMap::new();
     loop {
         let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
             .state()
@@ -184,6 +229,7 @@ pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
                 None
             };
             facts.push(PodFacts {
+                name: p.name_any(),
                 ip,
                 labels,
                 ports: named_ports(&p),
@@ -212,8 +258,11 @@ pub async fn run(client: Client, node: String, pins: PinDir) -> Result<()> {
             audited,
             node_ips: mine,
             other_node_ips: others,
+            numbers: std::mem::take(&mut policy_numbers),
         };
         let want = desired(&view);
+        policy_numbers = want.policies.iter().map(|(n, p)| (p.clone(), *n)).collect();
+        published.send_replace(Arc::new(names(&view, &want)));
         if let Err(e) = apply(&want, &mut maps, &mut endpoints) {
             tracing::error!(
                 error = format!("{e:#}"),
