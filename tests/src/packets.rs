@@ -269,3 +269,30 @@ pub fn decode(frame: &[u8]) -> Decoded {
     }
     d
 }
+
+/// A valid Ethernet/IPv4/ICMP echo request (`reply`: echo reply) with identifier `id`.
+pub fn icmp_echo(src: [u8; 4], dst: [u8; 4], id: u16, seq: u16, reply: bool) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC).ipv4(src, dst, 64);
+    let b = if reply {
+        b.icmpv4_echo_reply(id, seq)
+    } else {
+        b.icmpv4_echo_request(id, seq)
+    };
+    let mut out = Vec::with_capacity(b.size(8));
+    b.write(&mut out, &[0; 8]).expect("write to Vec");
+    out
+}
+
+/// An Ethernet/IPv4 frame carrying an SCTP common header (ports, verification tag, a zero
+/// checksum) and no chunks: enough for the programs, which read only the ports.
+pub fn sctp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC).ipv4(src, dst, 64);
+    let mut header = Vec::new();
+    header.extend_from_slice(&sport.to_be_bytes());
+    header.extend_from_slice(&dport.to_be_bytes());
+    header.extend_from_slice(&[0; 8]);
+    let mut out = Vec::new();
+    b.write(&mut out, etherparse::IpNumber::SCTP, &header)
+        .expect("write to Vec");
+    out
+}

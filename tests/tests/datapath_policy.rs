@@ -305,3 +305,74 @@ fn a_service_reply_reaches_an_isolated_client_on_the_same_node() {
         .count();
     assert_eq!(dropped, 0);
 }
+
+#[test]
+fn icmp_and_sctp_meet_policy_too() {
+    if !privileged("icmp_and_sctp_meet_policy_too") {
+        return;
+    }
+    const ICMP: u8 = 1;
+    const SCTP: u8 = 132;
+    let mut node = Node::new();
+    node.pod(EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+    // TCP port rules: no ICMP, no SCTP.
+    node.allow(DIR_INGRESS, PEER_ID, TCP, 80, 16, 7);
+    node.allow(DIR_EGRESS, PEER_ID, TCP, 80, 16, 7);
+    let ping_in = packets::icmp_echo(PEER, POD, 77, 1, false);
+    let ping_out = packets::icmp_echo(POD, PEER, 78, 1, false);
+    let run = |prog: &LoadedProgram, f: &[u8]| prog.test_run(f).expect("run").verdict;
+    assert_eq!(run(&node.to_pod, &ping_in), TC_ACT_SHOT);
+    assert_eq!(run(&node.from_pod, &ping_out), TC_ACT_SHOT);
+    let sctp_in = packets::sctp(PEER, POD, 5000, 3868);
+    assert_eq!(run(&node.to_pod, &sctp_in), TC_ACT_SHOT);
+    let ev = node.flows.drain();
+    let got: Vec<(u8, u8, u8)> = ev
+        .iter()
+        .map(|e| (e.proto, e.direction, e.verdict))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ICMP, DIR_INGRESS, VERDICT_DROPPED),
+            (ICMP, DIR_EGRESS, VERDICT_DROPPED),
+            (SCTP, DIR_INGRESS, VERDICT_DROPPED),
+        ]
+    );
+    assert_eq!(ev[2].dport, 3868);
+
+    // A rule with no ports allows every protocol of that peer: the ping passes, and the
+    // reply to it (the identifier names the exchange) is not a new flow.
+    node.allow(DIR_INGRESS, PEER_ID, 0, 0, 0, 9);
+    assert_eq!(run(&node.to_pod, &ping_in), TC_ACT_OK);
+    let pong = packets::icmp_echo(POD, PEER, 77, 1, true);
+    assert_eq!(run(&node.from_pod, &pong), TC_ACT_OK);
+    // An SCTP rule by port.
+    node.allow(DIR_EGRESS, PEER_ID, SCTP, 3868, 16, 8);
+    let sctp_out = packets::sctp(POD, PEER, 5001, 3868);
+    assert_eq!(run(&node.from_pod, &sctp_out), TC_ACT_OK);
+    let sctp_other = packets::sctp(POD, PEER, 5002, 3869);
+    assert_eq!(run(&node.from_pod, &sctp_other), TC_ACT_SHOT);
+    let got: Vec<(u8, u8, u32)> = node
+        .flows
+        .drain()
+        .iter()
+        .map(|e| (e.proto, e.verdict, e.policy))
+        .collect();
+    assert_eq!(
+        got,
+        [
+            (ICMP, VERDICT_ALLOWED, 9),
+            (SCTP, VERDICT_ALLOWED, 8),
+            (SCTP, VERDICT_DROPPED, 0),
+        ]
+    );
+    // A later fragment passes (its first fragment was judged), unlogged.
+    let mut fragment = packets::udp(PEER, POD, 5003, 9999, b"rest of a datagram");
+    fragment[packets::ETH_LEN + 7] = 1; // fragment offset 8 bytes
+    assert_eq!(run(&node.to_pod, &fragment), TC_ACT_OK);
+    assert!(node.flows.drain().is_empty());
+    // ICMP to a pod that is not isolated passes unlogged.
+    node.pod(0);
+    assert_eq!(run(&node.to_pod, &ping_in), TC_ACT_OK);
+    assert!(node.flows.drain().is_empty());
+}

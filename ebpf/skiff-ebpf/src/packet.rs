@@ -10,8 +10,10 @@ use network_types::{eth::EthHdr, ip::Ipv4Hdr, tcp::TcpHdr, udp::UdpHdr};
 use skiff_ebpf_common::DropReason;
 
 const ETH_P_IP: u16 = 0x0800;
+pub const IPPROTO_ICMP: u8 = 1;
 pub const IPPROTO_TCP: u8 = 6;
 pub const IPPROTO_UDP: u8 = 17;
+pub const IPPROTO_SCTP: u8 = 132;
 /// Offset mask of IPv4 `frag_off`: non-zero means a non-first fragment (no L4 header).
 const IP_OFFSET_MASK: u16 = 0x1fff;
 
@@ -33,15 +35,22 @@ pub struct Ipv4Info {
     pub proto: u8,
     /// Offset of the L4 header from the start of the frame.
     pub l4_off: usize,
-    /// Source and destination port for TCP/UDP first fragments, else 0.
+    /// Source and destination port for TCP/UDP/SCTP first fragments; an ICMP echo's
+    /// identifier in both; else 0.
     pub sport: u16,
     pub dport: u16,
     /// IPv4 header length in bytes.
     pub ihl: u8,
     /// TCP flags byte (FIN 0x01, SYN 0x02, RST 0x04, ACK 0x10) of a TCP first fragment, else 0.
     pub tcp_flags: u8,
-    /// True when the packet is a TCP or UDP first fragment with its ports parsed.
+    /// True when the packet is a TCP or UDP first fragment with its ports parsed (what the
+    /// service stages take).
     pub has_ports: bool,
+    /// A non-first fragment (no L4 header).
+    pub later_fragment: bool,
+    /// An ICMP error (destination unreachable, time exceeded, parameter problem): it quotes
+    /// another flow's packet.
+    pub icmp_error: bool,
 }
 
 /// TCP flag bits in [`Ipv4Info::tcp_flags`].
@@ -130,9 +139,12 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         ihl: ihl as u8,
         tcp_flags: 0,
         has_ports: false,
+        later_fragment: false,
+        icmp_error: false,
     };
     if u16::from_be_bytes(ip.frags) & IP_OFFSET_MASK != 0 {
         // A later fragment carries no L4 header.
+        info.later_fragment = true;
         return Ok(Packet::Ipv4(info));
     }
     let l4_room = if big_gso {
@@ -172,6 +184,31 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
             info.sport = u16::from_ne_bytes(udp.src);
             info.dport = u16::from_ne_bytes(udp.dst);
             info.has_ports = true;
+        }
+        // Ports for policy only (SCTP's checksum is a CRC the service stages cannot update).
+        IPPROTO_SCTP => {
+            let ports: *const [u8; 4] = ptr_at(data, data_end, info.l4_off)
+                .ok_or_else(|| short(info.l4_off + 4, pkt_len, DropReason::MalformedL4))?;
+            // SAFETY: `ports` was bounds-checked against `data_end` by `ptr_at`.
+            let ports = unsafe { *ports };
+            info.sport = u16::from_ne_bytes([ports[0], ports[1]]);
+            info.dport = u16::from_ne_bytes([ports[2], ports[3]]);
+        }
+        IPPROTO_ICMP => {
+            // Type, code, checksum, then (echo) identifier and sequence.
+            let icmp: *const [u8; 8] = ptr_at(data, data_end, info.l4_off)
+                .ok_or_else(|| short(info.l4_off + 8, pkt_len, DropReason::MalformedL4))?;
+            // SAFETY: `icmp` was bounds-checked against `data_end` by `ptr_at`.
+            let icmp = unsafe { *icmp };
+            match icmp[0] {
+                // Echo reply and request: the identifier names the exchange both ways.
+                0 | 8 => {
+                    info.sport = u16::from_ne_bytes([icmp[4], icmp[5]]);
+                    info.dport = info.sport;
+                }
+                3 | 11 | 12 => info.icmp_error = true,
+                _ => {}
+            }
         }
         _ => {}
     }

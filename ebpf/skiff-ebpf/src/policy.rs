@@ -14,7 +14,7 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use skiff_ebpf_common::{
-    Hook,
+    DropReason, Hook,
     endpoint::EndpointInfo,
     policy::{
         CIDR_MAX_ENTRIES, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT,
@@ -27,7 +27,7 @@ use skiff_ebpf_common::{
 
 use aya_ebpf::programs::TcContext;
 
-use crate::{ct, nat::IP_DADDR_OFF, packet::Ipv4Info};
+use crate::{ct, local, nat::IP_DADDR_OFF, packet::Ipv4Info, service::Verdict};
 
 /// Identities by address: pods (/32) and nodes.
 #[btf_map(name = "skiff_ipcache")]
@@ -261,4 +261,34 @@ pub fn ingress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook)
         direction: DIR_INGRESS,
     };
     check(ep, &c, hook)
+}
+
+/// Policy for the packets the service stages do not take — ICMP, SCTP and other protocols —
+/// on their way out of a pod (`from-pod`: the sender's egress) and into one (`to-pod`: the
+/// receiver's ingress; these are never delivered past it). Only a rule allowing every
+/// protocol matches ICMP and protocols without ports; SCTP ports match SCTP rules; an ICMP
+/// echo is tracked by its identifier, so its reply passes. Later fragments (the first one was
+/// judged; without it nothing reassembles) and ICMP errors pass.
+#[inline(always)]
+pub fn portless(info: &Ipv4Info, hook: Hook) -> Verdict {
+    if info.later_fragment || info.icmp_error {
+        return Verdict::Pass;
+    }
+    let dest = (info.daddr, info.dport);
+    let allowed = match hook {
+        Hook::FromPod => match local::endpoint(info.saddr) {
+            Some(ep) => egress(&ep, info, dest, hook),
+            None => true,
+        },
+        Hook::ToPod => match local::endpoint(info.daddr) {
+            Some(ep) => ingress(&ep, info, dest, hook),
+            None => true,
+        },
+        _ => true,
+    };
+    if allowed {
+        Verdict::Pass
+    } else {
+        Verdict::Drop(DropReason::PolicyDenied)
+    }
 }

@@ -12,8 +12,9 @@ use crate::{
     service::Verdict,
 };
 
-/// The body of every TC program: parse, hand TCP/UDP to `stage`, count the outcome under
-/// `hook`, and drop through the single drop exit with a stable reason.
+/// The body of every TC program: parse, hand TCP/UDP to `stage` and other IPv4 packets to
+/// policy alone (ICMP, SCTP, other protocols), count the outcome under `hook`, and drop
+/// through the single drop exit with a stable reason.
 #[inline(always)]
 pub fn run(
     ctx: &TcContext,
@@ -23,7 +24,8 @@ pub fn run(
     let len = ctx.len();
     let verdict = match parse(ctx) {
         Ok(Packet::Ipv4(info)) if info.has_ports => stage(ctx, &info),
-        Ok(_) => Verdict::Pass,
+        Ok(Packet::Ipv4(info)) => crate::policy::portless(&info, hook),
+        Ok(Packet::Other) => Verdict::Pass,
         Err(reason) => Verdict::Drop(reason),
     };
     match verdict {

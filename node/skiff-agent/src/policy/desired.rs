@@ -96,6 +96,11 @@ fn subject(l: &IdentityLabels) -> Subject {
     }
 }
 
+fn sorted(refs: &[PolicyRef]) -> Vec<PolicyRef> {
+    let set: BTreeSet<&PolicyRef> = refs.iter().collect();
+    set.into_iter().cloned().collect()
+}
+
 /// Computes the maps' contents from `view`.
 pub fn desired(view: &View<'_>) -> Desired {
     let mut out = Desired::default();
@@ -178,8 +183,8 @@ pub fn desired(view: &View<'_>) -> Desired {
                 namespace: pod.labels.namespace.clone(),
                 pod: pod.name.clone(),
                 ip: Some(pod.ip),
-                ingress: pol.ingress.isolating.clone(),
-                egress: pol.egress.isolating.clone(),
+                ingress: sorted(&pol.ingress.isolating),
+                egress: sorted(&pol.egress.isolating),
             },
         );
         let mut flags = u32::from(*ep) << EP_ID_SHIFT;
