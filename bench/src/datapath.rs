@@ -65,26 +65,26 @@ pub struct Args {
     chart: PathBuf,
 }
 
-const SERVER_PORT: u16 = 8080;
+pub(crate) const SERVER_PORT: u16 = 8080;
 /// The servers' port for direct connections. A port of its own keeps the direct run's TIME_WAIT
 /// sockets (whose sequence numbers and timestamps were chosen for the pod IP) from refusing the
 /// Service runs' SYNs (chosen for the frontend address) when a client port comes round again.
-const DIRECT_PORT: u16 = 8081;
+pub(crate) const DIRECT_PORT: u16 = 8081;
 const IPERF_PORT: u16 = 5201;
 const SERVICE_PORT: u16 = 80;
 
 /// The topology: pod namespaces under a private directory, a node namespace.
-struct Topology {
+pub(crate) struct Topology {
     dir: PathBuf,
-    node: NetNs,
-    client: (NetNs, Ipv4Addr, String),
-    backends: Vec<(NetNs, Ipv4Addr, String)>,
+    pub(crate) node: NetNs,
+    pub(crate) client: (NetNs, Ipv4Addr, String),
+    pub(crate) backends: Vec<(NetNs, Ipv4Addr, String)>,
     /// Every pod's network as `skiff_net::pod` built it (client first).
-    nets: Vec<podnet::PodNetwork>,
+    pub(crate) nets: Vec<podnet::PodNetwork>,
 }
 
 impl Topology {
-    async fn build(tag: &str) -> Result<Topology> {
+    pub(crate) async fn build(tag: &str) -> Result<Topology> {
         // Named namespaces like `ip netns` makes, so leftovers are visible and removable.
         let dir = PathBuf::from(skiff_net::netns::DEFAULT_NETNS_DIR);
         let node =
@@ -127,7 +127,7 @@ impl Topology {
             .to_string()
     }
 
-    async fn remove(self) {
+    pub(crate) async fn remove(self) {
         let tag = self.tag();
         if let Ok(nl) = Netlink::connect_in(&self.node) {
             for i in 0..5u8 {
@@ -139,12 +139,12 @@ impl Topology {
 }
 
 /// Runs `f` on a thread inside `ns` (sockets it creates belong to `ns`).
-fn in_ns<R: Send>(ns: &NetNs, f: impl FnOnce() -> R + Send) -> Result<R> {
+pub(crate) fn in_ns<R: Send>(ns: &NetNs, f: impl FnOnce() -> R + Send) -> Result<R> {
     Ok(ns.run(f)?)
 }
 
 /// A command run inside `ns`.
-fn ns_command(ns: &NetNs, program: &str) -> Command {
+pub(crate) fn ns_command(ns: &NetNs, program: &str) -> Command {
     let mut cmd = Command::new(program);
     let fd = ns.as_raw_fd();
     // SAFETY: the closure runs in the forked child before exec and only calls setns(2), which
@@ -161,7 +161,10 @@ fn ns_command(ns: &NetNs, program: &str) -> Command {
 }
 
 /// The request/reply servers: one listener per backend, served on a runtime of their own.
-fn start_servers(topo: &Topology, stop: Arc<AtomicBool>) -> Result<std::thread::JoinHandle<()>> {
+pub(crate) fn start_servers(
+    topo: &Topology,
+    stop: Arc<AtomicBool>,
+) -> Result<std::thread::JoinHandle<()>> {
     let mut listeners = Vec::new();
     for (ns, ip, _) in &topo.backends {
         for port in [SERVER_PORT, DIRECT_PORT] {
@@ -199,15 +202,20 @@ fn start_servers(topo: &Topology, stop: Arc<AtomicBool>) -> Result<std::thread::
 
 /// What one load run measured.
 #[derive(Clone, Copy, Debug)]
-struct Load {
-    conns_per_sec: f64,
-    connect_p99_ms: f64,
-    failed: u64,
+pub(crate) struct Load {
+    pub(crate) conns_per_sec: f64,
+    pub(crate) connect_p99_ms: f64,
+    pub(crate) failed: u64,
 }
 
 /// `concurrency` loops of connect → request → reply → close against `targets` (round robin)
 /// for `secs`, from a runtime whose threads live in the client's namespace.
-fn load(topo: &Topology, targets: &[SocketAddrV4], secs: u64, concurrency: usize) -> Result<Load> {
+pub(crate) fn load(
+    topo: &Topology,
+    targets: &[SocketAddrV4],
+    secs: u64,
+    concurrency: usize,
+) -> Result<Load> {
     let fd = topo.client.0.as_raw_fd();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -473,7 +481,7 @@ fn iptables_one_change(topo: &Topology, i: usize, n: usize) -> String {
     format!("*nat\n{chains}{rules}-X KUBE-SEP-{name}-{gone}\nCOMMIT\n")
 }
 
-fn iptables_restore(topo: &Topology, rules: &str) -> Result<Duration> {
+pub(crate) fn iptables_restore(topo: &Topology, rules: &str) -> Result<Duration> {
     iptables_restore_with(topo, rules, &[])
 }
 
@@ -502,7 +510,7 @@ fn iptables_restore_with(topo: &Topology, rules: &str, args: &[&str]) -> Result<
     Ok(t.elapsed())
 }
 
-fn iptables_flush(topo: &Topology) {
+pub(crate) fn iptables_flush(topo: &Topology) {
     let _ = ns_command(&topo.node, "iptables")
         .args(["-t", "nat", "-F"])
         .status();
@@ -549,15 +557,15 @@ struct Row {
 }
 
 /// The eBPF mode's programs on the topology's interfaces, with their pins.
-struct Ebpf {
-    pins: PinDir,
+pub(crate) struct Ebpf {
+    pub(crate) pins: PinDir,
     _programs: PodPrograms,
     maps: LbMaps,
     programmer: Programmer,
 }
 
 impl Ebpf {
-    fn attach(topo: &Topology, tag: &str) -> Result<Ebpf> {
+    pub(crate) fn attach(topo: &Topology, tag: &str) -> Result<Ebpf> {
         let pins = PinDir::create(
             Path::new(skiff_datapath::bpffs::DEFAULT_BPFFS),
             &format!("bench-{tag}"),
@@ -585,7 +593,7 @@ impl Ebpf {
         })
     }
 
-    fn remove(self) {
+    pub(crate) fn remove(self) {
         drop(self._programs);
         let _ = self.pins.remove();
     }
@@ -627,7 +635,7 @@ fn prog_run_cost(n: usize, tag: &str) -> Result<(f64, f64)> {
 }
 
 /// An Ethernet/IPv4/TCP SYN with valid checksums.
-fn syn_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
+pub(crate) fn syn_frame(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
     let mut f = Vec::with_capacity(54);
     f.extend_from_slice(&[2, 0, 0, 0, 0, 2, 2, 0, 0, 0, 0, 1, 0x08, 0x00]);
     let mut ip = [0u8; 20];

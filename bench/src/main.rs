@@ -19,6 +19,11 @@
 //! programming time, iperf3, BPF_PROG_RUN per-packet cost. Ends with
 //! `ebpf/iptables new-conn ratio at 10000 services: R`.
 //!
+//! `policy`: NetworkPolicy enforcement: the new-flow check in `to-pod` by BPF_PROG_RUN with
+//! 1, 100 and 1000 policies selecting the pod, and new connections/s through the veth path
+//! with enforcement on vs off, against iptables policy rules (kube-router's layout) on the
+//! kernel's forwarding. Ends with `policy new-conn overhead %: X`.
+//!
 //! `startup`: control plane start → API ready (cold and warm), a real node's start → Ready and
 //! → its cluster DNS, and the control plane's memory idle and with 1000 pods on simulated
 //! nodes, against k3s's published figures. Ends with `control plane idle RSS MB: X`.
@@ -31,6 +36,7 @@ mod api;
 mod common;
 mod datapath;
 mod podstartup;
+mod policy;
 mod scheduler;
 mod startup;
 mod store;
@@ -57,6 +63,8 @@ enum Bench {
     Scheduler(scheduler::Args),
     /// Service routing: the eBPF data path against kube-proxy's iptables rules (as root).
     Datapath(datapath::Args),
+    /// NetworkPolicy enforcement on vs off, against iptables policy rules (as root).
+    Policy(policy::Args),
     /// Start-up times and memory against k3s's published figures (as root).
     Startup(startup::Args),
 }
@@ -69,6 +77,7 @@ fn main() -> Result<()> {
     match cli.bench {
         // Not inside the runtime: it makes its own, per namespace.
         Bench::Datapath(args) => datapath::run(args),
+        Bench::Policy(args) => policy::run(args),
         Bench::Store(args) => rt.block_on(store::run(args)),
         Bench::Api(args) => rt.block_on(api::run(args)),
         Bench::Scheduler(args) => rt.block_on(scheduler::run(args)),

@@ -34,6 +34,11 @@ impl ControlPlane {
     /// Like [`ControlPlane::start`], with the API server on `ip` (an address of this namespace,
     /// e.g. the host side of a test node's link) so agents in node namespaces reach it.
     pub fn start_on(ip: std::net::Ipv4Addr) -> ControlPlane {
+        Self::start_with(ip, &[])
+    }
+
+    /// Like [`ControlPlane::start_on`], with extra `skiff-control` arguments.
+    pub fn start_with(ip: std::net::Ipv4Addr, extra: &[&str]) -> ControlPlane {
         let dir = tempfile::tempdir().expect("tempdir");
         let api = {
             let l = TcpListener::bind((ip, 0)).expect("bind a free API port");
@@ -47,6 +52,7 @@ impl ControlPlane {
             .args(["--peer-listen", &peer.to_string()])
             .args(["--client-listen", &client.to_string()])
             .args(["--tls-san", &ip.to_string()])
+            .args(extra)
             .env("RUST_LOG", "info,skiff_controllers=debug")
             .stdout(Stdio::null())
             .stderr(log)

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 
 use futures::{StreamExt, TryStreamExt};
-use k8s_openapi::api::core::v1::{ConfigMap, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
 use kube::{
     Api, Client,
     api::{ListParams, Patch, PatchParams, PostParams, WatchEvent, WatchParams},
@@ -285,4 +285,66 @@ async fn security_identities_are_allocated_once_per_label_set() {
     assert!(out.contains(&id.to_string()), "{out}");
     let explained = cp.ok(&["explain", "securityidentity.labels"]);
     assert!(explained.contains("podLabels"), "{explained}");
+}
+
+/// The identity GC (grace 2 s here) deletes identities no pod carries, and keeps the ones a
+/// pod does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn security_identities_no_pod_carries_are_collected() {
+    use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, allocate};
+    let cp = ControlPlane::start_with(
+        std::net::Ipv4Addr::LOCALHOST,
+        &["--identity-gc-seconds", "2"],
+    );
+    let client = client(&cp).await;
+    let api: Api<SecurityIdentity> = Api::all(client.clone());
+    let labels = |app: &str| {
+        IdentityLabels::of(
+            "default",
+            &BTreeMap::from([("app".to_string(), app.to_string())]),
+            &BTreeMap::from([(
+                "kubernetes.io/metadata.name".to_string(),
+                "default".to_string(),
+            )]),
+        )
+    };
+    // A pod (pending: no nodes) carrying app=web.
+    let pods: Api<Pod> = Api::namespaced(client, "default");
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": "web", "labels": {"app": "web"}},
+        "spec": {"containers": [{"name": "c", "image": "busybox:1.36"}]},
+    }))
+    .expect("pod");
+    pods.create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let used = allocate(&api, &[], &labels("web")).await.expect("web");
+    let unused = allocate(&api, &[], &labels("gone")).await.expect("gone");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let names: Vec<String> = api
+            .list(&ListParams::default())
+            .await
+            .expect("list")
+            .items
+            .iter()
+            .map(|i| i.metadata.name.clone().unwrap_or_default())
+            .collect();
+        assert!(
+            names.contains(&used.to_string()),
+            "the carried identity went: {names:?}"
+        );
+        if !names.contains(&unused.to_string()) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "identity {unused} never collected; log:\n{}",
+            cp.log()
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    }
+    // Seen twice more, the carried one stays.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert!(api.get(&used.to_string()).await.is_ok());
 }

@@ -186,6 +186,9 @@ pub enum BenchName {
     /// Service routing (needs root): skiff's eBPF path against kube-proxy's iptables rules at
     /// 1, 1k and 10k Services, programming time, iperf3, BPF_PROG_RUN per-packet cost.
     Datapath,
+    /// NetworkPolicy (needs root): the new-flow check by BPF_PROG_RUN at 1, 100 and 1000
+    /// policies; new connections/s with enforcement on vs off, against iptables policy rules.
+    Policy,
 }
 
 /// Builds `skiff-node` and has it write the busybox test image to `out`.
@@ -263,6 +266,14 @@ pub fn bench(name: BenchName, seconds: u64) -> Result<()> {
                 &seconds.to_string(),
                 "--chart",
                 &root.join("target/bench-datapath.png").display().to_string(),
+            ]));
+        }
+        BenchName::Policy => {
+            step("policy benchmark: eBPF NetworkPolicy on vs off, vs iptables policy rules");
+            return run(Command::new(bin.join("skiff-bench")).args([
+                "policy",
+                "--seconds",
+                &seconds.to_string(),
             ]));
         }
     };

@@ -52,6 +52,10 @@ struct Cli {
     #[arg(long, default_value_t = 300)]
     history_seconds: u64,
 
+    /// Seconds a SecurityIdentity no pod carries stays before the identity GC deletes it.
+    #[arg(long, default_value_t = 300)]
+    identity_gc_seconds: u64,
+
     /// Run only the store member (no API server, no controllers): a dedicated store member,
     /// as an external etcd would be.
     #[arg(long)]
@@ -253,6 +257,7 @@ fn main() -> Result<()> {
                 api.addr(),
                 std::process::id()
             );
+            let identity_gc_seconds = cli.identity_gc_seconds;
             let controllers = tokio::spawn(async move {
                 // Controllers are clients of the API like any other. With several replicas, the
                 // one holding the Lease runs them (see skiff_controllers::leader); a failure is
@@ -266,8 +271,11 @@ fn main() -> Result<()> {
                     attempt += 1;
                     tokio::time::sleep(skiff_controllers::backoff(attempt)).await;
                 };
+                let options = skiff_controllers::Options {
+                    identity_gc_grace: Duration::from_secs(identity_gc_seconds),
+                };
                 skiff_controllers::leader::run(client.clone(), identity, move || {
-                    skiff_controllers::run(client.clone())
+                    skiff_controllers::run(client.clone(), options.clone())
                 })
                 .await;
             });

@@ -17,6 +17,8 @@
 //! - [`daemonset`] and [`statefulset`]: a pod per node; pods with stable identities, with
 //!   their templates kept as ControllerRevisions ([`history`]).
 //!
+//! - [`identitygc`]: deletes security identities no pod has carried for a grace period.
+//!
 //! [`leader`] elects the replica that runs them. They share one list+watch per kind
 //! ([`informer`]) and reconcile keys from a deduplicating, rate-limited [`queue`], as
 //! kube-controller-manager's do.
@@ -38,6 +40,7 @@ pub mod deployment;
 pub mod endpoints;
 pub mod gc;
 pub mod history;
+pub mod identitygc;
 pub mod informer;
 pub mod job;
 pub mod leader;
@@ -107,9 +110,24 @@ pub fn namespaced(caps: &ApiCapabilities) -> bool {
     caps.scope == Scope::Namespaced
 }
 
+/// Settings of the controllers.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// How long a security identity no pod carries is kept ([`identitygc`]).
+    pub identity_gc_grace: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            identity_gc_grace: Duration::from_secs(300),
+        }
+    }
+}
+
 /// Runs every controller until the process ends. If one stops, the others are stopped too
 /// and the error returned (the caller restarts the set).
-pub async fn run(client: Client) -> Result<()> {
+pub async fn run(client: Client, options: Options) -> Result<()> {
     use informer::Informer;
     use k8s_openapi::api::{
         apps::v1 as apps, batch::v1 as batch, coordination::v1 as coordination, core::v1 as core,
@@ -218,6 +236,15 @@ pub async fn run(client: Client) -> Result<()> {
             revisions.clone()
         ),
         "StatefulSet controller"
+    );
+    spawn_controller!(
+        identitygc::run(
+            client.clone(),
+            pods.clone(),
+            namespaces.clone(),
+            options.identity_gc_grace
+        ),
+        "security identity GC"
     );
     spawn_informer!(daemonsets, "DaemonSet");
     spawn_informer!(statefulsets, "StatefulSet");

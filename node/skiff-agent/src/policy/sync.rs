@@ -282,7 +282,7 @@ pub async fn run(
 }
 
 /// Writes what differs between the maps and `want`.
-fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap) -> Result<()> {
+pub fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap) -> Result<()> {
     let have: BTreeMap<(Ipv4Addr, u32), u32> = maps.identities()?.into_iter().collect();
     for (ip, id) in &want.ipcache {
         if have.get(&(*ip, 32)) != Some(id) {
