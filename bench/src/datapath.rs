@@ -580,8 +580,10 @@ impl Ebpf {
         let pins2 = pins.clone();
         let pods = in_ns(&topo.node, move || -> Result<PodPrograms> {
             let pods = PodPrograms::new(pins2, programs)?;
+            // No policy gate: the benchmark's pods are not isolated.
+            let pod = k8s_openapi::api::core::v1::Pod::default();
             for net in &nets {
-                pods.attach(net)?;
+                pods.attach(net, &pod)?;
             }
             Ok(pods)
         })??;

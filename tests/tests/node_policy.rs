@@ -155,6 +155,34 @@ spec:
             reaches(cp, "alpha", "nope", &server, 80)
         });
         assert!(reaches(cp, "beta", "other", &server, 80));
+        // A pod created where a policy already selects it: egress only to the server.
+        cp.ok_stdin(
+            &["apply", "-f", "-"],
+            r#"
+apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata: {name: late-out, namespace: alpha}
+spec:
+  podSelector: {matchLabels: {role: late}}
+  policyTypes: [Egress]
+  egress:
+  - to: [{podSelector: {matchLabels: {app: server}}}]
+"#,
+        );
+        cp.ok_stdin(&["apply", "-f", "-"], &server_pod("alpha", "late", "role: late", &n1));
+        cp.ok(&[
+            "-n",
+            "alpha",
+            "wait",
+            "--for=condition=Ready",
+            "pod/late",
+            "--timeout=90s",
+        ]);
+        let local_ip = get(cp, &["-n", "alpha", "pod", "ok-local"], "{.status.podIP}");
+        cp.eventually(15, "the new pod's allowed egress", || {
+            reaches(cp, "alpha", "late", &server, 80)
+        });
+        assert!(!reaches(cp, "alpha", "late", &local_ip, 80), "egress elsewhere");
         // Identities were allocated through the API.
         assert!(!cp.ok(&["get", "securityidentities"]).is_empty());
     });

@@ -3,7 +3,10 @@
 //! the node's endpoint map (`skiff_endpoints`), which lets the programs deliver to this node's
 //! pods directly.
 
-use std::{net::Ipv4Addr, sync::Mutex};
+use std::{
+    net::Ipv4Addr,
+    sync::{Arc, Mutex},
+};
 
 use anyhow::Context;
 use skiff_datapath::{
@@ -14,7 +17,10 @@ use skiff_datapath::{
 use skiff_ebpf_common::endpoint::EndpointInfo;
 use skiff_net::pod::PodNetwork;
 
-use crate::pods::PodDatapath;
+use k8s_openapi::api::core::v1::Pod;
+use kube::ResourceExt;
+
+use crate::{pods::PodDatapath, policy::gate::Gate};
 
 /// The loaded pod programs of this node.
 #[derive(Debug)]
@@ -22,6 +28,8 @@ pub struct PodPrograms {
     pins: PinDir,
     programs: Mutex<Vec<LoadedProgram>>,
     endpoints: Mutex<EndpointMap>,
+    /// New endpoints' isolation before the policy loop has seen them.
+    gate: Option<Arc<Gate>>,
 }
 
 const KINDS: [ProgramKind; 2] = [ProgramKind::FromPod, ProgramKind::ToPod];
@@ -55,12 +63,19 @@ impl PodPrograms {
             pins,
             programs: Mutex::new(programs),
             endpoints: Mutex::new(endpoints),
+            gate: None,
         })
+    }
+
+    /// New endpoints start with the isolation `gate` gives them (the node's policy loop's).
+    pub fn with_policy_gate(mut self, gate: Arc<Gate>) -> PodPrograms {
+        self.gate = Some(gate);
+        self
     }
 }
 
 impl PodDatapath for PodPrograms {
-    fn attach(&self, net: &PodNetwork) -> anyhow::Result<()> {
+    fn attach(&self, net: &PodNetwork, pod: &Pod) -> anyhow::Result<()> {
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
         for p in programs.iter_mut().filter(|p| KINDS.contains(&p.kind())) {
             p.attach_pinned(&net.host_if, &self.pins)?;
@@ -74,8 +89,14 @@ impl PodDatapath for PodPrograms {
         };
         let index = ifindex(&net.host_if)
             .with_context(|| format!("interface {} has no index", net.host_if))?;
-        // Policy flags are the policy loop's: a re-attach (agent restart) keeps them.
-        let flags = endpoints.get(net.ip).map_or(0, |e| e.flags);
+        // Policy flags are the policy loop's: a re-attach (agent restart) keeps them; a new
+        // endpoint starts with the isolation the policies give it (`policy::gate`).
+        let flags = match endpoints.get(net.ip) {
+            Some(e) => e.flags,
+            None => self.gate.as_ref().map_or(0, |g| {
+                g.initial_flags(&pod.namespace().unwrap_or_default(), pod.labels())
+            }),
+        };
         endpoints.set(
             net.ip,
             EndpointInfo {

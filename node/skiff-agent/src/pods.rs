@@ -83,9 +83,9 @@ pub struct PodConfig {
 
 /// Attaches the data path to a pod's network, and detaches it.
 pub trait PodDatapath: Send + Sync + std::fmt::Debug {
-    /// Attaches the pod programs to the pod's host-side interface and records the pod as an
-    /// endpoint of this node (idempotent; replaces older programs and entries).
-    fn attach(&self, net: &podnet::PodNetwork) -> Result<()>;
+    /// Attaches the pod programs to the pod's host-side interface and records the pod
+    /// (`pod`) as an endpoint of this node (idempotent; replaces older programs and entries).
+    fn attach(&self, net: &podnet::PodNetwork, pod: &Pod) -> Result<()>;
     /// Forgets the attachment of `host_if` and the endpoint at `ip` (the interface is gone or
     /// going).
     fn detach(&self, host_if: &str, ip: Option<Ipv4Addr>);
@@ -544,7 +544,7 @@ impl PodManager {
                 .with_context(|| format!("pod network of {}", pod.name_any()))?,
         };
         if let Some(dp) = &self.cfg.datapath {
-            dp.attach(&net)
+            dp.attach(&net, pod)
                 .with_context(|| format!("data path on the network of {}", pod.name_any()))?;
         }
         {

@@ -390,10 +390,11 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
     let (pod_programs, mut programs): (Vec<_>, Vec<_>) = programs
         .into_iter()
         .partition(|p| matches!(p.kind(), ProgramKind::FromPod | ProgramKind::ToPod));
-    let pod_programs = std::sync::Arc::new(skiff_agent::datapath::PodPrograms::new(
-        pins.clone(),
-        pod_programs,
-    )?);
+    let policy_gate = skiff_agent::policy::gate::Gate::new();
+    let pod_programs = std::sync::Arc::new(
+        skiff_agent::datapath::PodPrograms::new(pins.clone(), pod_programs)?
+            .with_policy_gate(policy_gate.clone()),
+    );
     let lb_metrics = std::sync::Arc::new(skiff_agent::metrics::LbMetrics::default());
     let flow_log =
         skiff_agent::policy::flows::FlowLog::new(node.to_string(), cli.flow_log_capacity);
@@ -564,9 +565,10 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     use skiff_agent::policy::flows;
                     let (names_tx, names) = tokio::sync::watch::channel(Default::default());
                     let (client, me, pins2) = (client.clone(), cfg.name.clone(), pins.clone());
+                    let gate = policy_gate.clone();
                     tokio::spawn(async move {
                         if let Err(e) =
-                            skiff_agent::policy::sync::run(client, me, pins2, names_tx).await
+                            skiff_agent::policy::sync::run(client, me, pins2, names_tx, gate).await
                         {
                             tracing::error!(
                                 error = format!("{e:#}"),

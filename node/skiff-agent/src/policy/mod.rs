@@ -5,6 +5,7 @@
 
 pub mod desired;
 pub mod flows;
+pub mod gate;
 pub mod rules;
 pub mod sync;
 

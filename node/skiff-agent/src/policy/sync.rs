@@ -28,6 +28,7 @@ use tokio::sync::{Notify, watch};
 use super::{
     desired::{AUDIT_ANNOTATION, Desired, NamedPorts, PodFacts, View, desired},
     flows::{NamedPod, Names},
+    gate::Gate,
     rules::{PROTO_SCTP, PROTO_TCP, PROTO_UDP},
 };
 
@@ -159,6 +160,7 @@ pub async fn run(
     node: String,
     pins: PinDir,
     published: watch::Sender<Arc<Names>>,
+    gate: Arc<Gate>,
 ) -> Result<()> {
     let mut maps = PolicyMaps::open(&pins).context("open the policy maps")?;
     let mut endpoints = EndpointMap::open(&pins).context("open the endpoint map")?;
@@ -179,6 +181,7 @@ pub async fn run(
     ] {
         ready.with_context(|| format!("{what} never listed"))?;
     }
+    gate.open(policies.clone(), namespaces.clone());
     // Endpoint numbers of this node's pods, by uid (stable while the pod lives).
     let mut numbers: BTreeMap<String, u16> = BTreeMap::new();
     // Policy numbers of the last pass.
@@ -320,7 +323,10 @@ pub fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap)
     const POLICY_BITS: u32 =
         EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_AUDIT | (0xffff << EP_ID_SHIFT);
     for (ip, mut info) in endpoints.list()? {
-        let flags = want.flags.get(&ip).copied().unwrap_or(0);
+        // A pod not known yet keeps what its attachment gave it (see `gate`).
+        let Some(&flags) = want.flags.get(&ip) else {
+            continue;
+        };
         if info.flags & POLICY_BITS != flags {
             info.flags = (info.flags & !POLICY_BITS) | flags;
             // A pod removed since the listing stays removed.
