@@ -78,6 +78,29 @@ impl NodeNs {
     }
 }
 
+impl NodeNs {
+    /// `program` to run inside the node's namespace.
+    pub fn command(&self, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = Command::new(program);
+        enter_netns(
+            &mut cmd,
+            std::fs::File::open(self.ns.path()).expect("the node's namespace"),
+        );
+        cmd
+    }
+
+    /// Cuts the node off its network (`false`: its uplink down, as a pulled cable) or
+    /// reconnects it.
+    pub async fn set_connected(&self, connected: bool) {
+        let inner = Netlink::connect_in(&self.ns).expect("netlink in node");
+        if connected {
+            inner.set_up(&self.uplink).await.expect("uplink up");
+        } else {
+            inner.set_down(&self.uplink).await.expect("uplink down");
+        }
+    }
+}
+
 impl Default for NodeNs {
     fn default() -> Self {
         Self::new()

@@ -169,7 +169,10 @@ spec:
   - to: [{podSelector: {matchLabels: {app: server}}}]
 "#,
         );
-        cp.ok_stdin(&["apply", "-f", "-"], &server_pod("alpha", "late", "role: late", &n1));
+        cp.ok_stdin(
+            &["apply", "-f", "-"],
+            &server_pod("alpha", "late", "role: late", &n1),
+        );
         cp.ok(&[
             "-n",
             "alpha",
@@ -182,7 +185,10 @@ spec:
         cp.eventually(15, "the new pod's allowed egress", || {
             reaches(cp, "alpha", "late", &server, 80)
         });
-        assert!(!reaches(cp, "alpha", "late", &local_ip, 80), "egress elsewhere");
+        assert!(
+            !reaches(cp, "alpha", "late", &local_ip, 80),
+            "egress elsewhere"
+        );
         // Identities were allocated through the API.
         assert!(!cp.ok(&["get", "securityidentities"]).is_empty());
     });

@@ -1,13 +1,15 @@
-//! Three `skiff-control` processes on loopback under concurrent load while members are killed
-//! with SIGKILL and restarted. Afterwards: the recorded client history (≥ 1000 operations) is
-//! linearizable per key, no acknowledged write is lost, and a watcher that reconnects to
-//! another member when its member dies saw every revision exactly once, in order.
+//! Three `skiff-control` processes, each in its own network namespace on a test LAN, under
+//! concurrent load while members are killed with SIGKILL and restarted and the leader is cut
+//! off the network (its link down) and reconnected. Afterwards: the recorded client history
+//! (≥ 1000 operations) is linearizable per key, no acknowledged write is lost, and a watcher
+//! that reconnects to another member when its member fails saw every revision exactly once,
+//! in order.
 
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Stdio},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -20,17 +22,23 @@ use skiff_store::{RangeRequest, StoreError, Txn, WatchEvent, client::StoreClient
 use skiff_tests::{
     bin,
     linearizability::{self, Input, Operation, Output},
+    node::{Lan, NodeNs},
+    privileged,
 };
 
 const KEYS: usize = 8;
 const CLIENTS: usize = 8;
+/// Each client's operations at least; clients go on until the faults are over.
 const OPS_PER_CLIENT: usize = 200;
+/// A client's pause between operations (keeps the history checkable while faults go on).
+const PACE: Duration = Duration::from_millis(10);
 
 struct Member {
     id: u64,
     peer: SocketAddr,
     client: SocketAddr,
     dir: PathBuf,
+    node: NodeNs,
     child: Option<Child>,
 }
 
@@ -41,7 +49,9 @@ impl Member {
             .append(true)
             .open(self.dir.join("log"))
             .expect("log file");
-        let child = Command::new(bin("skiff-control"))
+        let child = self
+            .node
+            .command(bin("skiff-control"))
             .arg("--data-dir")
             .arg(&self.dir)
             .args(["--node-id", &self.id.to_string()])
@@ -69,13 +79,6 @@ impl Drop for Member {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_addrs(n: usize) -> Vec<SocketAddr> {
-    let ls: Vec<_> = (0..n)
-        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
-        .collect();
-    ls.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
 async fn leader(clients: &[StoreClient]) -> Option<u64> {
@@ -108,19 +111,37 @@ fn key(i: usize) -> String {
     format!("/lin/k{i}")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable() {
+#[test]
+fn killed_and_partitioned_members_lose_no_acknowledged_write_and_history_is_linearizable() {
+    if !privileged("killed_and_partitioned_members_lose_no_acknowledged_write") {
+        return;
+    }
+    let lan = Lan::new();
     let root = tempfile::tempdir().expect("tempdir");
-    let addrs = free_addrs(6);
-    let mut members: Vec<Member> = (0..3)
-        .map(|i| Member {
-            id: i as u64 + 1,
-            peer: addrs[i],
-            client: addrs[3 + i],
-            dir: root.path().join(format!("m{}", i + 1)),
-            child: None,
+    let members: Vec<Member> = (0..3)
+        .map(|i| {
+            let node = lan.node();
+            Member {
+                id: i as u64 + 1,
+                peer: SocketAddr::from((node.node_ip, 2380)),
+                client: SocketAddr::from((node.node_ip, 2379)),
+                dir: root.path().join(format!("m{}", i + 1)),
+                node,
+                child: None,
+            }
         })
         .collect();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(4)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(run(members));
+    drop(rt);
+    drop(lan);
+}
+
+async fn run(mut members: Vec<Member>) {
     let peers = members
         .iter()
         .map(|m| format!("{}={}", m.id, m.peer))
@@ -137,6 +158,7 @@ async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable()
     let now = move || t0.elapsed().as_nanos() as u64;
     let history: Arc<Mutex<Vec<(usize, Operation)>>> = Arc::default();
     let stop = Arc::new(AtomicBool::new(false));
+    let faults_over = Arc::new(AtomicBool::new(false));
     let next_value = Arc::new(AtomicU64::new(1));
 
     // A watcher that resumes on another member from its next revision when its stream fails.
@@ -175,10 +197,10 @@ async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable()
 
     let mut workers = Vec::new();
     for c in 0..CLIENTS {
-        let (clients, history, stop, next_value) = (
+        let (clients, history, faults_over, next_value) = (
             clients.clone(),
             history.clone(),
-            stop.clone(),
+            faults_over.clone(),
             next_value.clone(),
         );
         workers.push(tokio::spawn(async move {
@@ -191,10 +213,10 @@ async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable()
             };
             // Last (value, mod revision) this client read per key, for compare-and-swap.
             let mut known: BTreeMap<usize, Option<(u64, u64)>> = BTreeMap::new();
-            for _ in 0..OPS_PER_CLIENT {
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
+            let mut done = 0;
+            while done < OPS_PER_CLIENT || !faults_over.load(Ordering::Relaxed) {
+                done += 1;
+                tokio::time::sleep(PACE).await;
                 let k = rand(KEYS as u64) as usize;
                 let member = &clients[rand(clients.len() as u64) as usize];
                 let call = now();
@@ -253,7 +275,9 @@ async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable()
         }));
     }
 
-    // Faults: kill -9 the leader, restart it; then kill -9 a follower, restart it.
+    // Faults: kill -9 the leader, restart it; then kill -9 a follower, restart it; then cut the
+    // leader off the network (its link down) while the others elect a new one, and reconnect
+    // it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let l = leader(&clients).await.expect("a leader");
     members[(l - 1) as usize].kill();
@@ -265,6 +289,29 @@ async fn killed_members_lose_no_acknowledged_write_and_history_is_linearizable()
     members[(f - 1) as usize].kill();
     tokio::time::sleep(Duration::from_millis(1500)).await;
     members[(f - 1) as usize].start(&peers);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    wait_ready(&clients).await;
+    let l3 = leader(&clients)
+        .await
+        .expect("a leader before the partition");
+    let cut = &members[(l3 - 1) as usize];
+    cut.node.set_connected(false).await;
+    let others: Vec<StoreClient> = (1..=3u64)
+        .filter(|i| *i != l3)
+        .map(|i| clients[(i - 1) as usize].clone())
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while leader(&others).await.is_none_or(|l| l == l3) {
+        assert!(
+            Instant::now() < deadline,
+            "no new leader behind the partition"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    cut.node.set_connected(true).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    faults_over.store(true, Ordering::Relaxed);
 
     for w in workers {
         w.await.expect("client task");

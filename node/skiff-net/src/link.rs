@@ -143,6 +143,17 @@ impl Netlink {
             .map_err(nl("set link up", name))
     }
 
+    /// Sets link `name` down.
+    pub async fn set_down(&self, name: &str) -> Result<(), NetError> {
+        let index = self.index(name).await?;
+        self.handle
+            .link()
+            .set(LinkUnspec::new_with_index(index).down().build())
+            .execute()
+            .await
+            .map_err(nl("set link down", name))
+    }
+
     /// Adds `addr/prefix` to link `name`.
     pub async fn add_address(&self, name: &str, addr: IpAddr, prefix: u8) -> Result<(), NetError> {
         let index = self.index(name).await?;
