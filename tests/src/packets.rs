@@ -296,3 +296,30 @@ pub fn sctp(src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> Vec<u8> {
         .expect("write to Vec");
     out
 }
+
+/// An Ethernet/IPv4 ICMP "host unreachable" from `src` to `dst` quoting `quoted` (the
+/// original packet's IPv4 header and the first 8 bytes after it).
+pub fn icmp_unreachable(src: [u8; 4], dst: [u8; 4], quoted: &[u8]) -> Vec<u8> {
+    use etherparse::{Icmpv4Type, icmpv4::DestUnreachableHeader};
+    let b = PacketBuilder::ethernet2(SRC_MAC, DST_MAC)
+        .ipv4(src, dst, 64)
+        .icmpv4(Icmpv4Type::DestinationUnreachable(
+            DestUnreachableHeader::Host,
+        ));
+    let mut out = Vec::with_capacity(b.size(quoted.len()));
+    b.write(&mut out, quoted).expect("write to Vec");
+    out
+}
+
+/// Makes `frame` (Ethernet/IPv4) a fragment of datagram `id`: the first (more fragments
+/// follow) when `offset_words` is 0, else a later one at `offset_words` × 8 bytes. The IPv4
+/// checksum is not recomputed.
+pub fn fragment(frame: &mut [u8], id: u16, offset_words: u16) {
+    frame[ETH_LEN + 4..ETH_LEN + 6].copy_from_slice(&id.to_be_bytes());
+    let frags: u16 = if offset_words == 0 {
+        0x2000
+    } else {
+        offset_words & 0x1fff
+    };
+    frame[ETH_LEN + 6..ETH_LEN + 8].copy_from_slice(&frags.to_be_bytes());
+}

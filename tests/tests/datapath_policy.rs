@@ -366,13 +366,105 @@ fn icmp_and_sctp_meet_policy_too() {
             (SCTP, VERDICT_DROPPED, 0),
         ]
     );
-    // A later fragment passes (its first fragment was judged), unlogged.
+    // A later fragment without its allowed first fragment: dropped.
     let mut fragment = packets::udp(PEER, POD, 5003, 9999, b"rest of a datagram");
-    fragment[packets::ETH_LEN + 7] = 1; // fragment offset 8 bytes
-    assert_eq!(run(&node.to_pod, &fragment), TC_ACT_OK);
+    packets::fragment(&mut fragment, 4242, 1);
+    assert_eq!(run(&node.to_pod, &fragment), TC_ACT_SHOT);
     assert!(node.flows.drain().is_empty());
     // ICMP to a pod that is not isolated passes unlogged.
     node.pod(0);
     assert_eq!(run(&node.to_pod, &ping_in), TC_ACT_OK);
     assert!(node.flows.drain().is_empty());
+}
+
+#[test]
+fn fragments_follow_their_first_fragment_and_icmp_errors_their_connection() {
+    if !privileged("fragments_follow_their_first_fragment_and_icmp_errors_their_connection") {
+        return;
+    }
+    const UDP: u8 = 17;
+    let mut node = Node::new();
+    node.pod(EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED);
+    node.allow(DIR_INGRESS, PEER_ID, UDP, 53, 16, 7);
+    node.allow(DIR_EGRESS, PEER_ID, TCP, 80, 16, 8);
+    let run = |prog: &LoadedProgram, f: &[u8]| prog.test_run(f).expect("run").verdict;
+    // A datagram in two fragments: the first (its UDP length is the whole datagram's, past
+    // this packet) is judged and allowed; the later one follows it; one of another datagram
+    // does not.
+    let mut first = packets::udp(PEER, POD, 5000, 53, &[7; 64]);
+    packets::fragment(&mut first, 77, 0);
+    let udp_len = packets::ETH_LEN + 20 + 4;
+    first[udp_len..udp_len + 2].copy_from_slice(&1500u16.to_be_bytes());
+    assert_eq!(run(&node.to_pod, &first), TC_ACT_OK, "first fragment");
+    let mut later = packets::udp(PEER, POD, 0, 0, &[7; 64]);
+    packets::fragment(&mut later, 77, 9);
+    assert_eq!(run(&node.to_pod, &later), TC_ACT_OK, "its later fragment");
+    let mut stray = later.clone();
+    packets::fragment(&mut stray, 78, 9);
+    assert_eq!(run(&node.to_pod, &stray), TC_ACT_SHOT, "another datagram's");
+    // A first fragment policy refuses (another port): its later fragments are refused too.
+    let mut refused = packets::udp(PEER, POD, 5000, 54, &[7; 64]);
+    packets::fragment(&mut refused, 79, 0);
+    assert_eq!(run(&node.to_pod, &refused), TC_ACT_SHOT);
+    let mut refused_later = later.clone();
+    packets::fragment(&mut refused_later, 79, 9);
+    assert_eq!(run(&node.to_pod, &refused_later), TC_ACT_SHOT);
+
+    // The pod's connection out, then a router's "host unreachable" about it: related, in.
+    assert_eq!(node.connect(PEER, 40000, 80), TC_ACT_OK);
+    let sent = packets::tcp(POD, PEER, 40000, 80, SYN, 1, 0, b"");
+    let quoted = &sent[packets::ETH_LEN..packets::ETH_LEN + 28];
+    let router = [192, 0, 2, 1];
+    let error = packets::icmp_unreachable(router, POD, quoted);
+    assert_eq!(run(&node.to_pod, &error), TC_ACT_OK, "about its connection");
+    // One quoting a connection the pod never had: judged as new ICMP, refused.
+    let other = packets::tcp(POD, PEER, 40001, 80, SYN, 1, 0, b"");
+    let error =
+        packets::icmp_unreachable(router, POD, &other[packets::ETH_LEN..packets::ETH_LEN + 28]);
+    assert_eq!(
+        run(&node.to_pod, &error),
+        TC_ACT_SHOT,
+        "about no connection"
+    );
+    // Out the other way: the pod reporting an error about a connection it accepted.
+    let accepted = packets::udp(PEER, POD, 5001, 53, b"q");
+    assert_eq!(run(&node.to_pod, &accepted), TC_ACT_OK);
+    let error = packets::icmp_unreachable(
+        POD,
+        PEER,
+        &accepted[packets::ETH_LEN..packets::ETH_LEN + 28],
+    );
+    assert_eq!(
+        run(&node.from_pod, &error),
+        TC_ACT_OK,
+        "the pod's error about it"
+    );
+}
+
+#[test]
+fn a_pod_cannot_send_with_another_source_address() {
+    if !privileged("a_pod_cannot_send_with_another_source_address") {
+        return;
+    }
+    let mut node = Node::new();
+    node.pod(0);
+    // BPF_PROG_RUN runs TC programs as if on the loopback interface (index 1): record it as
+    // the pod's interface.
+    node.endpoints.set_iface(1, POD.into()).expect("iface");
+    assert_eq!(node.connect(PEER, 40000, 80), TC_ACT_OK, "its own address");
+    let spoofed = packets::tcp(PEER, [10, 244, 1, 11], 40000, 80, SYN, 1, 0, b"");
+    assert_eq!(
+        node.from_pod.test_run(&spoofed).expect("run").verdict,
+        TC_ACT_SHOT,
+        "another's"
+    );
+    let rows = metrics::read(&node.pins_dir).expect("metrics");
+    assert_eq!(
+        metrics::packets(
+            &rows,
+            Hook::FromPod,
+            Verdict::Dropped(DropReason::SourceNotPod)
+        ),
+        1
+    );
 }

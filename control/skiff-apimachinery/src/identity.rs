@@ -62,7 +62,29 @@ pub struct IdentityLabels {
     pub namespace_labels: BTreeMap<String, String>,
 }
 
+/// Whether `pod` may still hold an address: not Succeeded or Failed.
+pub fn pod_live(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
+    !matches!(
+        pod.status.as_ref().and_then(|s| s.phase.as_deref()),
+        Some("Succeeded" | "Failed")
+    )
+}
+
+/// Namespace name → its labels.
+pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
 impl IdentityLabels {
+    /// The identity labels of `pod`, its namespace's labels looked up in `namespaces`.
+    pub fn of_pod(
+        pod: &k8s_openapi::api::core::v1::Pod,
+        namespaces: &NamespaceLabels,
+    ) -> IdentityLabels {
+        let ns = pod.metadata.namespace.clone().unwrap_or_default();
+        let empty = BTreeMap::new();
+        let labels = pod.metadata.labels.as_ref().unwrap_or(&empty);
+        IdentityLabels::of(&ns, labels, namespaces.get(&ns).unwrap_or(&empty))
+    }
+
     /// The labels of a pod in `namespace` with `labels`, its namespace labelled
     /// `namespace_labels`.
     pub fn of(

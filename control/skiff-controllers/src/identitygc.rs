@@ -19,28 +19,22 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Preconditions},
 };
-use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity};
+use skiff_apimachinery::identity::{IdentityLabels, NamespaceLabels, SecurityIdentity, pod_live};
 
 use crate::informer::Informer;
 
 /// The label sets of the pods that may still hold an address.
-fn in_use(pods: &[Arc<Pod>], namespaces: &[Arc<Namespace>]) -> BTreeSet<IdentityLabels> {
-    let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
-        .iter()
+fn in_use<'a>(
+    pods: impl IntoIterator<Item = &'a Pod>,
+    namespaces: impl IntoIterator<Item = &'a Namespace>,
+) -> BTreeSet<IdentityLabels> {
+    let ns_labels: NamespaceLabels = namespaces
+        .into_iter()
         .map(|n| (n.name_any(), n.labels().clone()))
         .collect();
-    let empty = BTreeMap::new();
-    pods.iter()
-        .filter(|p| {
-            !matches!(
-                p.status.as_ref().and_then(|s| s.phase.as_deref()),
-                Some("Succeeded" | "Failed")
-            )
-        })
-        .map(|p| {
-            let ns = p.namespace().unwrap_or_default();
-            IdentityLabels::of(&ns, p.labels(), ns_labels.get(&ns).unwrap_or(&empty))
-        })
+    pods.into_iter()
+        .filter(|p| pod_live(p))
+        .map(|p| IdentityLabels::of_pod(p, &ns_labels))
         .collect()
 }
 
@@ -83,10 +77,13 @@ pub async fn run(
     namespaces: Arc<Informer<Namespace>>,
     grace: Duration,
 ) {
-    let api: Api<SecurityIdentity> = Api::all(client);
+    let api: Api<SecurityIdentity> = Api::all(client.clone());
+    let (pods_api, ns_api): (Api<Pod>, Api<Namespace>) =
+        (Api::all(client.clone()), Api::all(client));
     let mut unused_since = BTreeMap::new();
     pods.synced().await;
     namespaces.synced().await;
+    let grace = grace.max(Duration::from_secs(1));
     let period = (grace / 2).max(Duration::from_secs(1));
     loop {
         tokio::time::sleep(period).await;
@@ -98,8 +95,34 @@ pub async fn run(
             }
         };
         // The caches after the list: a pod created before the list is in them.
-        let used = in_use(&pods.cache().list(), &namespaces.cache().list());
-        for (name, rv) in expired(&identities, &used, &mut unused_since, grace, Instant::now()) {
+        let (cached_pods, cached_ns) = (pods.cache().list(), namespaces.cache().list());
+        let used = in_use(
+            cached_pods.iter().map(|p| &**p),
+            cached_ns.iter().map(|n| &**n),
+        );
+        let mut doomed = expired(&identities, &used, &mut unused_since, grace, Instant::now());
+        if doomed.is_empty() {
+            continue;
+        }
+        // The caches may lag: deletions are decided again on a fresh list of pods.
+        let (fresh_pods, fresh_ns) = match (
+            pods_api.list(&ListParams::default()).await,
+            ns_api.list(&ListParams::default()).await,
+        ) {
+            (Ok(p), Ok(n)) => (p.items, n.items),
+            (Err(e), _) | (_, Err(e)) => {
+                tracing::warn!(error = %e, "identity GC: listing pods and namespaces");
+                continue;
+            }
+        };
+        let used = in_use(&fresh_pods, &fresh_ns);
+        doomed.retain(|(name, _)| {
+            identities
+                .iter()
+                .find(|i| i.name_any() == *name)
+                .is_some_and(|i| !used.contains(&i.labels))
+        });
+        for (name, rv) in doomed {
             let dp = DeleteParams {
                 preconditions: Some(Preconditions {
                     resource_version: rv,
@@ -154,7 +177,7 @@ mod tests {
     fn unused_identities_go_after_the_grace_period_only() {
         let grace = Duration::from_secs(60);
         let pods = [pod("a", "web", "Running"), pod("a", "done", "Succeeded")];
-        let used = in_use(&pods, &[]);
+        let used = in_use(pods.iter().map(|p| &**p), []);
         let hour = Duration::from_secs(3600);
         let ids = [
             identity(300, "a", "web", hour),
@@ -175,7 +198,7 @@ mod tests {
             .collect();
         assert_eq!(names, ["301", "302"]);
         // In use again: forgotten.
-        let used = in_use(&[pod("a", "gone", "Running")], &[]);
+        let used = in_use([&*pod("a", "gone", "Running")], []);
         let _ = expired(&ids[2..3], &used, &mut since, grace, t0 + grace);
         assert!(since.is_empty());
     }

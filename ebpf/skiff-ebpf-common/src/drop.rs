@@ -3,8 +3,9 @@
 //!
 //! Ranges, so related causes stay together as the list grows:
 //! - `1..=9`    packet parsing (malformed or truncated headers)
-//! - `10..=29`  service load balancing and connection tracking
-//! - `30..=49`  network policy (reserved)
+//! - `10..=19`  service load balancing and connection tracking
+//! - `20..=29`  network policy
+//! - `30..=39`  pod network
 //!
 //! `0` is not a drop: in [`crate::metrics::MetricsKey::reason`] it means "forwarded".
 
@@ -26,13 +27,16 @@ pub enum DropReason {
     /// A connection-tracking entry could not be created for a new translated flow (the map
     /// refused it, or no free NAT port was found for its tuple).
     CtCreateFailed = 12,
-    /// A new connection of an isolated endpoint that no NetworkPolicy allows.
+    /// A new connection of an isolated endpoint that no NetworkPolicy allows (or a later
+    /// fragment of a datagram whose first fragment it did not allow).
     PolicyDenied = 20,
+    /// A packet from a pod's interface whose source is not the pod's address (spoofed).
+    SourceNotPod = 30,
 }
 
 impl DropReason {
     /// Every reason, in numeric order.
-    pub const ALL: [DropReason; 7] = [
+    pub const ALL: [DropReason; 8] = [
         DropReason::MalformedEthernet,
         DropReason::MalformedIpv4,
         DropReason::MalformedL4,
@@ -40,6 +44,7 @@ impl DropReason {
         DropReason::ServiceBackendMissing,
         DropReason::CtCreateFailed,
         DropReason::PolicyDenied,
+        DropReason::SourceNotPod,
     ];
 
     /// The numeric code stored in maps.
@@ -57,6 +62,7 @@ impl DropReason {
             11 => Some(DropReason::ServiceBackendMissing),
             12 => Some(DropReason::CtCreateFailed),
             20 => Some(DropReason::PolicyDenied),
+            30 => Some(DropReason::SourceNotPod),
             _ => None,
         }
     }
@@ -71,6 +77,7 @@ impl DropReason {
             DropReason::ServiceBackendMissing => "service_backend_missing",
             DropReason::CtCreateFailed => "ct_create_failed",
             DropReason::PolicyDenied => "policy_denied",
+            DropReason::SourceNotPod => "source_not_pod",
         }
     }
 
@@ -86,6 +93,7 @@ impl DropReason {
                 "connection tracking entry not created (or no free NAT port)"
             }
             DropReason::PolicyDenied => "no NetworkPolicy allows this new connection",
+            DropReason::SourceNotPod => "from a pod's interface with a source not the pod's",
         }
     }
 }
@@ -106,6 +114,7 @@ mod tests {
             (11, "service_backend_missing"),
             (12, "ct_create_failed"),
             (20, "policy_denied"),
+            (30, "source_not_pod"),
         ];
         assert_eq!(DropReason::ALL.len(), published.len());
         for (r, (code, name)) in DropReason::ALL.iter().zip(published) {

@@ -52,8 +52,14 @@ pub mod map_names {
     pub const PCT: &str = "skiff_pct";
     /// New connections decided by policy (ring buffer); see [`crate::policy`].
     pub const FLOWS: &str = "skiff_flows";
-    /// Flow events the ring buffer had no room for (per-CPU, one slot); see [`crate::policy`].
+    /// Flow events not written (per-CPU: ring full, rate-limited); see [`crate::policy`].
     pub const FLOWS_LOST: &str = "skiff_flows_lost";
+    /// The per-CPU token buckets limiting drop events; see [`crate::policy`].
+    pub const FLOW_RATE: &str = "skiff_flow_rate";
+    /// Fragmented datagrams whose first fragment policy allowed; see [`crate::policy`].
+    pub const FRAGS: &str = "skiff_frags";
+    /// Each pod interface's address, for the source check; see [`crate::endpoint`].
+    pub const IFACES: &str = "skiff_ifaces";
 
     /// Every map a node pins, for inspection and cleanup.
     pub const ALL: &[&str] = &[
@@ -71,6 +77,9 @@ pub mod map_names {
         PCT,
         FLOWS,
         FLOWS_LOST,
+        FLOW_RATE,
+        FRAGS,
+        IFACES,
     ];
 }
 

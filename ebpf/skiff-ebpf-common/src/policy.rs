@@ -14,8 +14,13 @@
 //! - Whether an endpoint is isolated (and audited) is in its `skiff_endpoints` entry's flags
 //!   ([`EP_INGRESS_ISOLATED`], …, with its policy endpoint number in the high 16 bits).
 //! - `skiff_flows` (ring buffer): a [`FlowEvent`] per new connection a policy decided (every
-//!   packet of a dropped one); `skiff_flows_lost` (per-CPU array, one `u64`) counts the events
-//!   the ring had no room for.
+//!   packet of a dropped one, at most [`DROP_EVENTS_PER_SEC`] a second per CPU, in bursts of
+//!   up to [`DROP_EVENTS_BURST`]: `skiff_flow_rate` holds each CPU's [`TokenBucket`]);
+//!   `skiff_flows_lost` (per-CPU array of two `u64`s) counts the events not written:
+//!   [`LOST_RING_FULL`], [`LOST_RATE_LIMITED`].
+//! - `skiff_frags` (LRU hash): [`FragKey`] → expiry (`u64` ns) — fragmented datagrams of
+//!   isolated endpoints whose first fragment policy allowed; their later fragments (no ports)
+//!   pass only with an entry.
 //!
 //! The tries' keys are aya's `lpm_trie::Key` (a prefix length, then the data): the ipcache's
 //! data is the address's network-order bytes, the policy map's [`PolicyKey`]. Multi-byte
@@ -31,6 +36,18 @@ pub const CIDR_MAX_ENTRIES: u32 = 1 << 14;
 pub const POLICY_MAX_ENTRIES: u32 = 1 << 18;
 /// Size of `skiff_flows` in bytes (a power of two, a multiple of the page size).
 pub const FLOWS_RING_BYTES: u32 = 1 << 20;
+/// Drop events written per second per CPU, at most.
+pub const DROP_EVENTS_PER_SEC: u64 = 5000;
+/// … in bursts of up to this many.
+pub const DROP_EVENTS_BURST: u64 = 5000;
+/// `skiff_flows_lost` slots.
+pub const LOST_RING_FULL: u32 = 0;
+pub const LOST_RATE_LIMITED: u32 = 1;
+/// Capacity of `skiff_frags`.
+pub const FRAGS_MAX_ENTRIES: u32 = 1 << 14;
+/// How long a first fragment's verdict covers its datagram (the kernel's reassembly
+/// timeout).
+pub const FRAG_LIFETIME_NS: u64 = 30_000_000_000;
 
 /// The peer identity that stands for every peer in a [`PolicyKey`].
 pub const IDENTITY_ANY: u32 = 0;
@@ -181,6 +198,29 @@ pub struct PctEntry {
 }
 assert_size!(PctEntry, 16);
 
+/// A CPU's budget of drop events.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenBucket {
+    /// Events that may still be written.
+    pub tokens: u64,
+    /// `CLOCK_MONOTONIC` ns of the last refill.
+    pub last_ns: u64,
+}
+assert_size!(TokenBucket, 16);
+
+/// A fragmented datagram: its addresses, IPv4 identification and protocol (network order).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct FragKey {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub id: u16,
+    pub proto: u8,
+    pub pad: u8,
+}
+assert_size!(FragKey, 12);
+
 /// [`FlowEvent::verdict`]: allowed by a policy (or the endpoint is not isolated).
 pub const VERDICT_ALLOWED: u8 = 0;
 /// Dropped: no policy allows it.
@@ -233,6 +273,10 @@ mod user {
     unsafe impl aya::Pod for super::PctEntry {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::FlowEvent {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::TokenBucket {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FragKey {}
 }
 
 #[cfg(test)]

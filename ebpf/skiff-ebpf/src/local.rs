@@ -30,6 +30,27 @@ pub static ENDPOINTS: HashMap<
     { BPF_F_NO_PREALLOC as usize },
 > = HashMap::new();
 
+/// Each pod interface's address (ifindex → IPv4, network order), for [`source_is_pod`].
+#[btf_map(name = "skiff_ifaces")]
+pub static IFACES: HashMap<
+    u32,
+    u32,
+    { ENDPOINTS_MAX_ENTRIES as usize },
+    { BPF_F_NO_PREALLOC as usize },
+> = HashMap::new();
+
+/// Whether a packet leaving a pod through interface `ifindex` carries the pod's own source
+/// address (an interface the agent has not recorded yet passes). Without it, a pod could
+/// claim another's address and with it the other's identity before policy.
+#[inline(always)]
+pub fn source_is_pod(ifindex: u32, info: &Ipv4Info) -> bool {
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    match unsafe { IFACES.get(&ifindex) } {
+        Some(addr) => *addr == info.saddr,
+        None => true,
+    }
+}
+
 /// The pod of this node at `addr` (network order), if any.
 #[inline(always)]
 pub fn endpoint(addr: u32) -> Option<EndpointInfo> {

@@ -16,6 +16,8 @@ pub const IPPROTO_UDP: u8 = 17;
 pub const IPPROTO_SCTP: u8 = 132;
 /// Offset mask of IPv4 `frag_off`: non-zero means a non-first fragment (no L4 header).
 const IP_OFFSET_MASK: u16 = 0x1fff;
+/// IPv4 "more fragments" flag.
+const IP_MF: u16 = 0x2000;
 
 /// What [`parse`] found.
 #[derive(Clone, Copy)]
@@ -48,9 +50,25 @@ pub struct Ipv4Info {
     pub has_ports: bool,
     /// A non-first fragment (no L4 header).
     pub later_fragment: bool,
+    /// More fragments follow (a first fragment when not `later_fragment`).
+    pub more_fragments: bool,
+    /// The IPv4 identification (network order): names a datagram's fragments.
+    pub ip_id: u16,
     /// An ICMP error (destination unreachable, time exceeded, parameter problem): it quotes
-    /// another flow's packet.
+    /// another flow's packet, in `quoted`.
     pub icmp_error: bool,
+    pub quoted: Quoted,
+}
+
+/// The packet an ICMP error quotes, as it was sent (network order; ports of TCP/UDP/SCTP, an
+/// ICMP echo's identifier in both). All zero when the quote is not in the linear data.
+#[derive(Clone, Copy, Default)]
+pub struct Quoted {
+    pub saddr: u32,
+    pub daddr: u32,
+    pub sport: u16,
+    pub dport: u16,
+    pub proto: u8,
 }
 
 /// TCP flag bits in [`Ipv4Info::tcp_flags`].
@@ -140,7 +158,16 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         tcp_flags: 0,
         has_ports: false,
         later_fragment: false,
+        more_fragments: u16::from_be_bytes(ip.frags) & IP_MF != 0,
+        ip_id: u16::from_ne_bytes(ip.id),
         icmp_error: false,
+        quoted: Quoted {
+            saddr: 0,
+            daddr: 0,
+            sport: 0,
+            dport: 0,
+            proto: 0,
+        },
     };
     if u16::from_be_bytes(ip.frags) & IP_OFFSET_MASK != 0 {
         // A later fragment carries no L4 header.
@@ -178,7 +205,10 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
             let udp = unsafe { &*udp };
             let len = u16::from_be_bytes(udp.len) as u32;
             // UDP length 0 is legal only for UDP GSO super-packets; keep to the RFC otherwise.
-            if len < UdpHdr::LEN as u32 && !(len == 0 && big_gso) || len > l4_room {
+            // A first fragment's length is the whole datagram's, past this packet.
+            if len < UdpHdr::LEN as u32 && !(len == 0 && big_gso)
+                || len > l4_room && !info.more_fragments
+            {
                 return Err(ParseError::Drop(DropReason::MalformedL4));
             }
             info.sport = u16::from_ne_bytes(udp.src);
@@ -206,11 +236,46 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
                     info.sport = u16::from_ne_bytes([icmp[4], icmp[5]]);
                     info.dport = info.sport;
                 }
-                3 | 11 | 12 => info.icmp_error = true,
+                3 | 11 | 12 => {
+                    info.icmp_error = true;
+                    info.quoted = quoted(data, data_end, info.l4_off + 8);
+                }
                 _ => {}
             }
         }
         _ => {}
     }
     Ok(Packet::Ipv4(info))
+}
+
+/// The packet quoted by an ICMP error at `off` (its IPv4 header, then at least 8 bytes of its
+/// L4 header); zeroes when it is not all in `data..data_end`.
+#[inline(always)]
+fn quoted(data: usize, data_end: usize, off: usize) -> Quoted {
+    let mut q = Quoted::default();
+    let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, off) else {
+        return q;
+    };
+    // SAFETY: `ip` was bounds-checked against `data_end` by `ptr_at`.
+    let ip = unsafe { &*ip };
+    let ihl = ((ip.vihl & 0x0f) as usize) * 4;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
+        return q;
+    }
+    let Some(l4) = ptr_at::<[u8; 8]>(data, data_end, off + ihl) else {
+        return q;
+    };
+    // SAFETY: `l4` was bounds-checked against `data_end` by `ptr_at`.
+    let l4 = unsafe { *l4 };
+    q.saddr = u32::from_ne_bytes(ip.src_addr);
+    q.daddr = u32::from_ne_bytes(ip.dst_addr);
+    q.proto = ip.proto;
+    if ip.proto == IPPROTO_ICMP {
+        q.sport = u16::from_ne_bytes([l4[4], l4[5]]);
+        q.dport = q.sport;
+    } else {
+        q.sport = u16::from_ne_bytes([l4[0], l4[1]]);
+        q.dport = u16::from_ne_bytes([l4[2], l4[3]]);
+    }
+    q
 }

@@ -17,11 +17,12 @@ use skiff_ebpf_common::{
     DropReason, Hook,
     endpoint::EndpointInfo,
     policy::{
-        CIDR_MAX_ENTRIES, DIR_EGRESS, DIR_INGRESS, EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT,
-        EP_INGRESS_ISOLATED, FLOWS_RING_BYTES, FlowEvent, IDENTITY_ANY, IDENTITY_HOST,
-        IDENTITY_WORLD, IPCACHE_MAX_ENTRIES, IpcacheValue, PCT_MAX_ENTRIES, POLICY_MAX_ENTRIES,
-        PREFIX_FULL, PctEntry, PctKey, PolicyKey, PolicyValue, VERDICT_ALLOWED, VERDICT_AUDIT,
-        VERDICT_DROPPED,
+        CIDR_MAX_ENTRIES, DIR_EGRESS, DIR_INGRESS, DROP_EVENTS_BURST, DROP_EVENTS_PER_SEC,
+        EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED, FLOWS_RING_BYTES,
+        FRAG_LIFETIME_NS, FRAGS_MAX_ENTRIES, FlowEvent, FragKey, IDENTITY_ANY, IDENTITY_HOST,
+        IDENTITY_WORLD, IPCACHE_MAX_ENTRIES, IpcacheValue, LOST_RATE_LIMITED, LOST_RING_FULL,
+        PCT_MAX_ENTRIES, POLICY_MAX_ENTRIES, PREFIX_FULL, PctEntry, PctKey, PolicyKey, PolicyValue,
+        TokenBucket, VERDICT_ALLOWED, VERDICT_AUDIT, VERDICT_DROPPED,
     },
 };
 
@@ -64,9 +65,56 @@ pub static PCT: LruHashMap<PctKey, PctEntry, { PCT_MAX_ENTRIES as usize }> = Lru
 #[btf_map(name = "skiff_flows")]
 pub static FLOWS: RingBuf<FlowEvent, { FLOWS_RING_BYTES as usize }> = RingBuf::new();
 
-/// Flow events `FLOWS` had no room for.
+/// Flow events not written: `FLOWS` had no room, or the CPU's drop-event budget was spent.
 #[btf_map(name = "skiff_flows_lost")]
-pub static FLOWS_LOST: PerCpuArray<u64, 1> = PerCpuArray::new();
+pub static FLOWS_LOST: PerCpuArray<u64, 2> = PerCpuArray::new();
+
+/// Each CPU's drop-event budget.
+#[btf_map(name = "skiff_flow_rate")]
+pub static FLOW_RATE: PerCpuArray<TokenBucket, 1> = PerCpuArray::new();
+
+/// Fragmented datagrams whose first fragment policy allowed.
+#[btf_map(name = "skiff_frags")]
+pub static FRAGS: LruHashMap<FragKey, u64, { FRAGS_MAX_ENTRIES as usize }> = LruHashMap::new();
+
+#[inline(always)]
+fn lost(slot: u32) {
+    if let Some(n) = FLOWS_LOST.get_ptr_mut(slot) {
+        // SAFETY: a pointer into this CPU's slot from a successful lookup; only this CPU
+        // writes it.
+        unsafe { *n += 1 };
+    }
+}
+
+/// Whether this CPU may write one more drop event now (a token bucket refilled at
+/// `DROP_EVENTS_PER_SEC`).
+#[inline(always)]
+fn drop_event_budget(now: u64) -> bool {
+    let Some(b) = FLOW_RATE.get_ptr_mut(0) else {
+        return true;
+    };
+    // SAFETY: a pointer into this CPU's slot from a successful lookup; only this CPU uses
+    // it, and a program run is not preempted by another on the same CPU.
+    let b = unsafe { &mut *b };
+    let per_token = 1_000_000_000 / DROP_EVENTS_PER_SEC;
+    let earned = now.saturating_sub(b.last_ns) / per_token;
+    if earned > 0 {
+        b.tokens = if b.tokens + earned > DROP_EVENTS_BURST {
+            DROP_EVENTS_BURST
+        } else {
+            b.tokens + earned
+        };
+        b.last_ns += earned * per_token;
+        if b.last_ns + per_token < now {
+            b.last_ns = now;
+        }
+    }
+    if b.tokens == 0 {
+        return false;
+    }
+    b.tokens -= 1;
+    true
+}
 
 /// A connection as an endpoint sees it.
 pub struct Conn {
@@ -187,13 +235,11 @@ pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
             hook: hook as u8,
             pad: [0; 2],
         };
-        // A full ring loses the event (counted), never the packet.
-        if FLOWS.output(&ev, 0).is_err()
-            && let Some(lost) = FLOWS_LOST.get_ptr_mut(0)
-        {
-            // SAFETY: a pointer into this CPU's slot from a successful lookup; only this CPU
-            // writes it.
-            unsafe { *lost += 1 };
+        // A full ring or a spent budget loses the event (counted), never the packet.
+        if verdict == VERDICT_DROPPED && !drop_event_budget(now) {
+            lost(LOST_RATE_LIMITED);
+        } else if FLOWS.output(&ev, 0).is_err() {
+            lost(LOST_RING_FULL);
         }
         if verdict == VERDICT_DROPPED {
             return false;
@@ -243,7 +289,7 @@ pub fn egress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook) 
         proto: info.proto,
         direction: DIR_EGRESS,
     };
-    check(ep, &c, hook)
+    allowed_datagram(info, check(ep, &c, hook))
 }
 
 /// The receiving pod's (`ep`, at `dest`) ingress policy; false: drop.
@@ -260,31 +306,114 @@ pub fn ingress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook)
         proto: info.proto,
         direction: DIR_INGRESS,
     };
-    check(ep, &c, hook)
+    allowed_datagram(info, check(ep, &c, hook))
 }
 
-/// Policy for the packets the service stages do not take — ICMP, SCTP and other protocols —
-/// on their way out of a pod (`from-pod`: the sender's egress) and into one (`to-pod`: the
-/// receiver's ingress; these are never delivered past it). Only a rule allowing every
-/// protocol matches ICMP and protocols without ports; SCTP ports match SCTP rules; an ICMP
-/// echo is tracked by its identifier, so its reply passes. Later fragments (the first one was
-/// judged; without it nothing reassembles) and ICMP errors pass.
+#[inline(always)]
+fn frag_key(info: &Ipv4Info) -> FragKey {
+    FragKey {
+        saddr: info.saddr,
+        daddr: info.daddr,
+        id: info.ip_id,
+        proto: info.proto,
+        pad: 0,
+    }
+}
+
+/// Passes `allowed` on; an allowed first fragment lets its datagram's later fragments pass.
+#[inline(always)]
+fn allowed_datagram(info: &Ipv4Info, allowed: bool) -> bool {
+    if allowed && info.more_fragments && !info.later_fragment {
+        let expires = ct::now() + FRAG_LIFETIME_NS;
+        // Not recorded (map refused): the later fragments are dropped, the datagram lost.
+        let _ = FRAGS.insert(&frag_key(info), &expires, 0);
+    }
+    allowed
+}
+
+/// Whether a later fragment belongs to a datagram whose first fragment was allowed.
+#[inline(always)]
+fn datagram_allowed(info: &Ipv4Info) -> bool {
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    match unsafe { FRAGS.get(&frag_key(info)) } {
+        Some(expires) => *expires >= ct::now(),
+        None => false,
+    }
+}
+
+/// An ICMP error about a connection `ep` (at `ep_addr`) has in `skiff_pct`: related, passes.
+#[inline(always)]
+fn related(ep_addr: u32, info: &Ipv4Info) -> bool {
+    let q = &info.quoted;
+    // The quoted packet went out from the endpoint or came in to it.
+    let key = if q.saddr == ep_addr {
+        PctKey {
+            endpoint_addr: q.saddr,
+            peer_addr: q.daddr,
+            endpoint_port: q.sport,
+            peer_port: q.dport,
+            proto: q.proto,
+            pad: [0; 3],
+        }
+    } else {
+        PctKey {
+            endpoint_addr: q.daddr,
+            peer_addr: q.saddr,
+            endpoint_port: q.dport,
+            peer_port: q.sport,
+            proto: q.proto,
+            pad: [0; 3],
+        }
+    };
+    // SAFETY: a value pointer from a successful lookup, read at once.
+    match unsafe { PCT.get(&key) } {
+        Some(e) => e.expires >= ct::now(),
+        None => false,
+    }
+}
+
+/// A later fragment passes where its direction is not isolated; otherwise `f` decides.
+#[inline(always)]
+fn later_or(info: &Ipv4Info, f: impl FnOnce() -> bool) -> bool {
+    info.later_fragment || f()
+}
+
+/// Policy for the packets the service stages do not take — ICMP, SCTP, other protocols and
+/// later fragments — on their way out of a pod (`from-pod`: the sender's egress) and into one
+/// (`to-pod`: the receiver's ingress; these are never delivered past it). Only a rule allowing
+/// every protocol matches ICMP and protocols without ports; SCTP ports match SCTP rules; an
+/// ICMP echo is tracked by its identifier, so its reply passes. An ICMP error passes when the
+/// packet it quotes belongs to a connection the endpoint has in `skiff_pct` (else it is judged
+/// as a new ICMP flow); a later fragment passes when its datagram's first fragment was allowed
+/// (`skiff_frags`).
 #[inline(always)]
 pub fn portless(info: &Ipv4Info, hook: Hook) -> Verdict {
-    if info.later_fragment || info.icmp_error {
-        return Verdict::Pass;
-    }
     let dest = (info.daddr, info.dport);
-    let allowed = match hook {
-        Hook::FromPod => match local::endpoint(info.saddr) {
-            Some(ep) => egress(&ep, info, dest, hook),
-            None => true,
-        },
-        Hook::ToPod => match local::endpoint(info.daddr) {
-            Some(ep) => ingress(&ep, info, dest, hook),
-            None => true,
-        },
-        _ => true,
+    let (ep, ep_addr, isolated_bit) = match hook {
+        Hook::FromPod => (local::endpoint(info.saddr), info.saddr, EP_EGRESS_ISOLATED),
+        Hook::ToPod => (local::endpoint(info.daddr), info.daddr, EP_INGRESS_ISOLATED),
+        _ => return Verdict::Pass,
+    };
+    let Some(ep) = ep else {
+        return Verdict::Pass;
+    };
+    let allowed = if ep.flags & isolated_bit == 0 {
+        // Not isolated this way; still tracked, so that replies pass the other way.
+        later_or(info, || {
+            if hook == Hook::FromPod {
+                egress(&ep, info, dest, hook)
+            } else {
+                ingress(&ep, info, dest, hook)
+            }
+        })
+    } else if info.later_fragment {
+        datagram_allowed(info)
+    } else if info.icmp_error && related(ep_addr, info) {
+        true
+    } else if hook == Hook::FromPod {
+        egress(&ep, info, dest, hook)
+    } else {
+        ingress(&ep, info, dest, hook)
     };
     if allowed {
         Verdict::Pass

@@ -23,6 +23,11 @@ pub fn run(
 ) -> i32 {
     let len = ctx.len();
     let verdict = match parse(ctx) {
+        Ok(Packet::Ipv4(info))
+            if hook == Hook::FromPod && !crate::local::source_is_pod(ifindex(ctx), &info) =>
+        {
+            Verdict::Drop(DropReason::SourceNotPod)
+        }
         Ok(Packet::Ipv4(info)) if info.has_ports => stage(ctx, &info),
         Ok(Packet::Ipv4(info)) => crate::policy::portless(&info, hook),
         Ok(Packet::Other) => Verdict::Pass,
@@ -46,6 +51,12 @@ pub fn run(
             TC_ACT_SHOT as i32
         }
     }
+}
+
+#[inline(always)]
+fn ifindex(ctx: &TcContext) -> u32 {
+    // SAFETY: `skb.skb` is the program's own context, valid for the whole run.
+    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// Parses the packet, pulling headers that live in paged data into the linear part first.

@@ -59,6 +59,11 @@ impl PodPrograms {
                 endpoints.remove(ip)?;
             }
         }
+        for (index, _) in endpoints.ifaces().context("read the interface map")? {
+            if !live.contains(&index) {
+                endpoints.remove_iface(index)?;
+            }
+        }
         Ok(PodPrograms {
             pins,
             programs: Mutex::new(programs),
@@ -81,14 +86,16 @@ impl PodDatapath for PodPrograms {
             p.attach_pinned(&net.host_if, &self.pins)?;
         }
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
+        let index = ifindex(&net.host_if)
+            .with_context(|| format!("interface {} has no index", net.host_if))?;
+        // Only the pod's own address leaves its interface.
+        endpoints.set_iface(index, net.ip)?;
         let Some(mac) = net.mac else {
             // Reached through the node's stack instead.
             tracing::warn!(host_if = %net.host_if, "pod MAC unknown: no same-node delivery");
             endpoints.remove(net.ip)?;
             return Ok(());
         };
-        let index = ifindex(&net.host_if)
-            .with_context(|| format!("interface {} has no index", net.host_if))?;
         // Policy flags are the policy loop's: a re-attach (agent restart) keeps them; a new
         // endpoint starts with the isolation the policies give it (`policy::gate`).
         let flags = match endpoints.get(net.ip) {
@@ -110,15 +117,19 @@ impl PodDatapath for PodPrograms {
     }
 
     fn detach(&self, host_if: &str, ip: Option<Ipv4Addr>) {
+        let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(ip) = ip
-            && let Err(e) = self
-                .endpoints
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove(ip)
+            && let Err(e) = endpoints.remove(ip)
         {
             tracing::warn!(%ip, error = %e, "forgetting a pod endpoint failed");
         }
+        // The interface may be gone already; then its entry goes with the next prune.
+        if let Some(index) = ifindex(host_if)
+            && let Err(e) = endpoints.remove_iface(index)
+        {
+            tracing::warn!(host_if, error = %e, "forgetting a pod interface failed");
+        }
+        drop(endpoints);
         for kind in KINDS {
             if let Err(e) = unpin_link(&self.pins, host_if, kind) {
                 tracing::warn!(host_if, error = %e, "unpinning a pod link failed");

@@ -75,15 +75,18 @@ struct FlowsLostCollector {
 
 impl Collector for FlowsLostCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        if let Ok(n) = skiff_datapath::policy::flows_lost(&self.pins) {
-            let lost = encoder.encode_descriptor(
+        if let Ok((full, limited)) = skiff_datapath::policy::flows_lost(&self.pins) {
+            let mut lost = encoder.encode_descriptor(
                 "skiff_policy_flow_events_lost",
-                "Flow events the data path had no room for in the ring buffer (their packets \
-                 were judged as usual)",
+                "Flow events the data path did not write (their packets were judged as usual), \
+                 by cause: ring_full, rate_limited (drop events over the per-CPU budget)",
                 None,
                 prometheus_client::metrics::MetricType::Counter,
             )?;
-            ConstCounter::new(n).encode(lost)?;
+            for (cause, n) in [("ring_full", full), ("rate_limited", limited)] {
+                let labels = vec![("cause".to_string(), cause.to_string())];
+                ConstCounter::new(n).encode(lost.encode_family(&labels)?)?;
+            }
         }
         Ok(())
     }

@@ -11,9 +11,11 @@ use crate::{
     lb::{collect, remove_err, update_err},
 };
 
-/// The endpoint map of one node, opened from its pin.
+/// The endpoint map of one node, opened from its pin, with `skiff_ifaces` (each pod
+/// interface's address, for `from-pod`'s source check).
 pub struct EndpointMap {
     map: HashMap<MapData, u32, EndpointInfo>,
+    ifaces: HashMap<MapData, u32, u32>,
 }
 
 impl std::fmt::Debug for EndpointMap {
@@ -31,7 +33,31 @@ impl EndpointMap {
     pub fn open(pins: &PinDir) -> Result<EndpointMap, DatapathError> {
         Ok(EndpointMap {
             map: pins.open_map(map_names::ENDPOINTS)?,
+            ifaces: pins.open_map(map_names::IFACES)?,
         })
+    }
+
+    /// Records `ip` as the only source address allowed out of pod interface `ifindex`.
+    pub fn set_iface(&mut self, ifindex: u32, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        self.ifaces
+            .insert(ifindex, key(ip), 0)
+            .map_err(|e| update_err(map_names::IFACES, e))
+    }
+
+    /// Forgets interface `ifindex` (absent is fine).
+    pub fn remove_iface(&mut self, ifindex: u32) -> Result<(), DatapathError> {
+        match self.ifaces.remove(&ifindex) {
+            Ok(()) => Ok(()),
+            Err(e) => remove_err(map_names::IFACES, e).map_or(Ok(()), Err),
+        }
+    }
+
+    /// Every pod interface recorded: (ifindex, address).
+    pub fn ifaces(&self) -> Result<Vec<(u32, Ipv4Addr)>, DatapathError> {
+        Ok(collect(self.ifaces.iter(), map_names::IFACES)?
+            .into_iter()
+            .map(|(k, v)| (k, Ipv4Addr::from(v.to_ne_bytes())))
+            .collect())
     }
 
     /// Records the pod at `ip`.

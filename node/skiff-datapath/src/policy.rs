@@ -9,7 +9,7 @@ use aya::maps::{
 };
 use skiff_ebpf_common::{
     map_names,
-    policy::{FlowEvent, IpcacheValue, PolicyKey, PolicyValue},
+    policy::{FlowEvent, IpcacheValue, LOST_RATE_LIMITED, LOST_RING_FULL, PolicyKey, PolicyValue},
 };
 
 use crate::{
@@ -138,16 +138,20 @@ fn lpm_entries(
         .collect())
 }
 
-/// Flow events the programs of the node in `pins` had no room for in the ring, since its
-/// maps were created.
-pub fn flows_lost(pins: &PinDir) -> Result<u64, DatapathError> {
+/// Flow events the programs of the node in `pins` did not write, since its maps were
+/// created: (the ring had no room, the CPU's drop-event budget was spent).
+pub fn flows_lost(pins: &PinDir) -> Result<(u64, u64), DatapathError> {
     let lost: PerCpuArray<MapData, u64> = pins.open_map(map_names::FLOWS_LOST)?;
-    let per_cpu = lost.get(&0, 0).map_err(|source| DatapathError::Map {
-        op: "read",
-        map: map_names::FLOWS_LOST.to_string(),
-        source: Box::new(source),
-    })?;
-    Ok(per_cpu.iter().sum())
+    let read = |slot: u32| -> Result<u64, DatapathError> {
+        let per_cpu = lost.get(&slot, 0).map_err(|source| DatapathError::Map {
+            op: "read",
+            map: map_names::FLOWS_LOST.to_string(),
+            source: Box::new(source),
+        })?;
+        Ok(per_cpu.iter().sum())
+    };
+    // A map pinned by an older agent has one slot.
+    Ok((read(LOST_RING_FULL)?, read(LOST_RATE_LIMITED).unwrap_or(0)))
 }
 
 /// The flow ring buffer, read from userspace (by one reader: the agent).
@@ -180,8 +184,15 @@ impl Flows {
 
     /// The events written since the last call.
     pub fn drain(&mut self) -> Vec<FlowEvent> {
+        self.drain_up_to(usize::MAX)
+    }
+
+    /// At most `max` of the events written since the last call, oldest first.
+    pub fn drain_up_to(&mut self, max: usize) -> Vec<FlowEvent> {
         let mut out = Vec::new();
-        while let Some(item) = self.ring.next() {
+        while out.len() < max
+            && let Some(item) = self.ring.next()
+        {
             if item.len() >= size_of::<FlowEvent>() {
                 // SAFETY: the programs write whole `FlowEvent`s (`repr(C)`, every bit pattern
                 // valid); the length is checked and the read is unaligned-safe.

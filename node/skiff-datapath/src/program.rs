@@ -19,7 +19,7 @@ use skiff_ebpf_common::{
     endpoint::EndpointInfo,
     lb::{AffinityKey, AffinityValue, Backend, LbConfig, ServiceKey, ServiceValue},
     map_names,
-    policy::{IpcacheValue, PctEntry, PctKey, PolicyKey, PolicyValue},
+    policy::{FragKey, IpcacheValue, PctEntry, PctKey, PolicyKey, PolicyValue, TokenBucket},
 };
 
 use crate::{DatapathError, PinDir, ProgramKind};
@@ -116,6 +116,24 @@ const MAP_SPECS: &[MapSpec] = &[
         map_type: MapType::PerCpuArray,
         key_size: size_of::<u32>(),
         value_size: size_of::<u64>(),
+    },
+    MapSpec {
+        name: map_names::FLOW_RATE,
+        map_type: MapType::PerCpuArray,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<TokenBucket>(),
+    },
+    MapSpec {
+        name: map_names::FRAGS,
+        map_type: MapType::LruHash,
+        key_size: size_of::<FragKey>(),
+        value_size: size_of::<u64>(),
+    },
+    MapSpec {
+        name: map_names::IFACES,
+        map_type: MapType::Hash,
+        key_size: size_of::<u32>(),
+        value_size: size_of::<u32>(),
     },
 ];
 

@@ -68,11 +68,7 @@ fn print_flow(f: &Flow) {
         }
         (None, true) => String::new(),
     };
-    let verdict = match f.verdict {
-        Verdict::Allowed => "ALLOWED",
-        Verdict::Dropped => "DROPPED",
-        Verdict::Audit => "AUDIT",
-    };
+    let verdict = f.verdict.to_string();
     println!(
         "{time:<15} {:<12} {:<32} {:<32} {:<5} {:<8} {verdict:<8} {policy}",
         f.node,
@@ -121,6 +117,10 @@ pub fn flows(
             serde_json::from_str(&line).with_context(|| format!("the agent sent {line:?}"))?;
         if let Some(e) = value.get("error") {
             bail!("the agent refused the request: {e}");
+        }
+        if let Some(n) = value.get("lost") {
+            eprintln!("skiff-node flows: {n} flows missed (this reader fell behind)");
+            continue;
         }
         match output {
             Output::Json => {
@@ -191,6 +191,8 @@ pub fn policy_get(bpffs: &Path, node: &str, run_dir: &Path, pod: &str) -> Result
     let isolation = |bit, dir: &str, list: Option<&Vec<(String, String)>>| {
         if info.flags & bit == 0 {
             format!("{dir}: not isolated")
+        } else if endpoint == 0 {
+            format!("{dir}: isolated, nothing allowed until the policy loop has seen the pod")
         } else {
             let by: Vec<String> = list
                 .into_iter()

@@ -566,14 +566,31 @@ fn run_agent(cli: &Cli, node: &str) -> Result<()> {
                     let (names_tx, names) = tokio::sync::watch::channel(Default::default());
                     let (client, me, pins2) = (client.clone(), cfg.name.clone(), pins.clone());
                     let gate = policy_gate.clone();
+                    // Restarted when it fails: until it runs, new pods stay closed (see
+                    // `policy::gate`).
                     tokio::spawn(async move {
-                        if let Err(e) =
-                            skiff_agent::policy::sync::run(client, me, pins2, names_tx, gate).await
-                        {
-                            tracing::error!(
-                                error = format!("{e:#}"),
-                                "network policy sync stopped"
-                            );
+                        let mut delay = std::time::Duration::from_secs(1);
+                        loop {
+                            let started = std::time::Instant::now();
+                            let result = skiff_agent::policy::sync::run(
+                                client.clone(),
+                                me.clone(),
+                                pins2.clone(),
+                                names_tx.clone(),
+                                gate.clone(),
+                            )
+                            .await;
+                            if let Err(e) = result {
+                                tracing::error!(
+                                    error = format!("{e:#}"),
+                                    "network policy sync stopped; restarting"
+                                );
+                            }
+                            if started.elapsed() > std::time::Duration::from_secs(60) {
+                                delay = std::time::Duration::from_secs(1);
+                            }
+                            tokio::time::sleep(delay).await;
+                            delay = (delay * 2).min(std::time::Duration::from_secs(30));
                         }
                     });
                     let ring = skiff_datapath::policy::Flows::open(&pins)?;

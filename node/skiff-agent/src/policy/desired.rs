@@ -59,6 +59,8 @@ pub struct View<'a> {
     /// The numbers policies had in the last pass (kept, so a flow event decided before this
     /// pass still names its policy).
     pub numbers: BTreeMap<PolicyRef, u32>,
+    /// The first number never given to a policy (numbers are not reused).
+    pub next_number: u32,
 }
 
 /// A local pod's endpoint, for naming what the data path reports.
@@ -86,6 +88,8 @@ pub struct Desired {
     pub policies: BTreeMap<u32, PolicyRef>,
     /// Endpoint number → its pod and isolating policies.
     pub endpoints: BTreeMap<u16, EndpointPolicies>,
+    /// The first policy number not given yet, for the next pass.
+    pub next_number: u32,
 }
 
 fn subject(l: &IdentityLabels) -> Subject {
@@ -94,6 +98,30 @@ fn subject(l: &IdentityLabels) -> Subject {
         labels: l.pod_labels.clone(),
         namespace_labels: l.namespace_labels.clone(),
     }
+}
+
+/// Whether namespace `ns` is in audit mode ([`AUDIT_ANNOTATION`]).
+pub fn audited(ns: &k8s_openapi::api::core::v1::Namespace) -> bool {
+    ns.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(AUDIT_ANNOTATION))
+        .is_some_and(|v| v == "true")
+}
+
+/// The isolation and audit bits of `skiff_endpoints` flags for an endpoint with `pol`.
+pub fn isolation_flags(pol: &rules::EndpointPolicy, audited: bool) -> u32 {
+    let mut flags = 0;
+    if pol.ingress.isolated() {
+        flags |= EP_INGRESS_ISOLATED;
+    }
+    if pol.egress.isolated() {
+        flags |= EP_EGRESS_ISOLATED;
+    }
+    if audited {
+        flags |= EP_AUDIT;
+    }
+    flags
 }
 
 fn sorted(refs: &[PolicyRef]) -> Vec<PolicyRef> {
@@ -175,7 +203,7 @@ pub fn desired(view: &View<'_>) -> Desired {
     }
 
     let mut numbers: BTreeMap<PolicyRef, u32> = BTreeMap::new();
-    let mut next = view.numbers.values().max().copied().unwrap_or(0) + 1;
+    let mut next = (view.numbers.values().max().copied().unwrap_or(0) + 1).max(view.next_number);
     for (pod, ep, pol) in &local {
         out.endpoints.insert(
             *ep,
@@ -187,16 +215,8 @@ pub fn desired(view: &View<'_>) -> Desired {
                 egress: sorted(&pol.egress.isolating),
             },
         );
-        let mut flags = u32::from(*ep) << EP_ID_SHIFT;
-        if pol.ingress.isolated() {
-            flags |= EP_INGRESS_ISOLATED;
-        }
-        if pol.egress.isolated() {
-            flags |= EP_EGRESS_ISOLATED;
-        }
-        if view.audited.contains(&pod.labels.namespace) {
-            flags |= EP_AUDIT;
-        }
+        let flags = (u32::from(*ep) << EP_ID_SHIFT)
+            | isolation_flags(pol, view.audited.contains(&pod.labels.namespace));
         out.flags.insert(pod.ip, flags);
         let universe = Universe {
             identities: subjects.iter().map(|(id, s)| (*id, s)).collect(),
@@ -221,6 +241,7 @@ pub fn desired(view: &View<'_>) -> Desired {
         }
     }
     out.policies = numbers.into_iter().map(|(p, n)| (n, p)).collect();
+    out.next_number = next;
     out
 }
 
@@ -289,6 +310,7 @@ mod tests {
             node_ips: vec![[10, 0, 0, 1].into()],
             other_node_ips: vec![[10, 0, 0, 2].into()],
             numbers: BTreeMap::new(),
+            next_number: 0,
         };
         let d = desired(&view);
         assert_eq!(d.ipcache.len(), 5);
@@ -353,6 +375,7 @@ mod tests {
         fn view<'a>(
             policies: Vec<&'a NetworkPolicy>,
             numbers: BTreeMap<PolicyRef, u32>,
+            next_number: u32,
         ) -> View<'a> {
             View {
                 pods: vec![
@@ -367,19 +390,28 @@ mod tests {
                     (302, labels("shop", "b")),
                 ]),
                 numbers,
+                next_number,
                 ..View::default()
             }
         }
-        let first = desired(&view(vec![&b], BTreeMap::new()));
+        let first = desired(&view(vec![&b], BTreeMap::new(), 0));
         let b_ref = ("shop".to_string(), "from-b".to_string());
         assert_eq!(first.policies, BTreeMap::from([(1, b_ref.clone())]));
         // from-a sorts first but comes later: from-b keeps its number.
         let numbers = BTreeMap::from([(b_ref.clone(), 1)]);
-        let second = desired(&view(vec![&a, &b], numbers));
+        let second = desired(&view(vec![&a, &b], numbers, first.next_number));
         assert_eq!(
             second.policies,
-            BTreeMap::from([(1, b_ref), (2, ("shop".to_string(), "from-a".to_string()))])
+            BTreeMap::from([
+                (1, b_ref.clone()),
+                (2, ("shop".to_string(), "from-a".to_string()))
+            ])
         );
+        assert_eq!(second.next_number, 3);
+        // from-a (number 2) goes away; a later policy does not get its number.
+        let c = policy("from-c", "a");
+        let third = desired(&view(vec![&b, &c], BTreeMap::from([(b_ref.clone(), 1)]), 3));
+        assert_eq!(third.policies.keys().copied().collect::<Vec<_>>(), [1, 3]);
         let ep = &second.endpoints[&3];
         assert_eq!((ep.namespace.as_str(), ep.pod.as_str()), ("shop", "pod-5"));
         assert_eq!(ep.ingress.len(), 2);

@@ -86,6 +86,24 @@ pub enum Verdict {
     Audit,
 }
 
+impl Verdict {
+    /// Lower-case, as metrics label it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Verdict::Allowed => "allowed",
+            Verdict::Dropped => "dropped",
+            Verdict::Audit => "audit",
+        }
+    }
+}
+
+impl std::fmt::Display for Verdict {
+    /// As the JSON spells it (`ALLOWED`, `DROPPED`, `AUDIT`).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.name().to_ascii_uppercase())
+    }
+}
+
 /// A policy by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PolicyName {
@@ -318,11 +336,7 @@ impl FlowLog {
 
     /// Counts and keeps `flow`, and sends it to followers.
     pub fn record(&self, flow: Flow) {
-        let verdict = match flow.verdict {
-            Verdict::Allowed => "allowed",
-            Verdict::Dropped => "dropped",
-            Verdict::Audit => "audit",
-        };
+        let verdict = flow.verdict.name();
         self.metrics
             .verdicts
             .get_or_create(&vec![
@@ -375,6 +389,9 @@ impl FlowLog {
     }
 }
 
+/// Events read at once.
+const BATCH: usize = 1024;
+
 /// Reads `flows` into `log` until an error; `names` names them.
 pub async fn run(
     log: Arc<FlowLog>,
@@ -391,20 +408,28 @@ pub async fn run(
         let mut guard = fd.readable_mut().await.context("flow ring buffer")?;
         // Cleared before reading: an event committed after the last read wakes us again.
         guard.clear_ready();
-        let events = guard.get_inner_mut().drain();
-        if events.is_empty() {
-            continue;
-        }
-        let clock = boot_offset();
-        let names = names.borrow().clone();
-        for ev in &events {
-            log.record(log.describe(ev, &names, clock));
+        loop {
+            // In batches, yielding between them: a burst does not hold a worker.
+            let events = guard.get_inner_mut().drain_up_to(BATCH);
+            let clock = boot_offset();
+            let names = names.borrow().clone();
+            for ev in &events {
+                log.record(log.describe(ev, &names, clock));
+            }
+            if events.len() < BATCH {
+                break;
+            }
+            tokio::task::yield_now().await;
         }
     }
 }
 
 /// The longest request line accepted.
 const MAX_REQUEST: usize = 64 * 1024;
+/// Clients served at once.
+const MAX_CLIENTS: usize = 64;
+/// How long a client has to send its request.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Serves the flow socket at `path` (replacing a stale one; mode 0600).
 pub async fn serve(
@@ -420,17 +445,28 @@ pub async fn serve(
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
     }
-    let listener = UnixListener::bind(path).with_context(|| format!("bind {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod {}", path.display()))?;
+    // Made private under another name, then moved into place: never reachable while open.
+    let staging = path.with_extension("sock.new");
+    let _ = std::fs::remove_file(&staging);
+    let listener =
+        UnixListener::bind(&staging).with_context(|| format!("bind {}", staging.display()))?;
+    std::fs::set_permissions(&staging, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod {}", staging.display()))?;
+    std::fs::rename(&staging, path).with_context(|| format!("move to {}", path.display()))?;
     tracing::info!(socket = %path.display(), "flow log listening");
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CLIENTS));
     loop {
         let (stream, _) = listener
             .accept()
             .await
             .context("accept on the flow socket")?;
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            tracing::warn!("flow socket: {MAX_CLIENTS} clients already; refusing another");
+            continue;
+        };
         let (log, names) = (log.clone(), names.clone());
         tokio::spawn(async move {
+            let _slot = slot;
             if let Err(e) = session(stream, &log, &names).await {
                 tracing::debug!(error = format!("{e:#}"), "flow socket client");
             }
@@ -453,7 +489,9 @@ async fn session(
     let (read, mut write) = stream.into_split();
     let mut read = tokio::io::AsyncReadExt::take(BufReader::new(read), MAX_REQUEST as u64);
     let mut line = String::new();
-    read.read_line(&mut line).await?;
+    tokio::time::timeout(REQUEST_TIMEOUT, read.read_line(&mut line))
+        .await
+        .context("no request")??;
     let req: Request = match serde_json::from_str(&line) {
         Ok(r) => r,
         Err(e) => {
@@ -491,7 +529,8 @@ async fn session(
                         }
                         Ok(_) => {}
                         Err(broadcast::error::RecvError::Lagged(n)) => {
-                            tracing::debug!(missed = n, "flow follower fell behind");
+                            // Told, so the reader knows its stream has a gap.
+                            write_json(&mut write, &serde_json::json!({ "lost": n })).await?;
                         }
                         Err(broadcast::error::RecvError::Closed) => return Ok(()),
                     },

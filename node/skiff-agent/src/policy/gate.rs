@@ -11,9 +11,12 @@ use std::sync::{Arc, OnceLock};
 
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{ResourceExt, runtime::reflector::Store};
-use skiff_ebpf_common::policy::{EP_AUDIT, EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED};
+use skiff_ebpf_common::policy::{EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED};
 
-use super::{desired::AUDIT_ANNOTATION, rules};
+use super::{
+    desired::{audited, isolation_flags},
+    rules,
+};
 
 /// What the policy loop follows, shared with the pod programs' attachment.
 #[derive(Default)]
@@ -60,29 +63,17 @@ impl Gate {
         };
         let all = policies.state();
         let pol = rules::compute(all.iter().map(|p| &**p), &subject);
-        let mut flags = 0;
-        if pol.ingress.isolated() {
-            flags |= EP_INGRESS_ISOLATED;
-        }
-        if pol.egress.isolated() {
-            flags |= EP_EGRESS_ISOLATED;
-        }
-        if ns.is_some_and(|n| {
-            n.annotations()
-                .get(AUDIT_ANNOTATION)
-                .is_some_and(|v| v == "true")
-        }) {
-            flags |= EP_AUDIT;
-        }
-        flags
+        isolation_flags(&pol, ns.is_some_and(|n| audited(&n)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::policy::desired::AUDIT_ANNOTATION;
     use kube::runtime::{reflector, watcher::Event};
     use serde_json::json;
+    use skiff_ebpf_common::policy::EP_AUDIT;
     use std::collections::BTreeMap;
 
     fn store<K>(objects: Vec<K>) -> Store<K>

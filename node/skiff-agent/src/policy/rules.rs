@@ -221,7 +221,8 @@ pub fn policy_types(p: &NetworkPolicy) -> (bool, bool) {
     }
 }
 
-fn proto(p: Option<&str>) -> Option<u8> {
+/// The IP protocol a Kubernetes `protocol` names (absent: TCP); `None` for others.
+pub fn proto(p: Option<&str>) -> Option<u8> {
     match p.unwrap_or("TCP") {
         "TCP" => Some(PROTO_TCP),
         "UDP" => Some(PROTO_UDP),

@@ -20,16 +20,18 @@ use kube::{
     Api, Client, Resource, ResourceExt,
     runtime::{WatchStreamExt, reflector, watcher},
 };
-use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, allocate};
+use skiff_apimachinery::identity::{
+    IdentityLabels, NamespaceLabels, SecurityIdentity, allocate, pod_live,
+};
 use skiff_datapath::{PinDir, endpoints::EndpointMap, policy::PolicyMaps};
 use skiff_ebpf_common::policy::{EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED};
 use tokio::sync::{Notify, watch};
 
 use super::{
-    desired::{AUDIT_ANNOTATION, Desired, NamedPorts, PodFacts, View, desired},
+    desired::{Desired, NamedPorts, PodFacts, View, audited, desired},
     flows::{NamedPod, Names},
     gate::Gate,
-    rules::{PROTO_SCTP, PROTO_TCP, PROTO_UDP},
+    rules,
 };
 
 /// A kind followed through a reflector, driven by its own task (which ends with the returned
@@ -84,10 +86,8 @@ fn named_ports(pod: &Pod) -> NamedPorts {
             let Some(name) = p.name.clone().filter(|n| !n.is_empty()) else {
                 continue;
             };
-            let proto = match p.protocol.as_deref().unwrap_or("TCP") {
-                "UDP" => PROTO_UDP,
-                "SCTP" => PROTO_SCTP,
-                _ => PROTO_TCP,
+            let Some(proto) = rules::proto(p.protocol.as_deref()) else {
+                continue;
             };
             if let Ok(port) = u16::try_from(p.container_port) {
                 out.entry(name).or_default().insert((proto, port));
@@ -98,14 +98,10 @@ fn named_ports(pod: &Pod) -> NamedPorts {
 }
 
 fn pod_ip(pod: &Pod) -> Option<Ipv4Addr> {
-    let s = pod.status.as_ref()?;
-    if s.phase
-        .as_deref()
-        .is_some_and(|p| p == "Succeeded" || p == "Failed")
-    {
+    if !pod_live(pod) {
         return None;
     }
-    s.pod_ip.as_deref()?.parse().ok()
+    pod.status.as_ref()?.pod_ip.as_deref()?.parse().ok()
 }
 
 fn node_ips(n: &Node) -> Vec<Ipv4Addr> {
@@ -184,10 +180,12 @@ pub async fn run(
     gate.open(policies.clone(), namespaces.clone());
     // Endpoint numbers of this node's pods, by uid (stable while the pod lives).
     let mut numbers: BTreeMap<String, u16> = BTreeMap::new();
-    // Policy numbers of the last pass.
+    // Policy numbers of the last pass, and the next never given (numbers are not reused, so
+    // an event still in the ring names the policy it was decided by).
     let mut policy_numbers = BTreeMap::new();
+    let mut next_policy_number = 1;
     loop {
-        let ns_labels: BTreeMap<String, BTreeMap<String, String>> = namespaces
+        let ns_labels: NamespaceLabels = namespaces
             .state()
             .iter()
             .map(|n| (n.name_any(), n.labels().clone()))
@@ -195,33 +193,30 @@ pub async fn run(
         let audited: BTreeSet<String> = namespaces
             .state()
             .iter()
-            .filter(|n| {
-                n.annotations()
-                    .get(AUDIT_ANNOTATION)
-                    .is_some_and(|v| v == "true")
-            })
+            .filter(|n| audited(n))
             .map(|n| n.name_any())
             .collect();
-        let known: Vec<SecurityIdentity> =
+        let mut known: Vec<SecurityIdentity> =
             identities.state().iter().map(|i| (**i).clone()).collect();
         let mut facts = Vec::new();
         let mut live = BTreeSet::new();
         for p in pods.state() {
             let Some(ip) = pod_ip(&p) else { continue };
-            let ns = p.namespace().unwrap_or_default();
-            let labels = IdentityLabels::of(
-                &ns,
-                p.labels(),
-                ns_labels.get(&ns).unwrap_or(&BTreeMap::new()),
-            );
+            let labels = IdentityLabels::of_pod(&p, &ns_labels);
             let local = p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node.as_str());
             let endpoint = if local {
                 let uid = p.uid().unwrap_or_default();
                 live.insert(uid.clone());
-                if !known.iter().any(|i| i.labels == labels)
-                    && let Err(e) = allocate(&identities_api, &known, &labels).await
-                {
-                    tracing::warn!(pod = %p.name_any(), error = format!("{e:#}"), "no security identity yet");
+                if !known.iter().any(|i| i.labels == labels) {
+                    match allocate(&identities_api, &known, &labels).await {
+                        // Known for the rest of the pass (pods sharing the labels).
+                        Ok(id) => known.push(SecurityIdentity::new(id, labels.clone())),
+                        Err(e) => tracing::warn!(
+                            pod = %p.name_any(),
+                            error = format!("{e:#}"),
+                            "no security identity yet"
+                        ),
+                    }
                 }
                 let used: BTreeSet<u16> = numbers.values().copied().collect();
                 let n = *numbers
@@ -262,10 +257,11 @@ pub async fn run(
             node_ips: mine,
             other_node_ips: others,
             numbers: std::mem::take(&mut policy_numbers),
+            next_number: next_policy_number,
         };
         let want = desired(&view);
         policy_numbers = want.policies.iter().map(|(n, p)| (p.clone(), *n)).collect();
-        published.send_replace(Arc::new(names(&view, &want)));
+        next_policy_number = want.next_number;
         if let Err(e) = apply(&want, &mut maps, &mut endpoints) {
             tracing::error!(
                 error = format!("{e:#}"),
@@ -274,9 +270,10 @@ pub async fn run(
             tokio::time::sleep(Duration::from_secs(1)).await;
             continue;
         }
+        published.send_replace(Arc::new(names(&view, &want)));
         // Wait for the next change (events that arrived meanwhile left one permit: they all
-        // join the next pass), or the resync period (endpoints attached since, written with
-        // no flags, get theirs).
+        // join the next pass), or the resync period (endpoints attached since get their
+        // number and keys).
         tokio::select! {
             () = changed.notified() => {}
             () = tokio::time::sleep(RESYNC) => {}
@@ -323,9 +320,11 @@ pub fn apply(want: &Desired, maps: &mut PolicyMaps, endpoints: &mut EndpointMap)
     const POLICY_BITS: u32 =
         EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_AUDIT | (0xffff << EP_ID_SHIFT);
     for (ip, mut info) in endpoints.list()? {
-        // A pod not known yet keeps what its attachment gave it (see `gate`).
-        let Some(&flags) = want.flags.get(&ip) else {
-            continue;
+        // A pod not known yet (or no longer) keeps the isolation its attachment gave it (see
+        // `gate`), under no endpoint number: a number is only ever the loop's current one.
+        let flags = match want.flags.get(&ip) {
+            Some(&f) => f,
+            None => info.flags & (EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED | EP_AUDIT),
         };
         if info.flags & POLICY_BITS != flags {
             info.flags = (info.flags & !POLICY_BITS) | flags;
