@@ -1,6 +1,8 @@
-//! Three `skiff-control` processes, each in its own network namespace on a test LAN, under
+//! Three `skiff-control` processes, each in its own network namespace on a test LAN, talking
+//! to each other over mutual TLS (certificates from `skiff-control peer-certs`), under
 //! concurrent load while members are killed with SIGKILL and restarted and the leader is cut
-//! off the network (its link down) and reconnected. Afterwards: the recorded client history
+//! off the network (its link down) and reconnected. A client without a member certificate,
+//! or with one from another CA, is refused by the peer listener. Afterwards: the recorded client history
 //! (≥ 1000 operations) is linearizable per key, no acknowledged write is lost, and a watcher
 //! that reconnects to another member when its member fails saw every revision exactly once,
 //! in order.
@@ -38,6 +40,8 @@ struct Member {
     peer: SocketAddr,
     client: SocketAddr,
     dir: PathBuf,
+    /// Where the peer certificates are.
+    certs: PathBuf,
     node: NodeNs,
     child: Option<Child>,
 }
@@ -58,6 +62,12 @@ impl Member {
             .args(["--peer-listen", &self.peer.to_string()])
             .args(["--client-listen", &self.client.to_string()])
             .args(["--peers", peers])
+            .arg("--peer-cert-file")
+            .arg(self.certs.join(format!("member-{}.crt", self.id)))
+            .arg("--peer-key-file")
+            .arg(self.certs.join(format!("member-{}.key", self.id)))
+            .arg("--peer-trusted-ca-file")
+            .arg(self.certs.join("peer-ca.crt"))
             .arg("--store-only")
             .stdout(Stdio::null())
             .stderr(log)
@@ -118,6 +128,7 @@ fn killed_and_partitioned_members_lose_no_acknowledged_write_and_history_is_line
     }
     let lan = Lan::new();
     let root = tempfile::tempdir().expect("tempdir");
+    let certs = root.path().join("certs");
     let members: Vec<Member> = (0..3)
         .map(|i| {
             let node = lan.node();
@@ -126,22 +137,40 @@ fn killed_and_partitioned_members_lose_no_acknowledged_write_and_history_is_line
                 peer: SocketAddr::from((node.node_ip, 2380)),
                 client: SocketAddr::from((node.node_ip, 2379)),
                 dir: root.path().join(format!("m{}", i + 1)),
+                certs: certs.clone(),
                 node,
                 child: None,
             }
         })
         .collect();
+    let peer_certs = |dir: &std::path::Path| {
+        let mut cmd = std::process::Command::new(bin("skiff-control"));
+        cmd.arg("peer-certs").arg("--out").arg(dir);
+        for m in &members {
+            cmd.args(["--member", &format!("{}={}", m.id, m.peer.ip())]);
+        }
+        let out = cmd.output().expect("skiff-control peer-certs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    peer_certs(&certs);
+    // Certificates for the same members from another CA: not trusted.
+    let strangers = root.path().join("strangers");
+    peer_certs(&strangers);
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(4)
         .enable_all()
         .build()
         .expect("runtime");
-    rt.block_on(run(members));
+    rt.block_on(run(members, strangers));
     drop(rt);
     drop(lan);
 }
 
-async fn run(mut members: Vec<Member>) {
+async fn run(mut members: Vec<Member>, strangers: PathBuf) {
     let peers = members
         .iter()
         .map(|m| format!("{}={}", m.id, m.peer))
@@ -153,6 +182,63 @@ async fn run(mut members: Vec<Member>) {
     }
     let clients: Vec<StoreClient> = members.iter().map(|m| StoreClient::new(m.client)).collect();
     wait_ready(&clients).await;
+    // The peer listener refuses whoever is not a member: no certificate, or another CA's.
+    let target = format!("https://{}/raft/vote", members[0].peer);
+    let ca = members[0].certs.join("peer-ca.crt");
+    let stranger_crt = strangers.join("member-2.crt");
+    let stranger_key = strangers.join("member-2.key");
+    let curl = |extra: &[&std::ffi::OsStr]| {
+        std::process::Command::new("curl")
+            .args([
+                "-s",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                "--max-time",
+                "5",
+            ])
+            .arg("--cacert")
+            .arg(&ca)
+            .args(extra)
+            .args(["-X", "POST", &target])
+            .output()
+            .expect("curl")
+    };
+    let cases: Vec<(&str, Vec<&std::ffi::OsStr>)> = vec![
+        ("no certificate", vec![]),
+        (
+            "another CA's certificate",
+            vec![
+                std::ffi::OsStr::new("--cert"),
+                stranger_crt.as_os_str(),
+                std::ffi::OsStr::new("--key"),
+                stranger_key.as_os_str(),
+            ],
+        ),
+    ];
+    for (what, extra) in cases {
+        let out = curl(&extra);
+        assert!(
+            !out.status.success(),
+            "{what}: the peer listener answered {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
+    // A member's certificate is let in (the request itself is not a valid vote).
+    let own_crt = members[0].certs.join("member-2.crt");
+    let own_key = members[0].certs.join("member-2.key");
+    let out = curl(&[
+        std::ffi::OsStr::new("--cert"),
+        own_crt.as_os_str(),
+        std::ffi::OsStr::new("--key"),
+        own_key.as_os_str(),
+    ]);
+    assert!(
+        out.status.success(),
+        "a member's certificate refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     let t0 = Instant::now();
     let now = move || t0.elapsed().as_nanos() as u64;

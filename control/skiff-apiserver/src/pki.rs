@@ -153,6 +153,68 @@ fn serving_cert(names: &[String], ca: &Issuer<'_, KeyPair>) -> Result<(String, S
     Ok((cert.pem(), key.serialize_pem()))
 }
 
+/// The members' CA and each member's peer certificate, for mutual TLS between store members
+/// (`skiff-control --peer-cert-file …`). Under `dir`: `peer-ca.{crt,key}` (made once, reused
+/// after), and `member-<id>.{crt,key}` for each of `members` (id, host of its peer address),
+/// valid as server and client, naming the host (IP or DNS name). Returns the files written.
+pub fn peer_certs(dir: &Path, members: &[(u64, String)]) -> Result<Vec<PathBuf>> {
+    fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+    let (ca_crt, ca_key) = (dir.join("peer-ca.crt"), dir.join("peer-ca.key"));
+    let mut written = Vec::new();
+    if !ca_crt.exists() {
+        let key = KeyPair::generate().context("generate the peer CA key")?;
+        let mut params = ca_params();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "skiff-peer-ca");
+        let cert = params.self_signed(&key).context("self-sign the peer CA")?;
+        write_private(&ca_key, key.serialize_pem().as_bytes())?;
+        write_private(&ca_crt, cert.pem().as_bytes())?;
+        written.extend([ca_crt.clone(), ca_key.clone()]);
+    }
+    let ca_pem = read(&ca_crt)?;
+    let ca_key_pair = KeyPair::from_pem(&read(&ca_key)?)
+        .with_context(|| format!("{} is not a PEM private key", ca_key.display()))?;
+    let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)
+        .with_context(|| format!("{} is not a PEM CA certificate", ca_crt.display()))?;
+    for (id, host) in members {
+        let mut p = CertificateParams::default();
+        let mut dn = DistinguishedName::new();
+        dn.push(DnType::CommonName, format!("skiff-member-{id}"));
+        p.distinguished_name = dn;
+        p.subject_alt_names = vec![match host.parse::<IpAddr>() {
+            Ok(ip) => SanType::IpAddress(ip),
+            Err(_) => SanType::DnsName(
+                host.clone()
+                    .try_into()
+                    .with_context(|| format!("{host:?} is not an IP address or DNS name"))?,
+            ),
+        }];
+        p.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
+        p.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        p.not_before = time_now();
+        p.not_after = time_now() + time::Duration::days(365);
+        let key = KeyPair::generate().context("generate a member key")?;
+        let cert = p
+            .signed_by(&key, &issuer)
+            .context("sign a member certificate")?;
+        let (crt, key_path) = (
+            dir.join(format!("member-{id}.crt")),
+            dir.join(format!("member-{id}.key")),
+        );
+        write_private(&key_path, key.serialize_pem().as_bytes())?;
+        write_private(&crt, cert.pem().as_bytes())?;
+        written.extend([crt, key_path]);
+    }
+    Ok(written)
+}
+
 fn read(path: &Path) -> Result<String> {
     fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
 }

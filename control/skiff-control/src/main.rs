@@ -56,6 +56,22 @@ struct Cli {
     #[arg(long, default_value_t = 300)]
     identity_gc_seconds: u64,
 
+    /// This member's certificate (PEM chain) for mutual TLS with the other members (with
+    /// --peer-key-file and --peer-trusted-ca-file; `skiff-control peer-certs` makes them).
+    /// Without them, peer traffic is plain HTTP: keep it on loopback or a network only members
+    /// reach.
+    #[arg(long, requires_all = ["peer_key_file", "peer_trusted_ca_file"])]
+    peer_cert_file: Option<PathBuf>,
+
+    /// This member's private key (PEM).
+    #[arg(long, requires_all = ["peer_cert_file", "peer_trusted_ca_file"])]
+    peer_key_file: Option<PathBuf>,
+
+    /// The members' CA (PEM): only members presenting a certificate it signed are accepted,
+    /// and only those are trusted.
+    #[arg(long, requires_all = ["peer_cert_file", "peer_key_file"])]
+    peer_trusted_ca_file: Option<PathBuf>,
+
     /// Run only the store member (no API server, no controllers): a dedicated store member,
     /// as an external etcd would be.
     #[arg(long)]
@@ -83,6 +99,16 @@ struct Cli {
 
 #[derive(Debug, clap::Subcommand)]
 enum Cmd {
+    /// Make the members' CA (once) and a peer certificate for each member, for
+    /// --peer-cert-file/--peer-key-file/--peer-trusted-ca-file.
+    PeerCerts {
+        /// Where the files go (`peer-ca.{crt,key}`, `member-<id>.{crt,key}`).
+        #[arg(long)]
+        out: PathBuf,
+        /// `ID=HOST`: a member and the host of its peer address (repeatable).
+        #[arg(long = "member", value_name = "ID=HOST", required = true)]
+        members: Vec<String>,
+    },
     /// Inspect or change the store's members through a running member's client listener.
     Member {
         /// Client listener of any running member.
@@ -180,6 +206,22 @@ fn main() -> Result<()> {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+    if let Some(Cmd::PeerCerts { out, members }) = &cli.command {
+        let mut parsed = Vec::new();
+        for m in members {
+            let (id, host) = m
+                .split_once('=')
+                .with_context(|| format!("--member {m:?} is not ID=HOST"))?;
+            let id: u64 = id
+                .parse()
+                .with_context(|| format!("--member {m:?}: {id:?} is not a member id"))?;
+            parsed.push((id, host.to_string()));
+        }
+        for f in skiff_apiserver::pki::peer_certs(out, &parsed)? {
+            println!("{}", f.display());
+        }
+        return Ok(());
+    }
     if let Some(Cmd::Member { endpoint, action }) = cli.command {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -203,6 +245,17 @@ fn main() -> Result<()> {
         history: Duration::from_secs(cli.history_seconds),
         compact_every: Duration::from_secs(cli.history_seconds.clamp(1, 30)),
         snapshot_every: 20_000,
+        peer_tls: match (
+            &cli.peer_cert_file,
+            &cli.peer_key_file,
+            &cli.peer_trusted_ca_file,
+        ) {
+            (Some(cert), Some(key), Some(ca)) => Some(
+                skiff_store::tls::PeerTls::load(cert, key, ca)
+                    .context("loading the peer TLS files")?,
+            ),
+            _ => None,
+        },
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

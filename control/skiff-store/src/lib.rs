@@ -21,6 +21,7 @@ pub mod error;
 pub mod mvcc;
 pub mod node;
 pub mod raft;
+pub mod tls;
 pub mod types;
 pub mod watch;
 

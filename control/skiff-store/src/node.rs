@@ -43,7 +43,7 @@ use crate::{
     TxnResponse, WatchStream,
     raft::{
         Applied, LogStore, NodeId, StateMachine, TypeConfig,
-        network::{Network, post as peer_post},
+        network::{Network, PeerHttp, post as peer_post},
     },
 };
 
@@ -82,6 +82,9 @@ pub struct NodeConfig {
     /// Log entries applied since the last snapshot before a new one is built (and the log
     /// before it purged, keeping 1000 entries for followers that lag a little).
     pub snapshot_every: u64,
+    /// Mutual TLS between members; `None`: plain HTTP (loopback, or a network only members
+    /// reach).
+    pub peer_tls: Option<crate::tls::PeerTls>,
 }
 
 impl NodeConfig {
@@ -98,6 +101,7 @@ impl NodeConfig {
             history: Duration::from_secs(300),
             compact_every: Duration::from_secs(30),
             snapshot_every: 20_000,
+            peer_tls: None,
         }
     }
 }
@@ -322,7 +326,7 @@ struct Inner {
     id: NodeId,
     raft: Raft<TypeConfig>,
     mvcc: Mvcc,
-    http: reqwest::Client,
+    http: PeerHttp,
     peer_addr: SocketAddr,
     proposals: Proposals,
     barriers: Mutex<Barriers>,
@@ -369,10 +373,7 @@ impl StoreNode {
         .validate()
         .map_err(|e| StoreError::Invalid(format!("raft config: {e}")))?;
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let http = reqwest::Client::builder()
-            .pool_max_idle_per_host(64)
-            .tcp_nodelay(true)
-            .build()
+        let http = PeerHttp::new(cfg.peer_tls.as_ref().map(|t| t.client.clone()))
             .map_err(|e| StoreError::Invalid(format!("http client: {e}")))?;
         let raft = Raft::new(
             cfg.id,
@@ -385,21 +386,23 @@ impl StoreNode {
         .map_err(|e| StoreError::Unavailable(format!("starting raft: {e}")))?;
 
         let (proposals, queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
-        let server = axum::serve(
-            listener,
-            peer_router(PeerState {
-                raft: raft.clone(),
-                proposals: proposals.clone(),
-            }),
-        );
-        let mut tasks = vec![
-            tokio::spawn(async move {
-                if let Err(e) = server.await {
+        let router = peer_router(PeerState {
+            raft: raft.clone(),
+            proposals: proposals.clone(),
+        });
+        let server = match &cfg.peer_tls {
+            None => tokio::spawn(async move {
+                if let Err(e) = axum::serve(listener, router).await {
                     tracing::error!(error = %e, "peer listener stopped");
                 }
             }),
-            tokio::spawn(batcher(raft.clone(), queue)),
-        ];
+            Some(tls) => tokio::spawn(serve_tls(
+                listener,
+                tokio_rustls::TlsAcceptor::from(tls.server.clone()),
+                router,
+            )),
+        };
+        let mut tasks = vec![server, tokio::spawn(batcher(raft.clone(), queue))];
 
         if !cfg.join {
             let members: BTreeMap<NodeId, BasicNode> = if cfg.members.is_empty() {
@@ -753,6 +756,51 @@ async fn compactor(node: StoreNode, history: Duration, every: Duration) {
 struct PeerState {
     raft: Raft<TypeConfig>,
     proposals: Proposals,
+}
+
+/// Serves the peer listener over TLS (client certificates required) until aborted; each
+/// connection is a task of a set owned here, ended with it.
+async fn serve_tls(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor, app: Router) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "peer listener: accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, app) = (tls.clone(), app.clone());
+        conns.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed");
+                    return;
+                }
+                Err(_) => return,
+            };
+            let service = TowerToHyperService::new(app);
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(%peer, error = %e, "peer connection ended with an error");
+            }
+        });
+    }
 }
 
 fn peer_router(state: PeerState) -> Router {

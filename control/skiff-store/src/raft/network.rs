@@ -15,15 +15,46 @@ use serde::{Serialize, de::DeserializeOwned};
 
 use super::{NodeId, TypeConfig};
 
+/// The HTTP client of the peer listeners: plain HTTP, or HTTPS with this member's
+/// certificate (mutual TLS, `crate::tls`). Clones share one connection pool.
+#[derive(Clone, Debug)]
+pub struct PeerHttp {
+    client: reqwest::Client,
+    scheme: &'static str,
+}
+
+impl PeerHttp {
+    /// A client for peers over plain HTTP, or over TLS with `tls` (a client configuration
+    /// presenting this member's certificate and trusting the members' CA).
+    pub fn new(tls: Option<rustls::ClientConfig>) -> Result<PeerHttp, reqwest::Error> {
+        let builder = reqwest::Client::builder()
+            .pool_max_idle_per_host(64)
+            .tcp_nodelay(true);
+        Ok(match tls {
+            Some(cfg) => PeerHttp {
+                client: builder
+                    .use_preconfigured_tls(cfg)
+                    .https_only(true)
+                    .build()?,
+                scheme: "https",
+            },
+            None => PeerHttp {
+                client: builder.build()?,
+                scheme: "http",
+            },
+        })
+    }
+}
+
 /// Creates a client per peer; clones share one HTTP connection pool.
 #[derive(Clone, Debug)]
 pub struct Network {
-    http: reqwest::Client,
+    http: PeerHttp,
 }
 
 impl Network {
     /// A network using `http` for every peer.
-    pub fn new(http: reqwest::Client) -> Network {
+    pub fn new(http: PeerHttp) -> Network {
         Network { http }
     }
 }
@@ -33,7 +64,7 @@ impl Network {
 pub struct PeerClient {
     target: NodeId,
     addr: String,
-    http: reqwest::Client,
+    http: PeerHttp,
 }
 
 impl RaftNetworkFactory<TypeConfig> for Network {
@@ -48,9 +79,9 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// Sends `req` to `http://<addr>/<path>` and decodes a postcard `Result<Resp, Err>`.
+/// Sends `req` to `<scheme>://<addr>/<path>` and decodes a postcard `Result<Resp, Err>`.
 pub(crate) async fn post<Req, Resp, E>(
-    http: &reqwest::Client,
+    http: &PeerHttp,
     addr: &str,
     path: &str,
     req: &Req,
@@ -63,7 +94,8 @@ where
 {
     let body = postcard::to_allocvec(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
     let mut builder = http
-        .post(format!("http://{addr}/{path}"))
+        .client
+        .post(format!("{}://{addr}/{path}", http.scheme))
         .header("content-type", "application/octet-stream")
         .body(body);
     if let Some(t) = timeout {
