@@ -468,3 +468,50 @@ fn a_pod_cannot_send_with_another_source_address() {
         1
     );
 }
+
+#[test]
+fn a_services_rejection_reaches_an_ingress_isolated_client() {
+    if !privileged("a_services_rejection_reaches_an_ingress_isolated_client") {
+        return;
+    }
+    use skiff_datapath::lb::LbMaps;
+    use skiff_ebpf_common::lb::{SCOPE_EXTERNAL, ServiceKey, ServiceValue};
+    const VIP: [u8; 4] = [10, 96, 0, 30];
+    const UDP: u8 = 17;
+    let mut node = Node::new();
+    // The client may receive nothing new; its Services have no endpoint.
+    node.pod(EP_INGRESS_ISOLATED);
+    let mut lb = LbMaps::open(&node.pins_dir).expect("service maps");
+    for (id, port, proto) in [(1u32, 80u16, TCP), (2, 53, UDP)] {
+        let key = ServiceKey::new(
+            u32::from_ne_bytes(VIP),
+            port.to_be(),
+            proto,
+            SCOPE_EXTERNAL,
+            0,
+        );
+        let frontend = ServiceValue {
+            service_id: id,
+            count: 0,
+            ..ServiceValue::default()
+        };
+        lb.set_service(key, frontend).expect("frontend");
+    }
+    // The rejections (RST; ICMP port unreachable quoting the query) come back through
+    // `to-pod` and are let in: answers to the client's own attempts.
+    let syn = packets::tcp(POD, VIP, 40000, 80, SYN, 1, 0, b"");
+    let query = packets::udp(POD, VIP, 40001, 53, b"q");
+    for (what, frame) in [("RST", syn), ("ICMP port unreachable", query)] {
+        let out = node.from_pod.test_run(&frame).expect("run");
+        assert_eq!(out.verdict, TC_ACT_REDIRECT, "{what} sent back");
+        let back = node.to_pod.test_run(&out.packet).expect("run");
+        assert_eq!(back.verdict, TC_ACT_OK, "{what} let in");
+    }
+    assert_eq!(node.denied(Hook::ToPod), 0);
+    // Unasked, the same messages are refused.
+    let stray_rst = packets::tcp(VIP, POD, 80, 40002, packets::ACK, 1, 1, b"");
+    assert_eq!(
+        node.to_pod.test_run(&stray_rst).expect("run").verdict,
+        TC_ACT_SHOT
+    );
+}

@@ -178,6 +178,9 @@ pub fn peer_certs(dir: &Path, members: &[(u64, String)]) -> Result<Vec<PathBuf>>
     let issuer = Issuer::from_ca_cert_pem(&ca_pem, ca_key_pair)
         .with_context(|| format!("{} is not a PEM CA certificate", ca_crt.display()))?;
     for (id, host) in members {
+        if host.contains(':') || host.is_empty() {
+            bail!("member {id}: {host:?} is not a host (give the address without its port)");
+        }
         let mut p = CertificateParams::default();
         let mut dn = DistinguishedName::new();
         dn.push(DnType::CommonName, format!("skiff-member-{id}"));
@@ -198,7 +201,8 @@ pub fn peer_certs(dir: &Path, members: &[(u64, String)]) -> Result<Vec<PathBuf>>
             ExtendedKeyUsagePurpose::ServerAuth,
             ExtendedKeyUsagePurpose::ClientAuth,
         ];
-        p.not_before = time_now();
+        // Backdated a little: a member whose clock is behind still accepts it.
+        p.not_before = time_now() - time::Duration::hours(1);
         p.not_after = time_now() + time::Duration::days(365);
         let key = KeyPair::generate().context("generate a member key")?;
         let cert = p

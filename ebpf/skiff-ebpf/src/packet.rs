@@ -238,7 +238,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
                 }
                 3 | 11 | 12 => {
                     info.icmp_error = true;
-                    info.quoted = quoted(data, data_end, info.l4_off + 8);
+                    info.quoted = quoted(data, data_end, pkt_len, info.l4_off + 8)?;
                 }
                 _ => {}
             }
@@ -249,21 +249,22 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
 }
 
 /// The packet quoted by an ICMP error at `off` (its IPv4 header, then at least 8 bytes of its
-/// L4 header); zeroes when it is not all in `data..data_end`.
+/// L4 header): a pull is asked for when it lies past the linear data; zeroes when the packet
+/// is too short to hold it.
 #[inline(always)]
-fn quoted(data: usize, data_end: usize, off: usize) -> Quoted {
+fn quoted(data: usize, data_end: usize, pkt_len: u32, off: usize) -> Result<Quoted, ParseError> {
     let mut q = Quoted::default();
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, data_end, off) else {
-        return q;
+        return pull_or_none(off + Ipv4Hdr::LEN, pkt_len, q);
     };
     // SAFETY: `ip` was bounds-checked against `data_end` by `ptr_at`.
     let ip = unsafe { &*ip };
     let ihl = ((ip.vihl & 0x0f) as usize) * 4;
     if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN {
-        return q;
+        return Ok(q);
     }
     let Some(l4) = ptr_at::<[u8; 8]>(data, data_end, off + ihl) else {
-        return q;
+        return pull_or_none(off + ihl + 8, pkt_len, q);
     };
     // SAFETY: `l4` was bounds-checked against `data_end` by `ptr_at`.
     let l4 = unsafe { *l4 };
@@ -277,5 +278,15 @@ fn quoted(data: usize, data_end: usize, off: usize) -> Quoted {
         q.sport = u16::from_ne_bytes([l4[0], l4[1]]);
         q.dport = u16::from_ne_bytes([l4[2], l4[3]]);
     }
-    q
+    Ok(q)
+}
+
+/// A pull when the packet holds `needed` bytes beyond the linear data, else `none`.
+#[inline(always)]
+fn pull_or_none(needed: usize, pkt_len: u32, none: Quoted) -> Result<Quoted, ParseError> {
+    if (needed as u64) <= pkt_len as u64 {
+        Err(ParseError::NeedPull(needed as u32))
+    } else {
+        Ok(none)
+    }
 }

@@ -105,9 +105,6 @@ fn drop_event_budget(now: u64) -> bool {
             b.tokens + earned
         };
         b.last_ns += earned * per_token;
-        if b.last_ns + per_token < now {
-            b.last_ns = now;
-        }
     }
     if b.tokens == 0 {
         return false;
@@ -309,6 +306,31 @@ pub fn ingress(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook)
     allowed_datagram(info, check(ep, &c, hook))
 }
 
+/// The data path answers `info` itself (a rejection from a Service frontend with no
+/// endpoint): the sending endpoint `ep` gets the answer through its ingress even when
+/// isolated — its own attempt is tracked as a connection, without a policy decision.
+#[inline(always)]
+pub fn expect_answer(ep: &EndpointInfo, info: &Ipv4Info) {
+    if ep.flags & EP_INGRESS_ISOLATED == 0 {
+        return;
+    }
+    let key = PctKey {
+        endpoint_addr: info.saddr,
+        peer_addr: info.daddr,
+        endpoint_port: info.sport,
+        peer_port: info.dport,
+        proto: info.proto,
+        pad: [0; 3],
+    };
+    let entry = PctEntry {
+        expires: ct::now() + ct::lifetime(info.proto),
+        policy: 0,
+        direction: DIR_EGRESS,
+        pad: [0; 3],
+    };
+    let _ = PCT.insert(&key, &entry, 0);
+}
+
 #[inline(always)]
 fn frag_key(info: &Ipv4Info) -> FragKey {
     FragKey {
@@ -355,7 +377,7 @@ fn related(ep_addr: u32, info: &Ipv4Info) -> bool {
             proto: q.proto,
             pad: [0; 3],
         }
-    } else {
+    } else if q.daddr == ep_addr {
         PctKey {
             endpoint_addr: q.daddr,
             peer_addr: q.saddr,
@@ -364,18 +386,15 @@ fn related(ep_addr: u32, info: &Ipv4Info) -> bool {
             proto: q.proto,
             pad: [0; 3],
         }
+    } else {
+        // About another endpoint's traffic.
+        return false;
     };
     // SAFETY: a value pointer from a successful lookup, read at once.
     match unsafe { PCT.get(&key) } {
         Some(e) => e.expires >= ct::now(),
         None => false,
     }
-}
-
-/// A later fragment passes where its direction is not isolated; otherwise `f` decides.
-#[inline(always)]
-fn later_or(info: &Ipv4Info, f: impl FnOnce() -> bool) -> bool {
-    info.later_fragment || f()
 }
 
 /// Policy for the packets the service stages do not take — ICMP, SCTP, other protocols and
@@ -398,14 +417,15 @@ pub fn portless(info: &Ipv4Info, hook: Hook) -> Verdict {
         return Verdict::Pass;
     };
     let allowed = if ep.flags & isolated_bit == 0 {
-        // Not isolated this way; still tracked, so that replies pass the other way.
-        later_or(info, || {
-            if hook == Hook::FromPod {
+        // Not isolated this way: passes. A new flow is still tracked, so that replies pass the
+        // other way; later fragments and ICMP errors are not flows of their own.
+        info.later_fragment
+            || info.icmp_error
+            || if hook == Hook::FromPod {
                 egress(&ep, info, dest, hook)
             } else {
                 ingress(&ep, info, dest, hook)
             }
-        })
     } else if info.later_fragment {
         datagram_allowed(info)
     } else if info.icmp_error && related(ep_addr, info) {

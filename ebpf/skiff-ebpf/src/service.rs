@@ -213,6 +213,15 @@ pub fn from_pod(ctx: &TcContext, info: &Ipv4Info) -> Verdict {
             }
             delivered(local::deliver(ctx, info, dest, Hook::FromPod))
         }
+        Ok(Verdict::Rejected(r)) => {
+            // The rejection (RST, ICMP unreachable from the frontend) comes back to the pod
+            // through `to-pod`: an ingress-isolated client gets it as the answer to its own
+            // attempt.
+            if let Some(ep) = local::endpoint(info.saddr) {
+                policy::expect_answer(&ep, info);
+            }
+            Verdict::Rejected(r)
+        }
         Ok(v) => v,
         // A helper refused to rewrite the packet: it is no longer what its headers say.
         Err(()) => Verdict::Drop(DropReason::MalformedL4),

@@ -64,10 +64,11 @@ fn ifindex(ctx: &TcContext) -> u32 {
 pub fn parse(ctx: &TcContext) -> Result<Packet, DropReason> {
     let len = ctx.len();
     let mut parsed = packet::parse(ctx.data(), ctx.data_end(), len);
-    // Pull every header the parser may read at once (Ethernet, IPv4 and TCP with options),
-    // so one pull is always enough.
+    // Pull every header the parser may read at once (Ethernet, IPv4 and TCP with options, or
+    // an ICMP error's header and the IPv4 header and 8 bytes it quotes), so one pull is always
+    // enough.
     if let Err(ParseError::NeedPull(_)) = parsed
-        && ctx.pull_data(len.min(14 + 60 + 60)).is_ok()
+        && ctx.pull_data(len.min(14 + 60 + 8 + 60 + 8)).is_ok()
     {
         parsed = packet::parse(ctx.data(), ctx.data_end(), len);
     }

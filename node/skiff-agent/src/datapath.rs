@@ -59,11 +59,7 @@ impl PodPrograms {
                 endpoints.remove(ip)?;
             }
         }
-        for (index, _) in endpoints.ifaces().context("read the interface map")? {
-            if !live.contains(&index) {
-                endpoints.remove_iface(index)?;
-            }
-        }
+        prune_ifaces(&mut endpoints)?;
         Ok(PodPrograms {
             pins,
             programs: Mutex::new(programs),
@@ -79,6 +75,22 @@ impl PodPrograms {
     }
 }
 
+/// Forgets the interfaces that no longer exist.
+fn prune_ifaces(endpoints: &mut EndpointMap) -> anyhow::Result<()> {
+    let live: std::collections::HashSet<u32> = nix::net::if_::if_nameindex()
+        .map(|l| l.iter().map(|i| i.index()).collect())
+        .unwrap_or_default();
+    if live.is_empty() {
+        return Ok(());
+    }
+    for (index, _) in endpoints.ifaces().context("read the interface map")? {
+        if !live.contains(&index) {
+            endpoints.remove_iface(index)?;
+        }
+    }
+    Ok(())
+}
+
 impl PodDatapath for PodPrograms {
     fn attach(&self, net: &PodNetwork, pod: &Pod) -> anyhow::Result<()> {
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
@@ -88,7 +100,9 @@ impl PodDatapath for PodPrograms {
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let index = ifindex(&net.host_if)
             .with_context(|| format!("interface {} has no index", net.host_if))?;
-        // Only the pod's own address leaves its interface.
+        // Only the pod's own address leaves its interface. Entries of interfaces gone before
+        // their pod's detach could see them go now.
+        prune_ifaces(&mut endpoints)?;
         endpoints.set_iface(index, net.ip)?;
         let Some(mac) = net.mac else {
             // Reached through the node's stack instead.

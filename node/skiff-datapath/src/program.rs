@@ -430,8 +430,22 @@ fn add_clsact(iface: &str) -> Result<(), DatapathError> {
     }
 }
 
+/// Counter maps whose number of slots grew since an earlier version, with the number now: a
+/// pinned one with another number holds only counters, and is made anew.
+const RESIZED_COUNTERS: &[(&str, u32)] = &[(map_names::FLOWS_LOST, 2)];
+
 /// Refuses to reuse a pinned map whose type or sizes differ from what this binary expects.
 fn check_pinned_layouts(pins: &PinDir) -> Result<(), DatapathError> {
+    for (name, slots) in RESIZED_COUNTERS {
+        let path: PathBuf = pins.map_path(name);
+        let Ok(map) = MapData::from_pin(&path) else {
+            continue;
+        };
+        if map.info().is_ok_and(|i| i.max_entries() != *slots) {
+            tracing::info!(map = %path.display(), "counter map resized: made anew");
+            let _ = std::fs::remove_file(&path);
+        }
+    }
     for spec in MAP_SPECS {
         let path: PathBuf = pins.map_path(spec.name);
         if !path.exists() {

@@ -46,6 +46,9 @@ pub struct Names {
     pub policies: BTreeMap<u32, PolicyRef>,
     /// Security identities by number: `namespace:key=value,…`; CIDR identities: the prefix.
     pub identities: BTreeMap<u32, String>,
+    /// The first policy number never given (a restarted loop goes on from it).
+    #[serde(default)]
+    pub next_policy_number: u32,
 }
 
 impl Names {
@@ -577,6 +580,7 @@ mod tests {
             ]),
             policies: BTreeMap::from([(7, ("shop".into(), "web-in".into()))]),
             identities: BTreeMap::new(),
+            next_policy_number: 8,
         }
     }
 

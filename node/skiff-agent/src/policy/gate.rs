@@ -7,7 +7,7 @@
 //! written the pod's number and keys (fail closed); the others are open, as they will stay.
 //! Before the loop has listed policies and namespaces, a new pod is isolated both ways.
 
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
 use kube::{ResourceExt, runtime::reflector::Store};
@@ -18,17 +18,18 @@ use super::{
     rules,
 };
 
+/// The stores the policy loop follows.
+type Stores = (Store<NetworkPolicy>, Store<Namespace>);
+
 /// What the policy loop follows, shared with the pod programs' attachment.
 #[derive(Default)]
 pub struct Gate {
-    stores: OnceLock<(Store<NetworkPolicy>, Store<Namespace>)>,
+    stores: RwLock<Option<Stores>>,
 }
 
 impl std::fmt::Debug for Gate {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Gate")
-            .field("synced", &self.stores.get().is_some())
-            .finish()
+        f.debug_struct("Gate").finish_non_exhaustive()
     }
 }
 
@@ -38,9 +39,14 @@ impl Gate {
         Arc::new(Gate::default())
     }
 
-    /// Called by the loop once its stores have listed.
+    /// Called by the loop once its stores have listed (a restarted loop's replace the old).
     pub fn open(&self, policies: Store<NetworkPolicy>, namespaces: Store<Namespace>) {
-        let _ = self.stores.set((policies, namespaces));
+        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = Some((policies, namespaces));
+    }
+
+    /// Called when the loop stops: until it opens again, new pods are closed both ways.
+    pub fn close(&self) {
+        *self.stores.write().unwrap_or_else(|p| p.into_inner()) = None;
     }
 
     /// The `skiff_endpoints` flags a new endpoint of pod `namespace`/`labels` starts with.
@@ -49,7 +55,12 @@ impl Gate {
         namespace: &str,
         labels: &std::collections::BTreeMap<String, String>,
     ) -> u32 {
-        let Some((policies, namespaces)) = self.stores.get() else {
+        let Some((policies, namespaces)) = self
+            .stores
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
             return EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED;
         };
         let ns = namespaces
@@ -121,6 +132,12 @@ mod tests {
         assert_eq!(
             gate.initial_flags("lab", &labels("x")),
             EP_EGRESS_ISOLATED | EP_AUDIT
+        );
+        // The loop stopped: closed again.
+        gate.close();
+        assert_eq!(
+            gate.initial_flags("shop", &labels("db")),
+            EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED
         );
     }
 }

@@ -128,6 +128,7 @@ fn names(view: &View<'_>, want: &Desired) -> Names {
     let mut out = Names {
         endpoints: want.endpoints.clone(),
         policies: want.policies.clone(),
+        next_policy_number: want.next_number,
         ..Names::default()
     };
     for (id, l) in &view.identities {
@@ -178,12 +179,25 @@ pub async fn run(
         ready.with_context(|| format!("{what} never listed"))?;
     }
     gate.open(policies.clone(), namespaces.clone());
+    // Closed again when this loop ends (its stores stop with it).
+    struct Closing(Arc<Gate>);
+    impl Drop for Closing {
+        fn drop(&mut self) {
+            self.0.close();
+        }
+    }
+    let _closing = Closing(gate.clone());
     // Endpoint numbers of this node's pods, by uid (stable while the pod lives).
     let mut numbers: BTreeMap<String, u16> = BTreeMap::new();
     // Policy numbers of the last pass, and the next never given (numbers are not reused, so
     // an event still in the ring names the policy it was decided by).
-    let mut policy_numbers = BTreeMap::new();
-    let mut next_policy_number = 1;
+    let mut policy_numbers: BTreeMap<_, _> = published
+        .borrow()
+        .policies
+        .iter()
+        .map(|(n, p)| (p.clone(), *n))
+        .collect();
+    let mut next_policy_number = published.borrow().next_policy_number.max(1);
     loop {
         let ns_labels: NamespaceLabels = namespaces
             .state()
