@@ -214,3 +214,24 @@ impl Drop for ControlPlane {
         crate::stop_child(&mut self.child, Duration::from_secs(10));
     }
 }
+
+/// A pod on `node` accepting TCP on 80 (named `http`) and 81 — busybox `nc` listeners closing
+/// each connection — with `labels` (YAML flow-mapping entries, e.g. `app: server`); a
+/// manifest ending with a document separator.
+pub fn listener_pod(ns: &str, name: &str, labels: &str, node: &str) -> String {
+    format!(
+        r#"apiVersion: v1
+kind: Pod
+metadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}
+spec:
+  nodeName: {node}
+  terminationGracePeriodSeconds: 0
+  containers:
+  - name: c
+    image: busybox:1.36
+    command: ["sh", "-c", "nc -ll -p 80 -e true & nc -ll -p 81 -e true & wait"]
+    ports: [{{name: http, containerPort: 80}}]
+---
+"#
+    )
+}

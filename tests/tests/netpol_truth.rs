@@ -8,7 +8,11 @@
 
 use std::{collections::BTreeMap, time::Duration};
 
-use skiff_tests::{control::ControlPlane, node::LanCluster, privileged};
+use skiff_tests::{
+    control::{ControlPlane, listener_pod},
+    node::LanCluster,
+    privileged,
+};
 
 const NAMESPACES: [&str; 3] = ["tt-x", "tt-y", "tt-z"];
 const PODS: [&str; 3] = ["a", "b", "c"];
@@ -109,23 +113,6 @@ impl Step {
 fn policy(ns: &str, name: &str, spec: &str) -> String {
     format!(
         "apiVersion: networking.k8s.io/v1\nkind: NetworkPolicy\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n{spec}\n---\n"
-    )
-}
-
-fn server_pod(ns: &str, name: &str, node: &str) -> String {
-    format!(
-        r#"apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{pod: {name}}}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: busybox:1.36
-    command: ["sh", "-c", "nc -ll -p 80 -e true & nc -ll -p 81 -e true & wait"]
----
-"#
     )
 }
 
@@ -459,7 +446,7 @@ fn network_policy_truth_table() {
         }
         for (i, ns) in NAMESPACES.iter().enumerate() {
             for (j, p) in PODS.iter().enumerate() {
-                manifest += &server_pod(ns, p, &nodes[(i + j) % 2]);
+                manifest += &listener_pod(ns, p, &format!("pod: {p}"), &nodes[(i + j) % 2]);
             }
         }
         cp.ok_stdin(&["apply", "-f", "-"], &manifest);

@@ -2,7 +2,11 @@
 //! the real kubectl; connections are real TCP from inside pods, enforced by the eBPF programs
 //! on the pods' interfaces from the maps the agents keep.
 
-use skiff_tests::{control::ControlPlane, node::LanCluster, privileged};
+use skiff_tests::{
+    control::{ControlPlane, listener_pod},
+    node::LanCluster,
+    privileged,
+};
 
 /// `kubectl get <what…> -o jsonpath=<path>`.
 fn get(cp: &ControlPlane, what: &[&str], path: &str) -> String {
@@ -29,25 +33,6 @@ fn reaches(cp: &ControlPlane, ns: &str, pod: &str, ip: &str, port: u16) -> bool 
     .success()
 }
 
-/// A pod accepting TCP on 80 and 81 (`nc` listeners closing each connection), on `node`.
-fn server_pod(ns: &str, name: &str, labels: &str, node: &str) -> String {
-    format!(
-        r#"
-apiVersion: v1
-kind: Pod
-metadata: {{name: {name}, namespace: {ns}, labels: {{{labels}}}}}
-spec:
-  nodeName: {node}
-  terminationGracePeriodSeconds: 0
-  containers:
-  - name: c
-    image: busybox:1.36
-    command: ["sh", "-c", "nc -ll -p 80 -e true & nc -ll -p 81 -e true & wait"]
-    ports: [{{name: http, containerPort: 80}}]
-"#
-    )
-}
-
 #[test]
 fn policies_isolate_pods_allow_what_they_say_and_go_away_cleanly() {
     if !privileged("policies_isolate_pods_allow_what_they_say_and_go_away_cleanly") {
@@ -59,14 +44,14 @@ fn policies_isolate_pods_allow_what_they_say_and_go_away_cleanly() {
         cp.ok(&["create", "namespace", "alpha"]);
         cp.ok(&["create", "namespace", "beta"]);
         let manifests = [
-            server_pod("alpha", "server", "app: server", &n1),
+            listener_pod("alpha", "server", "app: server", &n1),
             // Clients: one allowed by label on each node, one not, one in another namespace.
-            server_pod("alpha", "ok-local", "role: ok", &n1),
-            server_pod("alpha", "ok-remote", "role: ok", &n2),
-            server_pod("alpha", "nope", "role: blocked", &n2),
-            server_pod("beta", "other", "role: ok", &n2),
+            listener_pod("alpha", "ok-local", "role: ok", &n1),
+            listener_pod("alpha", "ok-remote", "role: ok", &n2),
+            listener_pod("alpha", "nope", "role: blocked", &n2),
+            listener_pod("beta", "other", "role: ok", &n2),
         ]
-        .join("---\n");
+        .concat();
         cp.ok_stdin(&["apply", "-f", "-"], &manifests);
         for (ns, p) in [
             ("alpha", "server"),
@@ -171,7 +156,7 @@ spec:
         );
         cp.ok_stdin(
             &["apply", "-f", "-"],
-            &server_pod("alpha", "late", "role: late", &n1),
+            &listener_pod("alpha", "late", "role: late", &n1),
         );
         cp.ok(&[
             "-n",

@@ -1,7 +1,7 @@
 //! The HTTPS listener: routes, bearer-token authentication, TLS (rustls) and the objects every
 //! cluster starts with.
 
-use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, sync::Arc};
 
 use anyhow::{Context, Result};
 use axum::{
@@ -11,11 +11,6 @@ use axum::{
     middleware::{self, Next},
     response::{IntoResponse, Response},
     routing::get,
-};
-use hyper_util::{
-    rt::{TokioExecutor, TokioIo},
-    server::conn::auto,
-    service::TowerToHyperService,
 };
 use serde_json::{Value, json};
 use skiff_store::StoreNode;
@@ -118,7 +113,9 @@ impl ApiServer {
             address: addr.to_string(),
         });
         let app = router(state);
-        let task = tokio::spawn(accept_loop(listener, tls, app));
+        // Connections are tasks of the loop's own set: aborting it ends them too (and their
+        // watches release the store).
+        let task = tokio::spawn(skiff_store::tls::serve(listener, tls, app, "api"));
         Ok(ApiServer {
             addr,
             kubeconfig,
@@ -152,49 +149,6 @@ impl ApiServer {
     /// The cluster CA certificate (PEM).
     pub fn ca_pem(&self) -> &str {
         &self.ca_pem
-    }
-}
-
-/// Accepts connections until aborted; connections are tasks of a set owned here, so aborting
-/// the loop ends them too (and their watches release the store).
-async fn accept_loop(listener: TcpListener, tls: tokio_rustls::TlsAcceptor, app: Router) {
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            Some(_) = conns.join_next() => continue,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (tls, app) = (tls.clone(), app.clone());
-        conns.spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = TowerToHyperService::new(app);
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection_with_upgrades(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "connection ended with an error");
-            }
-        });
     }
 }
 

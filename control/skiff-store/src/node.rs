@@ -396,10 +396,11 @@ impl StoreNode {
                     tracing::error!(error = %e, "peer listener stopped");
                 }
             }),
-            Some(tls) => tokio::spawn(serve_tls(
+            Some(tls) => tokio::spawn(crate::tls::serve(
                 listener,
                 tokio_rustls::TlsAcceptor::from(tls.server.clone()),
                 router,
+                "peer",
             )),
         };
         let mut tasks = vec![server, tokio::spawn(batcher(raft.clone(), queue))];
@@ -756,51 +757,6 @@ async fn compactor(node: StoreNode, history: Duration, every: Duration) {
 struct PeerState {
     raft: Raft<TypeConfig>,
     proposals: Proposals,
-}
-
-/// Serves the peer listener over TLS (client certificates required) until aborted; each
-/// connection is a task of a set owned here, ended with it.
-async fn serve_tls(listener: tokio::net::TcpListener, tls: tokio_rustls::TlsAcceptor, app: Router) {
-    use hyper_util::{
-        rt::{TokioExecutor, TokioIo},
-        server::conn::auto,
-        service::TowerToHyperService,
-    };
-    let mut conns = tokio::task::JoinSet::new();
-    loop {
-        let accepted = tokio::select! {
-            a = listener.accept() => a,
-            Some(_) = conns.join_next() => continue,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "peer listener: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
-                continue;
-            }
-        };
-        let _ = tcp.set_nodelay(true);
-        let (tls, app) = (tls.clone(), app.clone());
-        conns.spawn(async move {
-            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed");
-                    return;
-                }
-                Err(_) => return,
-            };
-            let service = TowerToHyperService::new(app);
-            if let Err(e) = auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "peer connection ended with an error");
-            }
-        });
-    }
 }
 
 fn peer_router(state: PeerState) -> Router {

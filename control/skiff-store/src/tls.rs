@@ -81,3 +81,63 @@ impl PeerTls {
         })
     }
 }
+
+/// Serves `app` over TLS on `listener` until aborted (HTTP/1.1 and 2, with upgrades); each
+/// connection is a task of a set owned here, so aborting the loop ends them too. `what`
+/// names the listener in logs; failed handshakes of the `peer` listener are warnings (a
+/// client that is not a member), others debug lines.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
+    app: axum::Router,
+    what: &'static str,
+) {
+    use hyper_util::{
+        rt::{TokioExecutor, TokioIo},
+        server::conn::auto,
+        service::TowerToHyperService,
+    };
+    use std::time::Duration;
+    let mut conns = tokio::task::JoinSet::new();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            Some(_) = conns.join_next() => continue,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(listener = what, error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = tcp.set_nodelay(true);
+        let (tls, app) = (tls.clone(), app.clone());
+        conns.spawn(async move {
+            let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) if what == "peer" => {
+                    tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed");
+                    return;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(_) => {
+                    tracing::debug!(listener = what, %peer, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let service = TowerToHyperService::new(app);
+            if let Err(e) = auto::Builder::new(TokioExecutor::new())
+                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                .await
+            {
+                tracing::debug!(listener = what, %peer, error = %e, "connection ended with an error");
+            }
+        });
+    }
+}
