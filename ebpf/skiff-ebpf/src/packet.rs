@@ -61,7 +61,7 @@ pub struct Ipv4Info {
 }
 
 /// The packet an ICMP error quotes, as it was sent (network order; ports of TCP/UDP/SCTP, an
-/// ICMP echo's identifier in both). All zero when the quote is not in the linear data.
+/// ICMP echo's identifier in both). All zero when the packet is too short to hold it.
 #[derive(Clone, Copy, Default)]
 pub struct Quoted {
     pub saddr: u32,
@@ -161,13 +161,7 @@ pub fn parse(data: usize, data_end: usize, pkt_len: u32) -> Result<Packet, Parse
         more_fragments: u16::from_be_bytes(ip.frags) & IP_MF != 0,
         ip_id: u16::from_ne_bytes(ip.id),
         icmp_error: false,
-        quoted: Quoted {
-            saddr: 0,
-            daddr: 0,
-            sport: 0,
-            dport: 0,
-            proto: 0,
-        },
+        quoted: Quoted::default(),
     };
     if u16::from_be_bytes(ip.frags) & IP_OFFSET_MASK != 0 {
         // A later fragment carries no L4 header.

@@ -151,6 +151,42 @@ fn allowed_by(endpoint: u16, c: &Conn, identity: u32) -> Option<u32> {
 }
 
 impl Conn {
+    /// Its `skiff_pct` key (the endpoint's view: both directions find it).
+    #[inline(always)]
+    fn key(&self) -> PctKey {
+        PctKey {
+            endpoint_addr: self.ep_addr,
+            peer_addr: self.peer_addr,
+            endpoint_port: self.ep_port,
+            peer_port: self.peer_port,
+            proto: self.proto,
+            pad: [0; 3],
+        }
+    }
+
+    /// Tracks it in `skiff_pct`, attributed to `policy` (0: no policy decided).
+    #[inline(always)]
+    fn track(&self, policy: u32, now: u64) {
+        let entry = PctEntry {
+            expires: now + ct::lifetime(self.proto),
+            policy,
+            direction: self.direction,
+            pad: [0; 3],
+        };
+        // Not tracked (map refused): the next packet is decided again, the same way.
+        let _ = PCT.insert(&self.key(), &entry, 0);
+    }
+
+    /// Whether `skiff_pct` holds it, live.
+    #[inline(always)]
+    fn tracked(&self, now: u64) -> bool {
+        // SAFETY: a value pointer from a successful lookup, read at once.
+        match unsafe { PCT.get(&self.key()) } {
+            Some(e) => e.expires >= now,
+            None => false,
+        }
+    }
+
     /// The port a rule names: the endpoint's for ingress, the peer's for egress.
     #[inline(always)]
     fn peer_port_or_ep(&self) -> u16 {
@@ -167,16 +203,8 @@ impl Conn {
 #[inline(always)]
 pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
     let flags = ep.flags;
-    let key = PctKey {
-        endpoint_addr: c.ep_addr,
-        peer_addr: c.peer_addr,
-        endpoint_port: c.ep_port,
-        peer_port: c.peer_port,
-        proto: c.proto,
-        pad: [0; 3],
-    };
     let now = ct::now();
-    if let Some(e) = PCT.get_ptr_mut(&key) {
+    if let Some(e) = PCT.get_ptr_mut(&c.key()) {
         // SAFETY: a pointer from a successful lookup, valid for this run.
         if unsafe { (*e).expires } >= now {
             // SAFETY: as above; a plain store (a racing writer only moves it too).
@@ -242,14 +270,7 @@ pub fn check(ep: &EndpointInfo, c: &Conn, hook: Hook) -> bool {
             return false;
         }
     }
-    let entry = PctEntry {
-        expires: now + ct::lifetime(c.proto),
-        policy,
-        direction: c.direction,
-        pad: [0; 3],
-    };
-    // Not tracked (map refused): the next packet is decided again, the same way.
-    let _ = PCT.insert(&key, &entry, 0);
+    c.track(policy, now);
     true
 }
 
@@ -314,21 +335,15 @@ pub fn expect_answer(ep: &EndpointInfo, info: &Ipv4Info) {
     if ep.flags & EP_INGRESS_ISOLATED == 0 {
         return;
     }
-    let key = PctKey {
-        endpoint_addr: info.saddr,
+    Conn {
+        ep_addr: info.saddr,
+        ep_port: info.sport,
         peer_addr: info.daddr,
-        endpoint_port: info.sport,
         peer_port: info.dport,
         proto: info.proto,
-        pad: [0; 3],
-    };
-    let entry = PctEntry {
-        expires: ct::now() + ct::lifetime(info.proto),
-        policy: 0,
         direction: DIR_EGRESS,
-        pad: [0; 3],
-    };
-    let _ = PCT.insert(&key, &entry, 0);
+    }
+    .track(0, ct::now());
 }
 
 #[inline(always)]
@@ -368,32 +383,38 @@ fn datagram_allowed(info: &Ipv4Info) -> bool {
 fn related(ep_addr: u32, info: &Ipv4Info) -> bool {
     let q = &info.quoted;
     // The quoted packet went out from the endpoint or came in to it.
-    let key = if q.saddr == ep_addr {
-        PctKey {
-            endpoint_addr: q.saddr,
+    let c = if q.saddr == ep_addr {
+        Conn {
+            ep_addr: q.saddr,
+            ep_port: q.sport,
             peer_addr: q.daddr,
-            endpoint_port: q.sport,
             peer_port: q.dport,
             proto: q.proto,
-            pad: [0; 3],
+            direction: DIR_EGRESS,
         }
     } else if q.daddr == ep_addr {
-        PctKey {
-            endpoint_addr: q.daddr,
+        Conn {
+            ep_addr: q.daddr,
+            ep_port: q.dport,
             peer_addr: q.saddr,
-            endpoint_port: q.dport,
             peer_port: q.sport,
             proto: q.proto,
-            pad: [0; 3],
+            direction: DIR_INGRESS,
         }
     } else {
         // About another endpoint's traffic.
         return false;
     };
-    // SAFETY: a value pointer from a successful lookup, read at once.
-    match unsafe { PCT.get(&key) } {
-        Some(e) => e.expires >= ct::now(),
-        None => false,
+    c.tracked(ct::now())
+}
+
+/// The endpoint's egress (`from-pod`) or ingress (`to-pod`) decision on a packet.
+#[inline(always)]
+fn judge(ep: &EndpointInfo, info: &Ipv4Info, dest: (u32, u16), hook: Hook) -> bool {
+    if hook == Hook::FromPod {
+        egress(ep, info, dest, hook)
+    } else {
+        ingress(ep, info, dest, hook)
     }
 }
 
@@ -419,21 +440,11 @@ pub fn portless(info: &Ipv4Info, hook: Hook) -> Verdict {
     let allowed = if ep.flags & isolated_bit == 0 {
         // Not isolated this way: passes. A new flow is still tracked, so that replies pass the
         // other way; later fragments and ICMP errors are not flows of their own.
-        info.later_fragment
-            || info.icmp_error
-            || if hook == Hook::FromPod {
-                egress(&ep, info, dest, hook)
-            } else {
-                ingress(&ep, info, dest, hook)
-            }
+        info.later_fragment || info.icmp_error || judge(&ep, info, dest, hook)
     } else if info.later_fragment {
         datagram_allowed(info)
-    } else if info.icmp_error && related(ep_addr, info) {
-        true
-    } else if hook == Hook::FromPod {
-        egress(&ep, info, dest, hook)
     } else {
-        ingress(&ep, info, dest, hook)
+        (info.icmp_error && related(ep_addr, info)) || judge(&ep, info, dest, hook)
     };
     if allowed {
         Verdict::Pass

@@ -9,11 +9,10 @@ use aya_ebpf::{
 
 use crate::{
     nat,
-    packet::{IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_RST},
+    packet::{IPPROTO_ICMP, IPPROTO_TCP, IPPROTO_UDP, Ipv4Info, TCP_ACK, TCP_RST},
 };
 
 const IP_OFF: usize = 14;
-const IPPROTO_ICMP: u8 = 1;
 
 /// Turns the packet into the rejection of itself. Fails for packets it cannot answer (IP
 /// options, other protocols); the caller drops those.

@@ -7,6 +7,7 @@ use aya_ebpf::{
 use skiff_ebpf_common::{DropReason, Hook};
 
 use crate::{
+    frame::Frame,
     metrics,
     packet::{self, Ipv4Info, Packet, ParseError},
     service::Verdict,
@@ -24,7 +25,7 @@ pub fn run(
     let len = ctx.len();
     let verdict = match parse(ctx) {
         Ok(Packet::Ipv4(info))
-            if hook == Hook::FromPod && !crate::local::source_is_pod(ifindex(ctx), &info) =>
+            if hook == Hook::FromPod && !crate::local::source_is_pod(ctx.ifindex(), &info) =>
         {
             Verdict::Drop(DropReason::SourceNotPod)
         }
@@ -51,12 +52,6 @@ pub fn run(
             TC_ACT_SHOT as i32
         }
     }
-}
-
-#[inline(always)]
-fn ifindex(ctx: &TcContext) -> u32 {
-    // SAFETY: `skb.skb` is the program's own context, valid for the whole run.
-    unsafe { (*ctx.skb.skb).ifindex }
 }
 
 /// Parses the packet, pulling headers that live in paged data into the linear part first.

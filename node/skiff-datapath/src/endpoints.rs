@@ -52,6 +52,16 @@ impl EndpointMap {
         }
     }
 
+    /// Forgets every interface recorded with address `ip`.
+    pub fn remove_ifaces_of(&mut self, ip: Ipv4Addr) -> Result<(), DatapathError> {
+        for (index, addr) in self.ifaces()? {
+            if addr == ip {
+                self.remove_iface(index)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Every pod interface recorded: (ifindex, address).
     pub fn ifaces(&self) -> Result<Vec<(u32, Ipv4Addr)>, DatapathError> {
         Ok(collect(self.ifaces.iter(), map_names::IFACES)?

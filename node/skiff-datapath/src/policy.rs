@@ -24,8 +24,8 @@ pub type AllowEntry = ((u32, PolicyKey), u32);
 
 /// The node's policy maps, opened from their pins.
 pub struct PolicyMaps {
-    ipcache: LpmTrie<MapData, [u8; 4], IpcacheValue>,
-    cidr: LpmTrie<MapData, [u8; 4], IpcacheValue>,
+    ipcache: PrefixTrie,
+    cidr: PrefixTrie,
     policy: LpmTrie<MapData, PolicyKey, PolicyValue>,
 }
 
@@ -52,10 +52,7 @@ impl PolicyMaps {
         len: u32,
         identity: u32,
     ) -> Result<(), DatapathError> {
-        let v = IpcacheValue { identity, flags: 0 };
-        self.ipcache
-            .insert(&Key::new(len, addr.octets()), v, 0)
-            .map_err(|e| update_err(map_names::IPCACHE, e))
+        set_prefix(&mut self.ipcache, map_names::IPCACHE, addr, len, identity)
     }
 
     /// The `ipBlock` prefix `addr/len` has node-local identity `identity`.
@@ -65,10 +62,7 @@ impl PolicyMaps {
         len: u32,
         identity: u32,
     ) -> Result<(), DatapathError> {
-        let v = IpcacheValue { identity, flags: 0 };
-        self.cidr
-            .insert(&Key::new(len, addr.octets()), v, 0)
-            .map_err(|e| update_err(map_names::CIDR, e))
+        set_prefix(&mut self.cidr, map_names::CIDR, addr, len, identity)
     }
 
     /// Every ipcache entry: ((address, prefix length), identity).
@@ -91,18 +85,12 @@ impl PolicyMaps {
 
     /// Removes an ipcache entry (absent is fine).
     pub fn remove_identity(&mut self, addr: Ipv4Addr, len: u32) -> Result<(), DatapathError> {
-        match self.ipcache.remove(&Key::new(len, addr.octets())) {
-            Ok(()) => Ok(()),
-            Err(e) => remove_err(map_names::IPCACHE, e).map_or(Ok(()), Err),
-        }
+        remove_prefix(&mut self.ipcache, map_names::IPCACHE, addr, len)
     }
 
     /// Removes a CIDR entry (absent is fine).
     pub fn remove_cidr(&mut self, addr: Ipv4Addr, len: u32) -> Result<(), DatapathError> {
-        match self.cidr.remove(&Key::new(len, addr.octets())) {
-            Ok(()) => Ok(()),
-            Err(e) => remove_err(map_names::CIDR, e).map_or(Ok(()), Err),
-        }
+        remove_prefix(&mut self.cidr, map_names::CIDR, addr, len)
     }
 
     /// Removes an allow key (absent is fine).
@@ -128,10 +116,33 @@ impl PolicyMaps {
     }
 }
 
-fn lpm_entries(
-    map: &LpmTrie<MapData, [u8; 4], IpcacheValue>,
+type PrefixTrie = LpmTrie<MapData, [u8; 4], IpcacheValue>;
+
+fn set_prefix(
+    map: &mut PrefixTrie,
     name: &'static str,
-) -> Result<Vec<PrefixIdentity>, DatapathError> {
+    addr: Ipv4Addr,
+    len: u32,
+    identity: u32,
+) -> Result<(), DatapathError> {
+    let v = IpcacheValue { identity, flags: 0 };
+    map.insert(&Key::new(len, addr.octets()), v, 0)
+        .map_err(|e| update_err(name, e))
+}
+
+fn remove_prefix(
+    map: &mut PrefixTrie,
+    name: &'static str,
+    addr: Ipv4Addr,
+    len: u32,
+) -> Result<(), DatapathError> {
+    match map.remove(&Key::new(len, addr.octets())) {
+        Ok(()) => Ok(()),
+        Err(e) => remove_err(name, e).map_or(Ok(()), Err),
+    }
+}
+
+fn lpm_entries(map: &PrefixTrie, name: &'static str) -> Result<Vec<PrefixIdentity>, DatapathError> {
     Ok(collect(map.iter(), name)?
         .into_iter()
         .map(|(k, v)| ((Ipv4Addr::from(k.data()), k.prefix_len()), v.identity))
