@@ -62,6 +62,14 @@ pub struct IdentityLabels {
     pub namespace_labels: BTreeMap<String, String>,
 }
 
+/// The identity number an object name stands for: a number in `FIRST..=LAST`, written
+/// without leading zeros.
+pub fn id_of_name(name: &str) -> Option<u32> {
+    name.parse::<u32>()
+        .ok()
+        .filter(|n| (FIRST..=LAST).contains(n) && n.to_string() == name)
+}
+
 /// Whether `pod` may still hold an address: not Succeeded or Failed.
 pub fn pod_live(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
     !matches!(
@@ -72,6 +80,21 @@ pub fn pod_live(pod: &k8s_openapi::api::core::v1::Pod) -> bool {
 
 /// Namespace name → its labels.
 pub type NamespaceLabels = BTreeMap<String, BTreeMap<String, String>>;
+
+/// The labels of each of `namespaces`, by name.
+pub fn namespace_labels<'a>(
+    namespaces: impl IntoIterator<Item = &'a k8s_openapi::api::core::v1::Namespace>,
+) -> NamespaceLabels {
+    namespaces
+        .into_iter()
+        .map(|n| {
+            (
+                n.metadata.name.clone().unwrap_or_default(),
+                n.metadata.labels.clone().unwrap_or_default(),
+            )
+        })
+        .collect()
+}
 
 impl IdentityLabels {
     /// The identity labels of `pod`, its namespace's labels looked up in `namespaces`.
@@ -163,12 +186,7 @@ impl SecurityIdentity {
 
     /// Its number, when its name is one in the cluster range.
     pub fn id(&self) -> Option<u32> {
-        self.metadata
-            .name
-            .as_deref()?
-            .parse()
-            .ok()
-            .filter(|n| (FIRST..=LAST).contains(n))
+        id_of_name(self.metadata.name.as_deref()?)
     }
 }
 

@@ -502,12 +502,11 @@ pub fn validate(def: &ResourceDef, obj: &Value, causes: &mut Vec<Cause>) {
                 .pointer("/metadata/name")
                 .and_then(Value::as_str)
                 .unwrap_or("");
-            let first = skiff_apimachinery::identity::FIRST;
-            let last = skiff_apimachinery::identity::LAST;
-            if !name
-                .parse::<u32>()
-                .is_ok_and(|n| (first..=last).contains(&n) && n.to_string() == name)
-            {
+            let (first, last) = (
+                skiff_apimachinery::identity::FIRST,
+                skiff_apimachinery::identity::LAST,
+            );
+            if skiff_apimachinery::identity::id_of_name(name).is_none() {
                 causes.push(Cause::invalid(
                     "metadata.name",
                     name,

@@ -19,7 +19,7 @@ use kube::{
     Api, Client, ResourceExt,
     api::{DeleteParams, ListParams, Preconditions},
 };
-use skiff_apimachinery::identity::{IdentityLabels, NamespaceLabels, SecurityIdentity, pod_live};
+use skiff_apimachinery::identity::{IdentityLabels, SecurityIdentity, namespace_labels, pod_live};
 
 use crate::informer::Informer;
 
@@ -28,10 +28,7 @@ fn in_use<'a>(
     pods: impl IntoIterator<Item = &'a Pod>,
     namespaces: impl IntoIterator<Item = &'a Namespace>,
 ) -> BTreeSet<IdentityLabels> {
-    let ns_labels: NamespaceLabels = namespaces
-        .into_iter()
-        .map(|n| (n.name_any(), n.labels().clone()))
-        .collect();
+    let ns_labels = namespace_labels(namespaces);
     pods.into_iter()
         .filter(|p| pod_live(p))
         .map(|p| IdentityLabels::of_pod(p, &ns_labels))

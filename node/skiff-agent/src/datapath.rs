@@ -59,7 +59,11 @@ impl PodPrograms {
                 endpoints.remove(ip)?;
             }
         }
-        prune_ifaces(&mut endpoints)?;
+        for (index, _) in endpoints.ifaces().context("read the interface map")? {
+            if !live.contains(&index) {
+                endpoints.remove_iface(index)?;
+            }
+        }
         Ok(PodPrograms {
             pins,
             programs: Mutex::new(programs),
@@ -75,22 +79,6 @@ impl PodPrograms {
     }
 }
 
-/// Forgets the interfaces that no longer exist.
-fn prune_ifaces(endpoints: &mut EndpointMap) -> anyhow::Result<()> {
-    let live: std::collections::HashSet<u32> = nix::net::if_::if_nameindex()
-        .map(|l| l.iter().map(|i| i.index()).collect())
-        .unwrap_or_default();
-    if live.is_empty() {
-        return Ok(());
-    }
-    for (index, _) in endpoints.ifaces().context("read the interface map")? {
-        if !live.contains(&index) {
-            endpoints.remove_iface(index)?;
-        }
-    }
-    Ok(())
-}
-
 impl PodDatapath for PodPrograms {
     fn attach(&self, net: &PodNetwork, pod: &Pod) -> anyhow::Result<()> {
         let mut programs = self.programs.lock().unwrap_or_else(|p| p.into_inner());
@@ -100,9 +88,7 @@ impl PodDatapath for PodPrograms {
         let mut endpoints = self.endpoints.lock().unwrap_or_else(|p| p.into_inner());
         let index = ifindex(&net.host_if)
             .with_context(|| format!("interface {} has no index", net.host_if))?;
-        // Only the pod's own address leaves its interface. Entries of interfaces gone before
-        // their pod's detach could see them go now.
-        prune_ifaces(&mut endpoints)?;
+        // Only the pod's own address leaves its interface.
         endpoints.set_iface(index, net.ip)?;
         let Some(mac) = net.mac else {
             // Reached through the node's stack instead.
@@ -137,10 +123,13 @@ impl PodDatapath for PodPrograms {
         {
             tracing::warn!(%ip, error = %e, "forgetting a pod endpoint failed");
         }
-        // The interface may be gone already; then its entry goes with the next prune.
-        if let Some(index) = ifindex(host_if)
-            && let Err(e) = endpoints.remove_iface(index)
-        {
+        // By address when known: the interface (and its index) may be gone already.
+        let forgotten = match (ip, ifindex(host_if)) {
+            (Some(ip), _) => endpoints.remove_ifaces_of(ip),
+            (None, Some(index)) => endpoints.remove_iface(index),
+            (None, None) => Ok(()),
+        };
+        if let Err(e) = forgotten {
             tracing::warn!(host_if, error = %e, "forgetting a pod interface failed");
         }
         drop(endpoints);

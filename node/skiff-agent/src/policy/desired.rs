@@ -92,7 +92,8 @@ pub struct Desired {
     pub next_number: u32,
 }
 
-fn subject(l: &IdentityLabels) -> Subject {
+/// What the rules select on, for a pod with identity labels `l`.
+pub fn subject(l: &IdentityLabels) -> Subject {
     Subject {
         namespace: l.namespace.clone(),
         labels: l.pod_labels.clone(),
@@ -204,6 +205,13 @@ pub fn desired(view: &View<'_>) -> Desired {
 
     let mut numbers: BTreeMap<PolicyRef, u32> = BTreeMap::new();
     let mut next = (view.numbers.values().max().copied().unwrap_or(0) + 1).max(view.next_number);
+    // One universe for every local pod; only its own named ports change.
+    let mut universe = Universe {
+        identities: subjects.iter().map(|(id, s)| (*id, s)).collect(),
+        prefixes: out.cidr.clone(),
+        own_ports: NamedPorts::new(),
+        peer_ports,
+    };
     for (pod, ep, pol) in &local {
         out.endpoints.insert(
             *ep,
@@ -218,12 +226,7 @@ pub fn desired(view: &View<'_>) -> Desired {
         let flags = (u32::from(*ep) << EP_ID_SHIFT)
             | isolation_flags(pol, view.audited.contains(&pod.labels.namespace));
         out.flags.insert(pod.ip, flags);
-        let universe = Universe {
-            identities: subjects.iter().map(|(id, s)| (*id, s)).collect(),
-            prefixes: out.cidr.clone(),
-            own_ports: pod.ports.clone(),
-            peer_ports: peer_ports.clone(),
-        };
+        universe.own_ports.clone_from(&pod.ports);
         for d in [Direction::Ingress, Direction::Egress] {
             let dir = pol.direction(d);
             if !dir.isolated() {

@@ -223,25 +223,27 @@ pub struct FlowMetrics {
     pub denials: Family<Vec<(String, String)>, Counter>,
 }
 
+/// A flow with its sequence number.
+type Numbered = (u64, Arc<Flow>);
+
 /// The log of recent flows.
 #[derive(Debug)]
 pub struct FlowLog {
     node: String,
     capacity: usize,
-    /// (sequence number, flow), oldest first.
-    recent: Mutex<VecDeque<(u64, Arc<Flow>)>>,
-    next: Mutex<u64>,
-    tx: broadcast::Sender<(u64, Arc<Flow>)>,
+    /// The last sequence number given, and (sequence number, flow) oldest first.
+    recent: Mutex<(u64, VecDeque<Numbered>)>,
+    tx: broadcast::Sender<Numbered>,
     pub metrics: FlowMetrics,
 }
 
-fn policy_names(refs: &[PolicyRef]) -> Vec<PolicyName> {
-    refs.iter()
-        .map(|(ns, n)| PolicyName {
-            namespace: ns.clone(),
-            name: n.clone(),
-        })
-        .collect()
+impl From<&PolicyRef> for PolicyName {
+    fn from((namespace, name): &PolicyRef) -> PolicyName {
+        PolicyName {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        }
+    }
 }
 
 /// `CLOCK_REALTIME − CLOCK_MONOTONIC` now, to date `bpf_ktime_get_ns` stamps.
@@ -259,8 +261,7 @@ impl FlowLog {
         Arc::new(FlowLog {
             node,
             capacity: capacity.max(1),
-            recent: Mutex::new(VecDeque::new()),
-            next: Mutex::new(0),
+            recent: Mutex::new((0, VecDeque::new())),
             tx,
             metrics: FlowMetrics::default(),
         })
@@ -317,11 +318,15 @@ impl FlowLog {
             .policies
             .get(&ev.policy)
             .filter(|_| ev.policy != 0)
-            .map(|p| policy_names(std::slice::from_ref(p)))
-            .unwrap_or_default();
+            .map(PolicyName::from)
+            .into_iter()
+            .collect();
         let denied_by = match (verdict, endpoint) {
             (Verdict::Allowed, _) | (_, None) => Vec::new(),
-            (_, Some(e)) => policy_names(if ingress { &e.ingress } else { &e.egress }),
+            (_, Some(e)) => (if ingress { &e.ingress } else { &e.egress })
+                .iter()
+                .map(PolicyName::from)
+                .collect(),
         };
         Flow {
             time,
@@ -359,28 +364,25 @@ impl FlowLog {
                 .inc();
         }
         let flow = Arc::new(flow);
-        let seq = {
-            let mut next = self.next.lock().unwrap_or_else(|p| p.into_inner());
-            *next += 1;
-            *next
-        };
-        {
-            let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-            if recent.len() == self.capacity {
-                recent.pop_front();
-            }
-            recent.push_back((seq, flow.clone()));
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        let (last, flows) = &mut *recent;
+        *last += 1;
+        if flows.len() == self.capacity {
+            flows.pop_front();
         }
-        // No followers is fine.
-        let _ = self.tx.send((seq, flow));
+        flows.push_back((*last, flow.clone()));
+        // Sent under the lock, so followers see sequence numbers in order. No followers is
+        // fine.
+        let _ = self.tx.send((*last, flow));
     }
 
     /// The last `last` flows matching `filter`, oldest first, with the sequence number of the
     /// newest flow kept (matching or not).
     pub fn recent(&self, filter: &Filter, last: usize) -> (Vec<Arc<Flow>>, u64) {
         let recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        let newest = recent.back().map_or(0, |(s, _)| *s);
+        let newest = recent.0;
         let mut out: Vec<Arc<Flow>> = recent
+            .1
             .iter()
             .rev()
             .filter(|(_, f)| filter.matches(f))

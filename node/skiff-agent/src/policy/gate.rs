@@ -10,11 +10,15 @@
 use std::sync::{Arc, RwLock};
 
 use k8s_openapi::api::{core::v1::Namespace, networking::v1::NetworkPolicy};
-use kube::{ResourceExt, runtime::reflector::Store};
+use kube::{
+    ResourceExt,
+    runtime::reflector::{ObjectRef, Store},
+};
+use skiff_apimachinery::identity::IdentityLabels;
 use skiff_ebpf_common::policy::{EP_EGRESS_ISOLATED, EP_INGRESS_ISOLATED};
 
 use super::{
-    desired::{audited, isolation_flags},
+    desired::{audited, isolation_flags, subject},
     rules,
 };
 
@@ -63,17 +67,15 @@ impl Gate {
         else {
             return EP_INGRESS_ISOLATED | EP_EGRESS_ISOLATED;
         };
-        let ns = namespaces
-            .state()
-            .into_iter()
-            .find(|n| n.name_any() == namespace);
-        let subject = rules::Subject {
-            namespace: namespace.to_string(),
-            labels: labels.clone(),
-            namespace_labels: ns.as_ref().map(|n| n.labels().clone()).unwrap_or_default(),
-        };
+        let ns = namespaces.get(&ObjectRef::new(namespace));
+        // As the loop will see the pod: by its identity's labels.
+        let labels = IdentityLabels::of(
+            namespace,
+            labels,
+            &ns.as_ref().map(|n| n.labels().clone()).unwrap_or_default(),
+        );
         let all = policies.state();
-        let pol = rules::compute(all.iter().map(|p| &**p), &subject);
+        let pol = rules::compute(all.iter().map(|p| &**p), &subject(&labels));
         isolation_flags(&pol, ns.is_some_and(|n| audited(&n)))
     }
 }

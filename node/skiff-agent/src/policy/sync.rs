@@ -18,10 +18,10 @@ use k8s_openapi::api::{
 };
 use kube::{
     Api, Client, Resource, ResourceExt,
-    runtime::{WatchStreamExt, reflector, watcher},
+    runtime::{WatchStreamExt, reflector},
 };
 use skiff_apimachinery::identity::{
-    IdentityLabels, NamespaceLabels, SecurityIdentity, allocate, pod_live,
+    IdentityLabels, SecurityIdentity, allocate, namespace_labels, pod_live,
 };
 use skiff_datapath::{PinDir, endpoints::EndpointMap, policy::PolicyMaps};
 use skiff_ebpf_common::policy::{EP_AUDIT, EP_EGRESS_ISOLATED, EP_ID_SHIFT, EP_INGRESS_ISOLATED};
@@ -52,15 +52,12 @@ where
     let (reader, writer) = reflector::store();
     let changed = changed.clone();
     let task = tokio::spawn(
-        reflector(
-            writer,
-            watcher(Api::<K>::all(client.clone()), watcher::Config::default()),
-        )
-        .default_backoff()
-        .for_each(move |_| {
-            changed.notify_one();
-            std::future::ready(())
-        }),
+        crate::services::stream::<K>(client)
+            .reflect(writer)
+            .for_each(move |_| {
+                changed.notify_one();
+                std::future::ready(())
+            }),
     );
     (reader, task)
 }
@@ -199,13 +196,9 @@ pub async fn run(
         .collect();
     let mut next_policy_number = published.borrow().next_policy_number.max(1);
     loop {
-        let ns_labels: NamespaceLabels = namespaces
-            .state()
-            .iter()
-            .map(|n| (n.name_any(), n.labels().clone()))
-            .collect();
-        let audited: BTreeSet<String> = namespaces
-            .state()
+        let all_namespaces = namespaces.state();
+        let ns_labels = namespace_labels(all_namespaces.iter().map(|n| &**n));
+        let audited: BTreeSet<String> = all_namespaces
             .iter()
             .filter(|n| audited(n))
             .map(|n| n.name_any())

@@ -109,7 +109,10 @@ impl<K: Tracked> Feed<K> {
     }
 }
 
-fn stream<K>(client: &Client) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
+/// Every event of kind `K`, cluster-wide, with the watcher's default backoff.
+pub(crate) fn stream<K>(
+    client: &Client,
+) -> BoxStream<'static, Result<watcher::Event<K>, watcher::Error>>
 where
     K: Resource<DynamicType = ()>
         + Clone
