@@ -29,6 +29,9 @@ pub struct Args {
     /// Seconds per workload.
     #[arg(long, default_value_t = 5)]
     seconds: u64,
+    /// Cluster sizes to run, for both systems (the closing ratio needs 3).
+    #[arg(long, value_delimiter = ',', default_values_t = [1, 3])]
+    members: Vec<usize>,
 }
 
 const VALUE_BYTES: usize = 256;
@@ -79,6 +82,31 @@ impl Target {
 /// Processes started for one system; killed (by PID) on drop.
 struct Cluster {
     children: Vec<Child>,
+}
+
+/// CPU seconds (user + system) process `pid` has used so far.
+fn cpu_seconds(pid: &str) -> f64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // Fields after the command name (which may hold spaces): state is field 3, utime and
+    // stime are fields 14 and 15.
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (ticks(11) + ticks(12)) / tick
+}
+
+impl Cluster {
+    /// CPU seconds the members have used so far.
+    fn cpu_seconds(&self) -> f64 {
+        self.children
+            .iter()
+            .map(|c| cpu_seconds(&c.id().to_string()))
+            .sum()
+    }
 }
 
 impl Drop for Cluster {
@@ -208,6 +236,8 @@ async fn start_etcd(args: &Args, members: usize) -> Result<(Cluster, Vec<etcd_cl
 /// Result of one workload.
 struct Row {
     ops_per_sec: f64,
+    /// The members' CPU time per operation (all members together), in microseconds.
+    cpu_us_per_op: f64,
     p50_ms: f64,
     p99_ms: f64,
 }
@@ -259,13 +289,19 @@ async fn drive(
     };
     Ok(Row {
         ops_per_sec: all.len() as f64 / elapsed,
+        cpu_us_per_op: 0.0,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
     })
 }
 
 /// Runs the workloads against one started system.
-async fn workloads(name: &str, make: &dyn Fn() -> Target, secs: u64) -> Result<Vec<(String, Row)>> {
+async fn workloads(
+    name: &str,
+    cluster: &Cluster,
+    make: &dyn Fn() -> Target,
+    secs: u64,
+) -> Result<Vec<(String, Row)>> {
     let mut out = Vec::new();
     let mut seed = make();
     for i in 0..1000 {
@@ -278,10 +314,18 @@ async fn workloads(name: &str, make: &dyn Fn() -> Target, secs: u64) -> Result<V
         ("write, 64 clients", Workload::Write, 64),
         ("linearizable read, 64 clients", Workload::Read, 64),
     ] {
-        let row = drive(make, workload, clients, secs).await?;
+        let (cpu, own) = (cluster.cpu_seconds(), cpu_seconds("self"));
+        let mut row = drive(make, workload, clients, secs).await?;
+        let ops = (row.ops_per_sec * secs as f64).max(1.0);
+        row.cpu_us_per_op = (cluster.cpu_seconds() - cpu) * 1e6 / ops;
         eprintln!(
-            "  {name:<16} {label:<30} {:>10.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms",
-            row.ops_per_sec, row.p50_ms, row.p99_ms
+            "  {name:<16} {label:<30} {:>10.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  \
+             members' cpu {:>5.0} µs/op  load generator's {:>4.0} µs/op",
+            row.ops_per_sec,
+            row.p50_ms,
+            row.p99_ms,
+            row.cpu_us_per_op,
+            (cpu_seconds("self") - own) * 1e6 / ops
         );
         out.push((format!("{name} | {label}"), row));
     }
@@ -291,24 +335,24 @@ async fn workloads(name: &str, make: &dyn Fn() -> Target, secs: u64) -> Result<V
 /// `skiff-bench store`.
 pub async fn run(args: Args) -> Result<()> {
     let mut rows: Vec<(String, Row)> = Vec::new();
-    for members in [1usize, 3] {
+    for &members in &args.members {
         eprintln!("skiff store, {members} member(s)");
-        let (_cluster, clients) = start_skiff(&args, members).await?;
+        let (cluster, clients) = start_skiff(&args, members).await?;
         let make = move || Target::Skiff(clients.clone());
-        rows.extend(workloads(&format!("skiff ×{members}"), &make, args.seconds).await?);
+        rows.extend(workloads(&format!("skiff ×{members}"), &cluster, &make, args.seconds).await?);
     }
-    for members in [1usize, 3] {
+    for &members in &args.members {
         eprintln!("etcd, {members} member(s)");
-        let (_cluster, clients) = start_etcd(&args, members).await?;
+        let (cluster, clients) = start_etcd(&args, members).await?;
         let make = move || Target::Etcd(clients.clone());
-        rows.extend(workloads(&format!("etcd ×{members}"), &make, args.seconds).await?);
+        rows.extend(workloads(&format!("etcd ×{members}"), &cluster, &make, args.seconds).await?);
     }
-    println!("| system | workload | ops/s | p50 ms | p99 ms |");
-    println!("|---|---|---:|---:|---:|");
+    println!("| system | workload | ops/s | p50 ms | p99 ms | members' CPU µs/op |");
+    println!("|---|---|---:|---:|---:|---:|");
     for (name, r) in &rows {
         println!(
-            "| {name} | {:.0} | {:.2} | {:.2} |",
-            r.ops_per_sec, r.p50_ms, r.p99_ms
+            "| {name} | {:.0} | {:.2} | {:.2} | {:.0} |",
+            r.ops_per_sec, r.p50_ms, r.p99_ms, r.cpu_us_per_op
         );
     }
     let find = |name: &str| {

@@ -6,8 +6,8 @@
 //! while the previous entry was in flight and proposes them as one [`Command::Batch`] entry:
 //! one append and one fsync per member for many client writes (group commit).
 //!
-//! A member that is not the leader forwards the write to the leader
-//! over the peer listener. It retries only when the write provably was not proposed (the peer
+//! A member that is not the leader forwards the write to the leader over the peer listener,
+//! batched with the other writes queued meanwhile (one peer request each). It retries only when the write provably was not proposed (the peer
 //! refused it as not-leader, or the connection was never made); after an ambiguous failure
 //! (timeout after sending) it reports [`StoreError::Unavailable`] instead of risking a second
 //! application, as etcd does.
@@ -57,6 +57,8 @@ const MAX_BATCH: usize = 1024;
 const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Proposals waiting for the batcher before callers wait to queue.
 const PROPOSAL_QUEUE: usize = 4096;
+/// Batches of forwarded writes a member keeps in flight to the leader at once.
+const FORWARDS_IN_FLIGHT: usize = 2;
 
 /// How to run a member.
 #[derive(Clone, Debug)]
@@ -307,6 +309,98 @@ async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Pro
     }
 }
 
+/// What became of a write forwarded to the leader.
+enum Forwarded {
+    /// The leader answered.
+    Answered(Result<Applied, Refusal>),
+    /// The leader was never reached: the write was not proposed.
+    Unreachable,
+    /// The request failed after the leader may have received it.
+    Ambiguous(String),
+}
+
+/// A write on its way to the leader.
+struct Forward {
+    leader: String,
+    cmd: Command,
+    done: tokio::sync::oneshot::Sender<Forwarded>,
+}
+
+/// Forwards a member's writes to the leader in batches: one peer request carries every write
+/// that queued while the previous requests were on their way (at most [`FORWARDS_IN_FLIGHT`]
+/// at once), as etcd's followers send proposals in batches instead of one request each.
+async fn forwarder(http: PeerHttp, mut rx: tokio::sync::mpsc::Receiver<Forward>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(FORWARDS_IN_FLIGHT));
+    while let Some(first) = rx.recv().await {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
+        let mut bytes = first.cmd.approx_size();
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+            match rx.try_recv() {
+                Ok(f) => {
+                    bytes += f.cmd.approx_size();
+                    batch.push(f);
+                }
+                Err(_) => break,
+            }
+        }
+        // Leadership may have moved while writes queued: one request per leader named.
+        let mut by_leader: BTreeMap<String, Vec<Forward>> = BTreeMap::new();
+        for f in batch {
+            by_leader.entry(f.leader.clone()).or_default().push(f);
+        }
+        let http = http.clone();
+        tokio::spawn(async move {
+            futures::future::join_all(
+                by_leader
+                    .into_iter()
+                    .map(|(leader, writes)| forward_batch(&http, leader, writes)),
+            )
+            .await;
+            drop(slot);
+        });
+    }
+}
+
+/// Sends one batch of writes to `leader` and gives each its outcome.
+async fn forward_batch(http: &PeerHttp, leader: String, writes: Vec<Forward>) {
+    let (cmds, dones): (Vec<Command>, Vec<_>) = writes.into_iter().map(|f| (f.cmd, f.done)).unzip();
+    let sent: Result<Vec<Result<Applied, Refusal>>, _> =
+        peer_post::<_, _, Refusal>(http, &leader, "store/writes", &cmds, Some(LEADER_WAIT))
+            .await
+            .map(|answer| answer.unwrap_or_else(|r| cmds.iter().map(|_| Err(r.clone())).collect()));
+    match sent {
+        Ok(results) if results.len() == dones.len() => {
+            for (done, r) in dones.into_iter().zip(results) {
+                let _ = done.send(Forwarded::Answered(r));
+            }
+        }
+        Ok(results) => {
+            let m = format!(
+                "leader {leader} answered {} results for {} writes",
+                results.len(),
+                dones.len()
+            );
+            for done in dones {
+                let _ = done.send(Forwarded::Ambiguous(m.clone()));
+            }
+        }
+        Err(RPCError::Unreachable(_)) => {
+            for done in dones {
+                let _ = done.send(Forwarded::Unreachable);
+            }
+        }
+        Err(e) => {
+            let m = e.to_string();
+            for done in dones {
+                let _ = done.send(Forwarded::Ambiguous(m.clone()));
+            }
+        }
+    }
+}
+
 /// Readers waiting for the next read barrier.
 #[derive(Default)]
 struct Barriers {
@@ -329,6 +423,7 @@ struct Inner {
     http: PeerHttp,
     peer_addr: SocketAddr,
     proposals: Proposals,
+    forwards: tokio::sync::mpsc::Sender<Forward>,
     barriers: Mutex<Barriers>,
     tasks: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     /// Dead once nothing holds the Raft log file open.
@@ -403,7 +498,12 @@ impl StoreNode {
                 "peer",
             )),
         };
-        let mut tasks = vec![server, tokio::spawn(batcher(raft.clone(), queue))];
+        let (forwards, forward_queue) = tokio::sync::mpsc::channel(PROPOSAL_QUEUE);
+        let mut tasks = vec![
+            server,
+            tokio::spawn(batcher(raft.clone(), queue)),
+            tokio::spawn(forwarder(http.clone(), forward_queue)),
+        ];
 
         if !cfg.join {
             let members: BTreeMap<NodeId, BasicNode> = if cfg.members.is_empty() {
@@ -431,6 +531,7 @@ impl StoreNode {
                 http,
                 peer_addr,
                 proposals,
+                forwards,
                 barriers: Mutex::new(Barriers::default()),
                 tasks: Mutex::new(Vec::new()),
                 log_file,
@@ -478,24 +579,25 @@ impl StoreNode {
         }
         let mut retry = Retry::new();
         loop {
-            match propose(&self.inner.proposals, cmd.clone()).await {
+            // A member that knows another leads forwards at once (the leader refuses if that
+            // is stale); otherwise its own Raft decides.
+            let proposed = match self.other_leader() {
+                Some(leader) => Err(ProposeError::NotLeader(Some(leader))),
+                None => propose(&self.inner.proposals, cmd.clone()).await,
+            };
+            match proposed {
                 Ok(a) => return applied(a),
                 Err(ProposeError::NotLeader(leader)) => {
                     if let Some(leader) = leader {
-                        let sent: Result<Result<Applied, Refusal>, _> = peer_post(
-                            &self.inner.http,
-                            &leader.addr,
-                            "store/write",
-                            &cmd,
-                            Some(LEADER_WAIT),
-                        )
-                        .await;
-                        match sent {
-                            Ok(Ok(a)) => return applied(a),
-                            Ok(Err(Refusal::NotLeader)) => {} // leadership moved: retry
-                            Ok(Err(Refusal::Failed(m))) => return Err(StoreError::Unavailable(m)),
-                            Err(RPCError::Unreachable(_)) => {} // never reached: retry
-                            Err(e) => {
+                        match self.forward(leader.addr.clone(), cmd.clone()).await {
+                            Forwarded::Answered(Ok(a)) => return applied(a),
+                            // Leadership moved, or the leader was never reached: retry.
+                            Forwarded::Answered(Err(Refusal::NotLeader))
+                            | Forwarded::Unreachable => {}
+                            Forwarded::Answered(Err(Refusal::Failed(m))) => {
+                                return Err(StoreError::Unavailable(m));
+                            }
+                            Forwarded::Ambiguous(e) => {
                                 return Err(StoreError::Unavailable(format!(
                                     "forwarding to leader {}: {e}; the write may or may not \
                                      have been applied",
@@ -509,6 +611,31 @@ impl StoreNode {
             }
             retry.pause("no leader reachable").await?;
         }
+    }
+
+    /// The leader, when this member knows another member leads.
+    fn other_leader(&self) -> Option<BasicNode> {
+        let metrics = self.inner.raft.metrics();
+        let m = metrics.borrow();
+        let leader = m.current_leader.filter(|l| *l != self.inner.id)?;
+        m.membership_config.membership().get_node(&leader).cloned()
+    }
+
+    /// Hands a write to the forwarder and waits for the leader's answer.
+    async fn forward(&self, leader: String, cmd: Command) -> Forwarded {
+        let (done, rx) = tokio::sync::oneshot::channel();
+        if self
+            .inner
+            .forwards
+            .send(Forward { leader, cmd, done })
+            .await
+            .is_err()
+        {
+            return Forwarded::Answered(Err(Refusal::Failed("store is shutting down".into())));
+        }
+        // The forwarder only drops a write unanswered when the store stops mid-request.
+        rx.await
+            .unwrap_or_else(|_| Forwarded::Ambiguous("store is shutting down".into()))
     }
 
     /// The members in the latest membership configuration this member knows.
@@ -764,7 +891,7 @@ fn peer_router(state: PeerState) -> Router {
         .route("/raft/append", post(append))
         .route("/raft/vote", post(vote))
         .route("/raft/snapshot", post(snapshot))
-        .route("/store/write", post(forwarded_write))
+        .route("/store/writes", post(forwarded_writes))
         .route("/store/read-index", post(read_index))
         .route("/store/members", post(forwarded_members))
         .layer(DefaultBodyLimit::max(PEER_BODY_LIMIT))
@@ -811,17 +938,27 @@ async fn snapshot(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) 
     }
 }
 
-async fn forwarded_write(State(state): State<PeerState>, body: Bytes) -> Response {
-    let cmd: Command = match decode(&body) {
+/// Writes forwarded by another member, proposed together (in order, so they share entries)
+/// and answered one result each.
+async fn forwarded_writes(State(state): State<PeerState>, body: Bytes) -> Response {
+    let cmds: Vec<Command> = match decode(&body) {
         Ok(c) => c,
         Err(r) => return r.into_response(),
     };
-    let result: Result<Applied, Refusal> = match propose(&state.proposals, cmd).await {
-        Ok(a) => Ok(a),
-        Err(ProposeError::NotLeader(_)) => Err(Refusal::NotLeader),
-        Err(ProposeError::Failed(m)) => Err(Refusal::Failed(m)),
-    };
-    encode(&result)
+    let results: Vec<Result<Applied, Refusal>> =
+        futures::future::join_all(cmds.into_iter().map(|cmd| {
+            let proposals = state.proposals.clone();
+            async move {
+                match propose(&proposals, cmd).await {
+                    Ok(a) => Ok(a),
+                    Err(ProposeError::NotLeader(_)) => Err(Refusal::NotLeader),
+                    Err(ProposeError::Failed(m)) => Err(Refusal::Failed(m)),
+                }
+            }
+        }))
+        .await;
+    // Peer answers are all `Result<_, Refusal>`; a batch is refused only write by write.
+    encode(&Ok::<_, Refusal>(results))
 }
 
 async fn read_index(State(PeerState { raft, .. }): State<PeerState>) -> Response {

@@ -3,7 +3,7 @@
 use std::{
     collections::BTreeMap,
     fmt::Debug,
-    ops::RangeBounds,
+    ops::{Bound, RangeBounds},
     path::Path,
     sync::{
         Arc, Mutex,
@@ -70,20 +70,93 @@ impl Debug for LogStore {
 }
 
 struct Shared {
-    /// Entries appended but not yet durable: index → (append sequence, entry).
-    pending: Mutex<BTreeMap<u64, (u64, Entry<TypeConfig>)>>,
+    /// The log's tail in memory, see [`Recent`].
+    recent: Mutex<Recent>,
     next_seq: AtomicU64,
+    /// The latest committed log id (encoded) not yet written: it rides along with the next
+    /// transaction instead of costing an fsync of its own.
+    committed: Mutex<Option<Vec<u8>>>,
+}
+
+/// Most entries kept in memory once durable.
+const RECENT_ENTRIES: usize = 4096;
+/// Most bytes (encoded) of entries kept in memory once durable.
+const RECENT_BYTES: usize = 32 << 20;
+
+/// The last entries appended, a contiguous run of the log's tail: every entry not yet durable
+/// (so it is readable before its fsync), and the latest durable ones within
+/// [`RECENT_ENTRIES`]/[`RECENT_BYTES`], so replication and apply read what was just appended
+/// without a file read and a decode.
+#[derive(Default)]
+struct Recent {
+    entries: BTreeMap<u64, Cached>,
+    /// Encoded size of `entries`.
+    bytes: usize,
+}
+
+struct Cached {
+    /// The append that wrote it (an index is written again after a truncation).
+    seq: u64,
+    /// Encoded size.
+    size: usize,
+    /// Its append's transaction is committed.
+    durable: bool,
+    entry: Entry<TypeConfig>,
+}
+
+impl Recent {
+    fn insert(&mut self, index: u64, cached: Cached) {
+        self.bytes += cached.size;
+        if let Some(old) = self.entries.insert(index, cached) {
+            self.bytes -= old.size;
+        }
+    }
+
+    /// Keeps only the entries whose index `keep` accepts.
+    fn retain(&mut self, mut keep: impl FnMut(u64) -> bool) {
+        let bytes = &mut self.bytes;
+        self.entries.retain(|i, c| {
+            let k = keep(*i);
+            if !k {
+                *bytes -= c.size;
+            }
+            k
+        });
+    }
+
+    /// Marks the entries of append `seq` durable, then forgets the oldest durable entries
+    /// over the limits.
+    fn flushed(&mut self, seq: u64, indexes: impl Iterator<Item = u64>) {
+        for i in indexes {
+            if let Some(c) = self.entries.get_mut(&i)
+                && c.seq == seq
+            {
+                c.durable = true;
+            }
+        }
+        while self.entries.len() > RECENT_ENTRIES || self.bytes > RECENT_BYTES {
+            match self.entries.first_entry() {
+                Some(first) if first.get().durable => {
+                    self.bytes -= first.remove().size;
+                }
+                _ => break,
+            }
+        }
+    }
 }
 
 /// A write run inside the log writer's next transaction.
 type OrderedOp = Box<dyn FnOnce(&redb::WriteTransaction) -> Result<(), StoreError> + Send>;
+
+/// Told whether an append is durable.
+type Flushed = Box<dyn FnOnce(Result<(), std::io::Error>) + Send>;
 
 /// Work for the log-writer thread, done in queue order.
 enum Job {
     Append {
         seq: u64,
         entries: Vec<(u64, Vec<u8>)>,
-        callback: LogFlushed<TypeConfig>,
+        flushed: Flushed,
     },
     /// A write that must be ordered with appends (truncate, purge); `done` gets the result.
     Ordered {
@@ -96,9 +169,22 @@ enum Job {
 fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
+        // Taken before draining the queue: the appends of the entries it names were queued
+        // before it was saved, so they are in this batch or an earlier one.
+        let committed = shared
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         batch.extend(jobs.try_iter());
         let written = (|| -> Result<(), StoreError> {
             let wtx = db.begin_write().op("begin write")?;
+            if let Some(c) = &committed {
+                wtx.open_table(STATE)
+                    .op("open state")?
+                    .insert(COMMITTED, c.as_slice())
+                    .op("write state")?;
+            }
             for job in &mut batch {
                 match job {
                     Job::Append { entries, .. } => {
@@ -122,17 +208,16 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
                 Job::Append {
                     seq,
                     entries,
-                    callback,
+                    flushed,
                 } => {
                     if failure.is_none() {
-                        let mut pending = shared.pending.lock().unwrap_or_else(|p| p.into_inner());
-                        for (i, _) in &entries {
-                            if pending.get(i).is_some_and(|(s, _)| *s == seq) {
-                                pending.remove(i);
-                            }
-                        }
+                        shared
+                            .recent
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .flushed(seq, entries.iter().map(|(i, _)| *i));
                     }
-                    callback.log_io_completed(match &failure {
+                    flushed(match &failure {
                         None => Ok(()),
                         Some(m) => Err(std::io::Error::other(m.clone())),
                     });
@@ -144,6 +229,24 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
                     });
                 }
             }
+        }
+    }
+    // The queue is closed: the store is closing. Keep the latest committed log id.
+    let committed = shared
+        .committed
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .take();
+    if let Some(c) = committed {
+        let written = db.begin_write().op("begin write").and_then(|wtx| {
+            wtx.open_table(STATE)
+                .op("open state")?
+                .insert(COMMITTED, c.as_slice())
+                .op("write state")?;
+            wtx.commit().op("commit log")
+        });
+        if let Err(e) = written {
+            tracing::warn!(error = %e, "saving the committed log id at close");
         }
     }
 }
@@ -170,8 +273,9 @@ impl LogStore {
         let db = Arc::new(db);
         let (tx, rx) = mpsc::channel();
         let shared = Arc::new(Shared {
-            pending: Mutex::new(BTreeMap::new()),
+            recent: Mutex::new(Recent::default()),
             next_seq: AtomicU64::new(0),
+            committed: Mutex::new(None),
         });
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
@@ -213,6 +317,43 @@ impl LogStore {
             Ok(Err(m)) => Err(StoreError::Unavailable(format!("log write failed: {m}"))),
             Err(_) => Err(StoreError::Unavailable("log writer stopped".into())),
         }
+    }
+
+    /// Makes `entries` readable now and queues them for the log writer, which calls `flushed`
+    /// after the fsync of the transaction that carried them.
+    fn queue_append(
+        &self,
+        entries: impl IntoIterator<Item = Entry<TypeConfig>>,
+        flushed: Flushed,
+    ) -> Result<(), StoreError> {
+        let entries: Vec<(Entry<TypeConfig>, Vec<u8>)> = entries
+            .into_iter()
+            .map(|e| enc(&e).map(|b| (e, b)))
+            .collect::<Result<_, _>>()?;
+        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
+        let mut encoded = Vec::with_capacity(entries.len());
+        {
+            let mut recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+            for (entry, b) in entries {
+                let index = entry.log_id.index;
+                let size = b.len();
+                recent.insert(
+                    index,
+                    Cached {
+                        seq,
+                        size,
+                        durable: false,
+                        entry,
+                    },
+                );
+                encoded.push((index, b));
+            }
+        }
+        self.send(Job::Append {
+            seq,
+            entries: encoded,
+            flushed,
+        })
     }
 
     fn send(&self, job: Job) -> Result<(), StoreError> {
@@ -277,32 +418,54 @@ impl RaftLogReader<TypeConfig> for LogStore {
         &mut self,
         range: RB,
     ) -> Result<Vec<Entry<TypeConfig>>, RaftStorageError> {
-        let (start, end) = (range.start_bound().cloned(), range.end_bound().cloned());
-        let on_disk: Vec<Entry<TypeConfig>> = self
-            .blocking(move |db| {
-                let rtx = db.begin_read().op("begin read")?;
-                let log = rtx.open_table(LOG).op("open log")?;
-                let mut out = Vec::new();
-                for e in log.range::<u64>((start, end)).op("scan log")? {
-                    let (_, v) = e.op("scan log")?;
-                    out.push(dec(v.value())?);
+        let mut next = match range.start_bound() {
+            Bound::Included(i) => *i,
+            Bound::Excluded(i) => i.saturating_add(1),
+            Bound::Unbounded => 0,
+        };
+        let end = range.end_bound().cloned();
+        let mut out = Vec::new();
+        // The tail in memory answers from its first entry on; older entries come from the
+        // file. The tail may lose old entries while the file is read, hence the loop.
+        loop {
+            let first = {
+                let recent = self.shared.recent.lock().unwrap_or_else(|p| p.into_inner());
+                let first = recent.entries.first_key_value().map(|(i, _)| *i);
+                if first.is_some_and(|f| f <= next) {
+                    out.extend(
+                        recent
+                            .entries
+                            .range((Bound::Included(next), end))
+                            .map(|(_, c)| c.entry.clone()),
+                    );
+                    return Ok(out);
                 }
-                Ok(out)
-            })
-            .await
-            .map_err(|e| io_err(StorageIOError::read_logs, e))?;
-        // Entries not yet durable are readable too, and newer than what is on disk.
-        let mut merged: BTreeMap<u64, Entry<TypeConfig>> =
-            on_disk.into_iter().map(|e| (e.log_id.index, e)).collect();
-        let pending = self
-            .shared
-            .pending
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for (i, (_, e)) in pending.range((start, end)) {
-            merged.insert(*i, e.clone());
+                first
+            };
+            let from = next;
+            let upto = first.map_or(end, Bound::Excluded);
+            let part: Vec<Entry<TypeConfig>> = self
+                .blocking(move |db| {
+                    let rtx = db.begin_read().op("begin read")?;
+                    let log = rtx.open_table(LOG).op("open log")?;
+                    let mut out = Vec::new();
+                    for e in log
+                        .range::<u64>((Bound::Included(from), upto))
+                        .op("scan log")?
+                    {
+                        let (_, v) = e.op("scan log")?;
+                        out.push(dec(v.value())?);
+                    }
+                    Ok(out)
+                })
+                .await
+                .map_err(|e| io_err(StorageIOError::read_logs, e))?;
+            out.extend(part.into_iter().filter(|e| range.contains(&e.log_id.index)));
+            match first {
+                Some(f) if range.contains(&f) => next = f,
+                _ => return Ok(out),
+            }
         }
-        Ok(merged.into_values().collect())
     }
 }
 
@@ -327,11 +490,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(StorageIOError::read_logs, e))?;
         let pending_last = self
             .shared
-            .pending
+            .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
+            .entries
             .last_key_value()
-            .map(|(_, (_, e))| e.log_id);
+            .map(|(_, c)| c.entry.log_id);
         Ok(LogState {
             last_purged_log_id: purged,
             last_log_id: pending_last.max(last).or(purged),
@@ -356,26 +520,21 @@ impl RaftLogStorage<TypeConfig> for LogStore {
             .map_err(|e| io_err(StorageIOError::read_vote, e))
     }
 
-    /// Queued behind the appends without waiting: it only lets a restarted node apply sooner,
-    /// so it rides along with the next fsync and losing the latest value is safe. (Waiting here
-    /// would hold the Raft core behind every fsync.)
+    /// Rides along with the next log transaction without waiting: it only lets a restarted
+    /// node apply sooner, so losing the latest value is safe, and an fsync of its own would
+    /// double the log's fsyncs (every commit advance saves it). Written at the latest when the
+    /// store closes.
     async fn save_committed(
         &mut self,
         committed: Option<LogId<NodeId>>,
     ) -> Result<(), RaftStorageError> {
         let bytes = enc(&committed).map_err(|e| io_err(StorageIOError::write, e))?;
-        let (done, _ignored) = tokio::sync::oneshot::channel();
-        self.send(Job::Ordered {
-            op: Box::new(move |wtx| {
-                wtx.open_table(STATE)
-                    .op("open state")?
-                    .insert(COMMITTED, bytes.as_slice())
-                    .op("write state")?;
-                Ok(())
-            }),
-            done,
-        })
-        .map_err(|e| io_err(StorageIOError::write, e))
+        *self
+            .shared
+            .committed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Some(bytes);
+        Ok(())
     }
 
     async fn read_committed(&mut self) -> Result<Option<LogId<NodeId>>, RaftStorageError> {
@@ -397,35 +556,20 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I: IntoIterator<Item = Entry<TypeConfig>> + Send,
         I::IntoIter: Send,
     {
-        let seq = self.shared.next_seq.fetch_add(1, Ordering::Relaxed);
-        let mut encoded = Vec::new();
-        {
-            let mut pending = self
-                .shared
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            for e in entries {
-                let b = enc(&e).map_err(|e| io_err(StorageIOError::write_logs, e))?;
-                encoded.push((e.log_id.index, b));
-                pending.insert(e.log_id.index, (seq, e));
-            }
-        }
-        self.send(Job::Append {
-            seq,
-            entries: encoded,
-            callback,
-        })
+        self.queue_append(
+            entries,
+            Box::new(move |result| callback.log_io_completed(result)),
+        )
         .map_err(|e| io_err(StorageIOError::write_logs, e))
     }
 
     /// Removes entries at and after `log_id.index` (conflicting entries from an old leader).
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         self.shared
-            .pending
+            .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .retain(|i, _| *i < log_id.index);
+            .retain(|i| i < log_id.index);
         self.ordered(move |wtx| {
             wtx.open_table(LOG)
                 .op("open log")?
@@ -439,6 +583,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     /// Removes entries up to and including `log_id` (they are in a snapshot).
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
         let purged = enc(&log_id).map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        self.shared
+            .recent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|i| i > log_id.index);
         self.ordered(move |wtx| {
             wtx.open_table(STATE)
                 .op("open state")?
@@ -451,5 +600,122 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         })
         .await
         .map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::testing::{blank_ent, log_id};
+
+    use super::*;
+
+    /// Appends blank entries `indexes` in `term` and waits until they are durable.
+    async fn append(log: &LogStore, term: u64, indexes: std::ops::RangeInclusive<u64>) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let entries = indexes.map(|i| blank_ent::<TypeConfig>(term, 1, i));
+        log.queue_append(entries, Box::new(move |r| drop(tx.send(r))))
+            .expect("queue append");
+        rx.await
+            .expect("writer answers")
+            .expect("append is durable");
+    }
+
+    async fn read(
+        log: &mut LogStore,
+        range: impl RangeBounds<u64> + Clone + Debug + Send,
+    ) -> Vec<(u64, u64)> {
+        log.try_get_log_entries(range)
+            .await
+            .expect("read log")
+            .into_iter()
+            .map(|e| (e.log_id.index, e.log_id.leader_id.term))
+            .collect()
+    }
+
+    fn expect(term: u64, indexes: impl Iterator<Item = u64>) -> Vec<(u64, u64)> {
+        indexes.map(|i| (i, term)).collect()
+    }
+
+    #[tokio::test]
+    async fn reads_join_the_file_and_the_tail_in_memory() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.redb");
+        let mut log = LogStore::open(&path).expect("open");
+        let last = RECENT_ENTRIES as u64 + 1000;
+        for start in (1..=last).step_by(250) {
+            append(&log, 1, start..=(start + 249).min(last)).await;
+        }
+        let first_in_memory = {
+            let recent = log.shared.recent.lock().expect("lock");
+            assert_eq!(
+                recent.entries.len(),
+                RECENT_ENTRIES,
+                "durable tail is bounded"
+            );
+            *recent.entries.first_key_value().expect("tail").0
+        };
+        assert!(
+            first_in_memory > 1,
+            "the oldest entries are only in the file"
+        );
+
+        assert_eq!(read(&mut log, ..).await, expect(1, 1..=last));
+        assert_eq!(read(&mut log, 1..4).await, expect(1, 1..4));
+        let around = first_in_memory - 5..=first_in_memory + 5;
+        assert_eq!(read(&mut log, around.clone()).await, expect(1, around));
+        assert_eq!(read(&mut log, last - 3..).await, expect(1, last - 3..=last));
+        assert_eq!(read(&mut log, last + 1..).await, Vec::new());
+
+        // A new leader's entries replace the conflicting tail, in memory and in the file.
+        log.truncate(log_id(1, 1, last - 10))
+            .await
+            .expect("truncate");
+        append(&log, 2, last - 10..=last - 5).await;
+        let mut want = expect(1, 1..last - 10);
+        want.extend(expect(2, last - 10..=last - 5));
+        assert_eq!(read(&mut log, ..).await, want);
+
+        // Purged entries are gone from both.
+        log.purge(log_id(1, 1, 100)).await.expect("purge");
+        assert_eq!(read(&mut log, ..).await, want[100..].to_vec());
+
+        // After a restart everything comes from the file.
+        drop(log);
+        let mut log = LogStore::open(&path).expect("reopen");
+        assert_eq!(read(&mut log, ..).await, want[100..].to_vec());
+        let state = log.get_log_state().await.expect("log state");
+        assert_eq!(state.last_log_id, Some(log_id(2, 1, last - 5)));
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 100)));
+    }
+
+    #[tokio::test]
+    async fn committed_rides_with_the_next_append_or_the_close() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("raft-log.redb");
+        let mut log = LogStore::open(&path).expect("open");
+        append(&log, 1, 1..=3).await;
+        log.save_committed(Some(log_id(1, 1, 2)))
+            .await
+            .expect("save");
+        append(&log, 1, 4..=4).await;
+        // Read from the file by a second handle: the value is on disk, not only queued.
+        let on_disk = {
+            let rtx = log.db.begin_read().expect("read");
+            let t = rtx.open_table(STATE).expect("state");
+            let v = t.get(COMMITTED).expect("get").map(|v| v.value().to_vec());
+            v.map(|b| dec::<Option<LogId<NodeId>>>(&b).expect("decode"))
+        };
+        assert_eq!(on_disk, Some(Some(log_id(1, 1, 2))));
+
+        // With no append after it, closing the store writes it.
+        log.save_committed(Some(log_id(1, 1, 4)))
+            .await
+            .expect("save");
+        drop(log);
+        let mut log = LogStore::open(&path).expect("reopen");
+        assert_eq!(
+            log.read_committed().await.expect("read"),
+            Some(log_id(1, 1, 4))
+        );
     }
 }
