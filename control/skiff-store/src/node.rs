@@ -58,7 +58,7 @@ const MAX_BATCH_BYTES: usize = 4 << 20;
 /// Proposals waiting for the batcher before callers wait to queue.
 const PROPOSAL_QUEUE: usize = 4096;
 /// Batches of forwarded writes a member keeps in flight to the leader at once.
-const FORWARDS_IN_FLIGHT: usize = 2;
+const FORWARDS_IN_FLIGHT: usize = 4;
 
 /// How to run a member.
 #[derive(Clone, Debug)]
