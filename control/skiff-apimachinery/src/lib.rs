@@ -5,8 +5,10 @@
 //! - [`pod`]: pod readiness, availability, activity, owners and resource requests.
 //! - [`events`]: the core/v1 Events recorder, with upstream's folding of repeats.
 //! - [`identity`]: security identities (`skiff.dev/v1` `SecurityIdentity`) for NetworkPolicy.
+//! - [`cluster`]: well-known cluster addresses and names (the cluster DNS Service).
 //! - [`client_from_kubeconfig`]: an API client from a kubeconfig file.
 
+pub mod cluster;
 pub mod events;
 pub mod identity;
 pub mod labels;

@@ -13,6 +13,7 @@ use axum::{
     routing::get,
 };
 use serde_json::{Value, json};
+use skiff_apimachinery::cluster::{DNS_SERVICE_NAME, DNS_SERVICE_NAMESPACE};
 use skiff_store::StoreNode;
 use tokio::net::TcpListener;
 
@@ -388,8 +389,8 @@ async fn bootstrap(
     // (`kube-dns-<node>`); internalTrafficPolicy Local keeps each pod's queries on its node.
     let obj = json!({
         "apiVersion": "v1", "kind": "Service",
-        "metadata": {"name": "kube-dns", "namespace": "kube-system",
-            "labels": {"k8s-app": "kube-dns", "kubernetes.io/cluster-service": "true",
+        "metadata": {"name": DNS_SERVICE_NAME, "namespace": DNS_SERVICE_NAMESPACE,
+            "labels": {"k8s-app": DNS_SERVICE_NAME, "kubernetes.io/cluster-service": "true",
                 "kubernetes.io/name": "skiff-dns"}},
         "spec": {"clusterIP": CLUSTER_DNS_IP.to_string(), "internalTrafficPolicy": "Local",
             "ports": [

@@ -37,11 +37,9 @@ pub use hickory_server::proto::rr::RecordType;
 use zone::Lookup;
 pub use zone::Zone;
 
-/// The DNS Service's address pods are given (kubeadm's and k3s's choice in 10.96.0.0/12).
-pub const CLUSTER_DNS_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(10, 96, 0, 10);
-/// The DNS Service.
-pub const SERVICE_NAMESPACE: &str = "kube-system";
-pub const SERVICE_NAME: &str = "kube-dns";
+pub use skiff_apimachinery::cluster::{
+    CLUSTER_DNS_IP, DNS_SERVICE_NAME as SERVICE_NAME, DNS_SERVICE_NAMESPACE as SERVICE_NAMESPACE,
+};
 /// How long one upstream resolver gets to answer before the next is tried.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle between queries.
