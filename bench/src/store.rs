@@ -41,6 +41,7 @@ pub struct Args {
 const VALUE_BYTES: usize = 256;
 
 /// One system under test, with its clients.
+#[derive(Clone)]
 enum Target {
     Skiff(Vec<StoreClient>),
     Etcd(Vec<etcd_client::Client>),
@@ -88,24 +89,27 @@ struct Cluster {
     children: Vec<Child>,
 }
 
-/// CPU seconds (user + system) process `pid` has used so far.
-fn cpu_seconds(pid: &str) -> f64 {
+/// CPU seconds (user + system) process `pid` (or `self`) has used so far.
+fn cpu_seconds(pid: &str) -> Result<f64> {
     // SAFETY: sysconf has no memory-safety preconditions.
     let tick = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0.0;
-    };
+    let path = format!("/proc/{pid}/stat");
+    let stat = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
     // Fields after the command name (which may hold spaces): state is field 3, utime and
     // stime are fields 14 and 15.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (ticks(11) + ticks(12)) / tick
+    let ticks = |i: usize| -> Result<f64> {
+        f.get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .with_context(|| format!("{path}: no CPU time in field {}", i + 3))
+    };
+    Ok((ticks(11)? + ticks(12)?) / tick)
 }
 
 impl Cluster {
     /// CPU seconds the members have used so far.
-    fn cpu_seconds(&self) -> f64 {
+    fn cpu_seconds(&self) -> Result<f64> {
         self.children
             .iter()
             .map(|c| cpu_seconds(&c.id().to_string()))
@@ -237,11 +241,43 @@ async fn start_etcd(args: &Args, members: usize) -> Result<(Cluster, Vec<etcd_cl
     Ok((cluster, clients))
 }
 
+/// The two systems compared.
+#[derive(Clone, Copy)]
+enum System {
+    Skiff,
+    Etcd,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            System::Skiff => "skiff",
+            System::Etcd => "etcd",
+        }
+    }
+}
+
+/// Starts `members` members of `system` on fresh data and connects a client to each.
+async fn start(args: &Args, system: System, members: usize) -> Result<(Cluster, Target)> {
+    Ok(match system {
+        System::Skiff => {
+            let (cluster, clients) = start_skiff(args, members).await?;
+            (cluster, Target::Skiff(clients))
+        }
+        System::Etcd => {
+            let (cluster, clients) = start_etcd(args, members).await?;
+            (cluster, Target::Etcd(clients))
+        }
+    })
+}
+
 /// Result of one workload.
 struct Row {
     ops_per_sec: f64,
     /// The members' CPU time per operation (all members together), in microseconds.
     cpu_us_per_op: f64,
+    /// The load generator's CPU time per operation, in microseconds.
+    load_us_per_op: f64,
     p50_ms: f64,
     p99_ms: f64,
 }
@@ -254,17 +290,19 @@ enum Workload {
 
 /// Runs `clients` concurrent loops for `secs` seconds and collects latencies.
 async fn drive(
-    make: &dyn Fn() -> Target,
+    cluster: &Cluster,
+    target: &Target,
     workload: Workload,
     clients: usize,
     secs: u64,
 ) -> Result<Row> {
+    let (members_cpu, own_cpu) = (cluster.cpu_seconds()?, cpu_seconds("self")?);
     let next = Arc::new(AtomicU64::new(0));
     let end = Instant::now() + Duration::from_secs(secs);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for c in 0..clients {
-        let mut t = make();
+        let mut t = target.clone();
         let next = next.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -291,9 +329,11 @@ async fn drive(
         all.get(((all.len() as f64 * p) as usize).min(all.len().saturating_sub(1)))
             .map_or(0.0, |d| d.as_secs_f64() * 1000.0)
     };
+    let ops = all.len().max(1) as f64;
     Ok(Row {
         ops_per_sec: all.len() as f64 / elapsed,
-        cpu_us_per_op: 0.0,
+        cpu_us_per_op: (cluster.cpu_seconds()? - members_cpu) * 1e6 / ops,
+        load_us_per_op: (cpu_seconds("self")? - own_cpu) * 1e6 / ops,
         p50_ms: pct(0.50),
         p99_ms: pct(0.99),
     })
@@ -303,11 +343,11 @@ async fn drive(
 async fn workloads(
     name: &str,
     cluster: &Cluster,
-    make: &dyn Fn() -> Target,
+    target: &Target,
     secs: u64,
 ) -> Result<Vec<(String, Row)>> {
     let mut out = Vec::new();
-    let mut seed = make();
+    let mut seed = target.clone();
     for i in 0..1000 {
         seed.put(i, format!("/bench/read/{i:04}"), vec![b'r'; VALUE_BYTES])
             .await
@@ -318,18 +358,11 @@ async fn workloads(
         ("write, 64 clients", Workload::Write, 64),
         ("linearizable read, 64 clients", Workload::Read, 64),
     ] {
-        let (cpu, own) = (cluster.cpu_seconds(), cpu_seconds("self"));
-        let mut row = drive(make, workload, clients, secs).await?;
-        let ops = (row.ops_per_sec * secs as f64).max(1.0);
-        row.cpu_us_per_op = (cluster.cpu_seconds() - cpu) * 1e6 / ops;
+        let row = drive(cluster, target, workload, clients, secs).await?;
         eprintln!(
             "  {name:<16} {label:<30} {:>10.0} ops/s  p50 {:>7.2} ms  p99 {:>7.2} ms  \
              members' cpu {:>5.0} µs/op  load generator's {:>4.0} µs/op",
-            row.ops_per_sec,
-            row.p50_ms,
-            row.p99_ms,
-            row.cpu_us_per_op,
-            (cpu_seconds("self") - own) * 1e6 / ops
+            row.ops_per_sec, row.p50_ms, row.p99_ms, row.cpu_us_per_op, row.load_us_per_op
         );
         out.push((format!("{name} | {label}"), row));
     }
@@ -339,17 +372,13 @@ async fn workloads(
 /// `skiff-bench store`.
 pub async fn run(args: Args) -> Result<()> {
     let mut rows: Vec<(String, Row)> = Vec::new();
-    for &members in &args.members {
-        eprintln!("skiff store, {members} member(s)");
-        let (cluster, clients) = start_skiff(&args, members).await?;
-        let make = move || Target::Skiff(clients.clone());
-        rows.extend(workloads(&format!("skiff ×{members}"), &cluster, &make, args.seconds).await?);
-    }
-    for &members in &args.members {
-        eprintln!("etcd, {members} member(s)");
-        let (cluster, clients) = start_etcd(&args, members).await?;
-        let make = move || Target::Etcd(clients.clone());
-        rows.extend(workloads(&format!("etcd ×{members}"), &cluster, &make, args.seconds).await?);
+    for system in [System::Skiff, System::Etcd] {
+        for &members in &args.members {
+            eprintln!("{} with {members} member(s)", system.name());
+            let (cluster, target) = start(&args, system, members).await?;
+            let name = format!("{} ×{members}", system.name());
+            rows.extend(workloads(&name, &cluster, &target, args.seconds).await?);
+        }
     }
     println!("| system | workload | ops/s | p50 ms | p99 ms | members' CPU µs/op |");
     println!("|---|---|---:|---:|---:|---:|");
@@ -376,21 +405,14 @@ pub async fn run(args: Args) -> Result<()> {
     let mut rounds = vec![first];
     for round in 2..=args.rounds {
         eprintln!("round {round}: skiff ×3 then etcd ×3, 64 writing clients");
-        let skiff = {
-            let (_cluster, clients) = start_skiff(&args, 3).await?;
-            let make = move || Target::Skiff(clients.clone());
-            drive(&make, Workload::Write, 64, args.seconds)
+        let mut writes = [0.0; 2];
+        for (w, system) in writes.iter_mut().zip([System::Skiff, System::Etcd]) {
+            let (cluster, target) = start(&args, system, 3).await?;
+            *w = drive(&cluster, &target, Workload::Write, 64, args.seconds)
                 .await?
-                .ops_per_sec
-        };
-        let etcd = {
-            let (_cluster, clients) = start_etcd(&args, 3).await?;
-            let make = move || Target::Etcd(clients.clone());
-            drive(&make, Workload::Write, 64, args.seconds)
-                .await?
-                .ops_per_sec
-        };
-        rounds.push((skiff, etcd));
+                .ops_per_sec;
+        }
+        rounds.push((writes[0], writes[1]));
     }
     println!();
     println!("| round | skiff ×3 writes/s | etcd ×3 writes/s | ratio |");

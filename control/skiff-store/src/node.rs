@@ -6,11 +6,11 @@
 //! while the previous entry was in flight and proposes them as one [`Command::Batch`] entry:
 //! one append and one fsync per member for many client writes (group commit).
 //!
-//! A member that is not the leader forwards the write to the leader over the peer listener,
-//! batched with the other writes queued meanwhile (one peer request each). It retries only when the write provably was not proposed (the peer
-//! refused it as not-leader, or the connection was never made); after an ambiguous failure
-//! (timeout after sending) it reports [`StoreError::Unavailable`] instead of risking a second
-//! application, as etcd does.
+//! A member that is not the leader forwards the write to the leader over the peer listener, in
+//! one request with the other writes queued meanwhile. It retries only when the write provably
+//! was not proposed (the peer refused it as not-leader, or the connection was never made); after
+//! an ambiguous failure (timeout after sending) it reports [`StoreError::Unavailable`] instead of
+//! risking a second application, as etcd does.
 //!
 //! Linearizable reads use Raft's read index: the leader confirms its leadership with a quorum
 //! and names the log index the read must see; the member waits until it has applied that far,
@@ -253,20 +253,27 @@ async fn propose(proposals: &Proposals, cmd: Command) -> Result<Applied, Propose
         .unwrap_or_else(|_| Err(ProposeError::Failed("store is shutting down".into())))
 }
 
+/// `first` and whatever else is queued in `rx`, up to [`MAX_BATCH`] commands and
+/// [`MAX_BATCH_BYTES`] (a single larger command goes alone).
+fn drain<T>(
+    first: T,
+    rx: &mut tokio::sync::mpsc::Receiver<T>,
+    cmd: impl Fn(&T) -> &Command,
+) -> Vec<T> {
+    let mut bytes = cmd(&first).approx_size();
+    let mut batch = vec![first];
+    while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
+        let Ok(next) = rx.try_recv() else { break };
+        bytes += cmd(&next).approx_size();
+        batch.push(next);
+    }
+    batch
+}
+
 /// Proposes queued commands, as many as fit in one entry, one entry at a time.
 async fn batcher(raft: Raft<TypeConfig>, mut rx: tokio::sync::mpsc::Receiver<Proposal>) {
     while let Some(first) = rx.recv().await {
-        let mut bytes = first.cmd.approx_size();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(p) => {
-                    bytes += p.cmd.approx_size();
-                    batch.push(p);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = drain(first, &mut rx, |p| &p.cmd);
         let (cmds, dones): (Vec<Command>, Vec<_>) =
             batch.into_iter().map(|p| (p.cmd, p.done)).unzip();
         let single = cmds.len() == 1;
@@ -335,17 +342,7 @@ async fn forwarder(http: PeerHttp, mut rx: tokio::sync::mpsc::Receiver<Forward>)
         let Ok(slot) = slots.clone().acquire_owned().await else {
             return;
         };
-        let mut bytes = first.cmd.approx_size();
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-            match rx.try_recv() {
-                Ok(f) => {
-                    bytes += f.cmd.approx_size();
-                    batch.push(f);
-                }
-                Err(_) => break,
-            }
-        }
+        let batch = drain(first, &mut rx, |f| &f.cmd);
         // Leadership may have moved while writes queued: one request per leader named.
         let mut by_leader: BTreeMap<String, Vec<Forward>> = BTreeMap::new();
         for f in batch {

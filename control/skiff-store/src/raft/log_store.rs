@@ -180,10 +180,7 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
         let written = (|| -> Result<(), StoreError> {
             let wtx = db.begin_write().op("begin write")?;
             if let Some(c) = &committed {
-                wtx.open_table(STATE)
-                    .op("open state")?
-                    .insert(COMMITTED, c.as_slice())
-                    .op("write state")?;
+                put_committed(&wtx, c)?;
             }
             for job in &mut batch {
                 match job {
@@ -239,16 +236,22 @@ fn writer(db: Arc<Database>, shared: Arc<Shared>, jobs: mpsc::Receiver<Job>) {
         .take();
     if let Some(c) = committed {
         let written = db.begin_write().op("begin write").and_then(|wtx| {
-            wtx.open_table(STATE)
-                .op("open state")?
-                .insert(COMMITTED, c.as_slice())
-                .op("write state")?;
+            put_committed(&wtx, &c)?;
             wtx.commit().op("commit log")
         });
         if let Err(e) = written {
             tracing::warn!(error = %e, "saving the committed log id at close");
         }
     }
+}
+
+/// Stores the (encoded) committed log id in `wtx`.
+fn put_committed(wtx: &redb::WriteTransaction, committed: &[u8]) -> Result<(), StoreError> {
+    wtx.open_table(STATE)
+        .op("open state")?
+        .insert(COMMITTED, committed)
+        .op("write state")?;
+    Ok(())
 }
 
 fn io_err(make: fn(AnyError) -> StorageIOError<NodeId>, e: StoreError) -> RaftStorageError {
