@@ -84,8 +84,7 @@ impl PeerTls {
 
 /// Serves `app` over TLS on `listener` until aborted (HTTP/1.1 and 2, with upgrades); each
 /// connection is a task of a set owned here, so aborting the loop ends them too. `what`
-/// names the listener in logs; failed handshakes of the `peer` listener are warnings (a
-/// client that is not a member), others debug lines.
+/// names the listener in logs.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     tls: tokio_rustls::TlsAcceptor,
@@ -118,12 +117,10 @@ pub async fn serve(
             let stream = match tokio::time::timeout(Duration::from_secs(10), tls.accept(tcp)).await
             {
                 Ok(Ok(s)) => s,
-                Ok(Err(e)) if what == "peer" => {
-                    tracing::warn!(%peer, error = %e, "peer refused: TLS handshake failed");
-                    return;
-                }
+                // Visible by default, as upstream's API server logs TLS handshake errors: a
+                // refused client (no or another CA's certificate) is worth an operator's look.
                 Ok(Err(e)) => {
-                    tracing::debug!(listener = what, %peer, error = %e, "TLS handshake failed");
+                    tracing::warn!(listener = what, %peer, error = %e, "refused: TLS handshake failed");
                     return;
                 }
                 Err(_) => {
