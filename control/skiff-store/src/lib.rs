@@ -21,12 +21,13 @@ pub mod error;
 pub mod mvcc;
 pub mod node;
 pub mod raft;
+pub mod snapshot;
 pub mod tls;
 pub mod types;
 pub mod watch;
 
 pub use error::StoreError;
-pub use mvcc::{Export, Mvcc, Writer};
+pub use mvcc::{Mvcc, Writer};
 pub use node::{Member, MemberChange, NodeConfig, StoreNode};
 pub use types::*;
 pub use watch::{WatchEvent, WatchStream};

@@ -30,6 +30,7 @@ use tokio::sync::broadcast;
 use crate::{
     StoreError,
     error::RedbContext,
+    snapshot::{Record, SnapshotReader, SnapshotWriter},
     types::{
         Event, EventKind, KeyValue, MAX_KEY_BYTES, MAX_VALUE_BYTES, Op, OpResult, RangeRequest,
         RangeResponse, Revision, Txn, TxnResponse, prefix_end,
@@ -812,33 +813,18 @@ impl<'txn> Writer<'txn> {
     }
 }
 
-/// A consistent copy of the whole store, for Raft snapshots.
-#[derive(Debug)]
-pub struct Export {
-    /// The encoded copy (what [`Mvcc::import`] takes).
-    pub bytes: Vec<u8>,
-    /// The meta entries inside it (including the Raft layer's), decoded for the caller.
-    pub meta: std::collections::BTreeMap<String, Vec<u8>>,
-}
-
-#[derive(serde::Serialize, serde::Deserialize)]
-struct Image {
-    meta: Vec<(String, Vec<u8>)>,
-    current: Vec<(Vec<u8>, Vec<u8>)>,
-    history: Vec<(Vec<u8>, u64, Vec<u8>)>,
-    events: Vec<(u64, u32, Vec<u8>)>,
-}
-
 impl Mvcc {
-    /// Copies every table as of one read transaction.
-    pub fn export(&self) -> Result<Export, StoreError> {
+    /// Writes every table as of one read transaction to `out` as a snapshot stream
+    /// ([`crate::snapshot`]), record by record. Returns `out` and the meta entries (including
+    /// the Raft layer's), decoded for the caller.
+    pub fn export_to<W: std::io::Write>(
+        &self,
+        out: W,
+    ) -> Result<(W, std::collections::BTreeMap<String, Vec<u8>>), StoreError> {
+        let io = |e: std::io::Error| StoreError::Unavailable(format!("writing snapshot: {e}"));
         let rtx = self.inner.db.begin_read().op("begin read")?;
-        let mut image = Image {
-            meta: Vec::new(),
-            current: Vec::new(),
-            history: Vec::new(),
-            events: Vec::new(),
-        };
+        let mut w = SnapshotWriter::new(out).map_err(io)?;
+        let mut meta = std::collections::BTreeMap::new();
         for e in rtx
             .open_table(META)
             .op("open meta")?
@@ -846,61 +832,59 @@ impl Mvcc {
             .op("scan meta")?
         {
             let (k, v) = e.op("scan meta")?;
-            image.meta.push((k.value().to_string(), v.value().to_vec()));
+            let r = Record::Meta(k.value().to_string(), v.value().to_vec());
+            w.record(&r).map_err(io)?;
+            if let Record::Meta(k, v) = r {
+                meta.insert(k, v);
+            }
         }
         for e in rtx
             .open_table(CURRENT)
             .op("open current")?
             .iter()
-            .op("scan")?
+            .op("scan current")?
         {
             let (k, v) = e.op("scan current")?;
-            image.current.push((k.value().to_vec(), v.value().to_vec()));
+            w.record(&Record::Current(k.value().to_vec(), v.value().to_vec()))
+                .map_err(io)?;
         }
         for e in rtx
             .open_table(HISTORY)
             .op("open history")?
             .iter()
-            .op("scan")?
+            .op("scan history")?
         {
             let (k, v) = e.op("scan history")?;
             let (key, rev) = k.value();
-            image.history.push((key.to_vec(), rev, v.value().to_vec()));
+            w.record(&Record::History(key.to_vec(), rev, v.value().to_vec()))
+                .map_err(io)?;
         }
         for e in rtx
             .open_table(EVENTS)
             .op("open events")?
             .iter()
-            .op("scan")?
+            .op("scan events")?
         {
             let (k, v) = e.op("scan events")?;
             let (rev, sub) = k.value();
-            image.events.push((rev, sub, v.value().to_vec()));
+            w.record(&Record::Event(rev, sub, v.value().to_vec()))
+                .map_err(io)?;
         }
-        let bytes = postcard::to_allocvec(&image)
-            .map_err(|e| StoreError::Invalid(format!("encoding snapshot: {e}")))?;
-        Ok(Export {
-            bytes,
-            meta: image.meta.into_iter().collect(),
-        })
+        Ok((w.finish().map_err(io)?, meta))
     }
 
-    /// Replaces the whole store with an [`Export`]'s bytes, then writes `extra` meta entries,
-    /// all in one durable transaction. Watchers behind the new history get
-    /// [`StoreError::Compacted`] and re-list.
-    pub fn import(&self, bytes: &[u8], extra: &[(&str, Vec<u8>)]) -> Result<(), StoreError> {
-        let image: Image = postcard::from_bytes(bytes)
-            .map_err(|e| StoreError::Invalid(format!("decoding snapshot: {e}")))?;
-        let format = image
-            .meta
-            .iter()
-            .find(|(k, _)| k == META_FORMAT)
-            .and_then(|(_, v)| decode_u64(v));
-        if format != Some(FORMAT) {
-            return Err(StoreError::Invalid(format!(
-                "snapshot has format {format:?}, this build reads {FORMAT}"
-            )));
-        }
+    /// Replaces the whole store with a snapshot stream, then writes `extra` meta entries, all in
+    /// one durable transaction: a stream that is cut short, damaged or of another format
+    /// changes nothing. `seen` is shown each record as it is read (to keep a copy), then `None`
+    /// once the whole stream has been read and checked, just before the commit; an error from
+    /// it abandons the import. Watchers behind the new history get [`StoreError::Compacted`]
+    /// and re-list.
+    pub fn import_from<R: std::io::Read>(
+        &self,
+        stream: &mut SnapshotReader<R>,
+        extra: &[(&str, Vec<u8>)],
+        mut seen: impl FnMut(Option<&Record>) -> Result<(), StoreError>,
+    ) -> Result<(), StoreError> {
         let _serial = self
             .inner
             .write_lock
@@ -910,36 +894,70 @@ impl Mvcc {
         let mut revision = 0;
         {
             let mut meta = wtx.open_table(META).op("open meta")?;
+            let mut current = wtx.open_table(CURRENT).op("open current")?;
+            let mut history = wtx.open_table(HISTORY).op("open history")?;
+            let mut events = wtx.open_table(EVENTS).op("open events")?;
             meta.retain(|_, _| false).op("clear meta")?;
-            for (k, v) in &image.meta {
-                meta.insert(k.as_str(), v.as_slice()).op("write meta")?;
-                if k == META_REVISION {
-                    revision = decode_u64(v).unwrap_or(0);
+            current.retain(|_, _| false).op("clear current")?;
+            history.retain(|_, _| false).op("clear history")?;
+            events.retain(|_, _| false).op("clear events")?;
+            // The meta records come first; the format is checked before any data is taken.
+            let mut format = None;
+            let check = |format: Option<u64>| match format {
+                Some(FORMAT) => Ok(()),
+                other => Err(StoreError::Invalid(format!(
+                    "snapshot has format {other:?}, this build reads {FORMAT}"
+                ))),
+            };
+            let mut in_meta = true;
+            while let Some(r) = stream.next_record()? {
+                seen(Some(&r))?;
+                if in_meta && !matches!(r, Record::Meta(..)) {
+                    check(format)?;
+                    in_meta = false;
                 }
+                match r {
+                    Record::Meta(k, v) => {
+                        if !in_meta {
+                            return Err(StoreError::Invalid(
+                                "snapshot: meta record after the data".into(),
+                            ));
+                        }
+                        if k == META_FORMAT {
+                            format = decode_u64(&v);
+                        }
+                        if k == META_REVISION {
+                            revision = decode_u64(&v).unwrap_or(0);
+                        }
+                        meta.insert(k.as_str(), v.as_slice()).op("write meta")?;
+                    }
+                    Record::Current(k, v) => {
+                        current
+                            .insert(k.as_slice(), v.as_slice())
+                            .op("write current")?;
+                    }
+                    Record::History(k, r, v) => {
+                        history
+                            .insert((k.as_slice(), r), v.as_slice())
+                            .op("write history")?;
+                    }
+                    Record::Event(r, s, v) => {
+                        events.insert((r, s), v.as_slice()).op("write events")?;
+                    }
+                    // The reader consumes the end record itself.
+                    Record::End(..) => {
+                        return Err(StoreError::Invalid("snapshot: a second end record".into()));
+                    }
+                }
+            }
+            if in_meta {
+                check(format)?;
             }
             for (k, v) in extra {
                 meta.insert(*k, v.as_slice()).op("write meta")?;
             }
-            let mut current = wtx.open_table(CURRENT).op("open current")?;
-            current.retain(|_, _| false).op("clear current")?;
-            for (k, v) in &image.current {
-                current
-                    .insert(k.as_slice(), v.as_slice())
-                    .op("write current")?;
-            }
-            let mut history = wtx.open_table(HISTORY).op("open history")?;
-            history.retain(|_, _| false).op("clear history")?;
-            for (k, r, v) in &image.history {
-                history
-                    .insert((k.as_slice(), *r), v.as_slice())
-                    .op("write history")?;
-            }
-            let mut events = wtx.open_table(EVENTS).op("open events")?;
-            events.retain(|_, _| false).op("clear events")?;
-            for (r, s, v) in &image.events {
-                events.insert((*r, *s), v.as_slice()).op("write events")?;
-            }
         }
+        seen(None)?;
         wtx.commit().op("commit")?;
         self.inner.revision.store(revision, Ordering::Release);
         Ok(())

@@ -433,7 +433,7 @@ impl StoreNode {
     pub async fn start(cfg: NodeConfig) -> Result<StoreNode, StoreError> {
         let mvcc = Mvcc::open(&cfg.data_dir.join("state.redb"))?;
         let log = LogStore::open(&cfg.data_dir.join("raft-log.redb"))?;
-        let sm = StateMachine::new(mvcc.clone());
+        let sm = StateMachine::open(mvcc.clone(), &cfg.data_dir.join("snapshots"))?;
         let log_file = log.liveness();
         let listener = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await

@@ -14,7 +14,8 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachine, tempfile::TempDir> for Bui
         let dir = tempfile::tempdir().expect("tempdir");
         let log = LogStore::open(&dir.path().join("raft-log.redb")).expect("open log");
         let mvcc = Mvcc::open(&dir.path().join("state.redb")).expect("open state");
-        Ok((dir, log, StateMachine::new(mvcc)))
+        let sm = StateMachine::open(mvcc, &dir.path().join("snapshots")).expect("open snapshots");
+        Ok((dir, log, sm))
     }
 }
 

@@ -6,13 +6,12 @@
 //! - [`StateMachine`]: applies committed commands to [`crate::Mvcc`]. Applying does not fsync
 //!   (the log already holds the entries durably); the state file is synced every
 //!   [`state_machine::SYNC_EVERY`] entries, on membership changes and before every snapshot, so
-//!   the log is never purged past what the state file holds durably.
+//!   the log is never purged past what the state file holds durably. Snapshots are files in
+//!   `<data dir>/snapshots`, written, sent and installed as streams ([`crate::snapshot`]).
 
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
-
-use std::io::Cursor;
 
 use serde::{Deserialize, Serialize};
 
@@ -46,7 +45,7 @@ openraft::declare_raft_types!(
         NodeId = NodeId,
         Node = openraft::BasicNode,
         Entry = openraft::Entry<TypeConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
+        SnapshotData = tokio::fs::File,
         AsyncRuntime = openraft::TokioRuntime,
 );
 

@@ -1,8 +1,13 @@
 //! The Raft state machine: committed [`Command`]s applied to [`Mvcc`].
 
 use std::{
-    io::Cursor,
-    sync::{Arc, Mutex},
+    fs,
+    io::{BufReader, BufWriter, Seek, SeekFrom},
+    path::{Path, PathBuf},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
 };
 
 use openraft::{
@@ -12,7 +17,10 @@ use openraft::{
 use redb::Durability;
 
 use super::{Applied, NodeId, RaftStorageError, TypeConfig};
-use crate::{Command, CommandResponse, Mvcc, StoreError};
+use crate::{
+    Command, CommandResponse, Mvcc, StoreError,
+    snapshot::{Record, SnapshotReader, SnapshotWriter},
+};
 
 /// Entries applied without fsync before the state file is synced. Bounded so a crash replays at
 /// most this many entries from the log, and so redb can reuse freed pages.
@@ -25,19 +33,29 @@ type Node = openraft::BasicNode;
 /// The applied log id and membership, as stored in the state file.
 type AppliedState = (Option<LogId<NodeId>>, StoredMembership<NodeId, Node>);
 
+/// A snapshot file and what it holds.
 #[derive(Clone, Debug)]
 struct StoredSnapshot {
     meta: SnapshotMeta<NodeId, Node>,
-    data: Vec<u8>,
+    path: PathBuf,
 }
 
-/// The state machine. Clones share the store and the current snapshot.
+/// The snapshot directory: the current snapshot's file (`<hex of its id>.snap`) and files being
+/// built or installed (`*.tmp`, removed at start).
+#[derive(Debug)]
+struct Snapshots {
+    dir: PathBuf,
+    current: Mutex<Option<StoredSnapshot>>,
+    /// Numbers snapshot ids and temporary files.
+    seq: AtomicU64,
+}
+
+/// The state machine. Clones share the store and the snapshot directory.
 #[derive(Clone, Debug)]
 pub struct StateMachine {
     mvcc: Mvcc,
-    snapshot: Arc<Mutex<Option<StoredSnapshot>>>,
+    snapshots: Arc<Snapshots>,
     unsynced: Arc<Mutex<u64>>,
-    snapshots_built: Arc<Mutex<u64>>,
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -64,14 +82,36 @@ fn rejected(e: &StoreError) -> bool {
 }
 
 impl StateMachine {
-    /// Wraps `mvcc` (which holds the applied log id and membership in its meta table).
-    pub fn new(mvcc: Mvcc) -> StateMachine {
-        StateMachine {
-            mvcc,
-            snapshot: Arc::new(Mutex::new(None)),
-            unsynced: Arc::new(Mutex::new(0)),
-            snapshots_built: Arc::new(Mutex::new(0)),
+    /// Wraps `mvcc` (which holds the applied log id and membership in its meta table), with
+    /// snapshots in `snapshot_dir` (created if missing). The newest snapshot there becomes the
+    /// current one; unfinished files of an earlier run are removed. A snapshot file whose head
+    /// cannot be read is an error naming it.
+    pub fn open(mvcc: Mvcc, snapshot_dir: &Path) -> Result<StateMachine, StoreError> {
+        let io = file_err;
+        fs::create_dir_all(snapshot_dir).map_err(io("create directory", snapshot_dir))?;
+        let mut found: Vec<StoredSnapshot> = Vec::new();
+        for entry in fs::read_dir(snapshot_dir).map_err(io("list", snapshot_dir))? {
+            let path = entry.map_err(io("list", snapshot_dir))?.path();
+            match path.extension().and_then(|e| e.to_str()) {
+                Some("tmp") => fs::remove_file(&path).map_err(io("remove", &path))?,
+                Some("snap") => found.push(read_head(&path)?),
+                _ => {}
+            }
         }
+        found.sort_by_key(|s| s.meta.last_log_id);
+        let current = found.pop();
+        for old in found {
+            fs::remove_file(&old.path).map_err(io("remove", &old.path))?;
+        }
+        Ok(StateMachine {
+            mvcc,
+            snapshots: Arc::new(Snapshots {
+                dir: snapshot_dir.to_path_buf(),
+                current: Mutex::new(current),
+                seq: AtomicU64::new(0),
+            }),
+            unsynced: Arc::new(Mutex::new(0)),
+        })
     }
 
     /// The store this state machine applies to (for reads and watches).
@@ -178,31 +218,78 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.clone()
     }
 
-    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, RaftStorageError> {
-        Ok(Box::new(Cursor::new(Vec::new())))
+    /// A fresh file, already unlinked: a transfer cut off leaves nothing behind.
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<tokio::fs::File>, RaftStorageError> {
+        let path = self.snapshots.temp("receiving");
+        let file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .and_then(|f| fs::remove_file(&path).map(|()| f))
+            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
+    /// Imports the stream in one transaction while copying it to this member's own snapshot
+    /// file; a damaged or short stream changes nothing.
     async fn install_snapshot(
         &mut self,
         meta: &SnapshotMeta<NodeId, Node>,
-        snapshot: Box<Cursor<Vec<u8>>>,
+        snapshot: Box<tokio::fs::File>,
     ) -> Result<(), RaftStorageError> {
-        let data = snapshot.into_inner();
+        let fail = |e: StoreError| -> RaftStorageError {
+            StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e)).into()
+        };
         let extra = [
-            (APPLIED, enc(&meta.last_log_id).map_err(sm_err)?),
-            (MEMBERSHIP, enc(&meta.last_membership).map_err(sm_err)?),
+            (APPLIED, enc(&meta.last_log_id).map_err(fail)?),
+            (MEMBERSHIP, enc(&meta.last_membership).map_err(fail)?),
         ];
-        let mvcc = self.mvcc.clone();
-        let bytes = data.clone();
-        tokio::task::spawn_blocking(move || mvcc.import(&bytes, &extra))
-            .await
-            .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-            .map_err(|e| {
-                StorageIOError::write_snapshot(Some(meta.signature()), AnyError::new(&e))
-            })?;
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
+        let file = snapshot.into_std().await;
+        let (mvcc, snapshots, id) = (
+            self.mvcc.clone(),
+            self.snapshots.clone(),
+            meta.snapshot_id.clone(),
+        );
+        let stored = tokio::task::spawn_blocking(move || {
+            let tmp = snapshots.temp("installing");
+            let installed = (|| -> Result<PathBuf, StoreError> {
+                let mut file = file;
+                file.seek(SeekFrom::Start(0))
+                    .map_err(|e| StoreError::Invalid(format!("snapshot {id}: {e}")))?;
+                let mut stream = SnapshotReader::new(BufReader::new(file), id.clone())?;
+                let mut copy = Some(
+                    fs::File::create(&tmp)
+                        .map(BufWriter::new)
+                        .and_then(SnapshotWriter::new)
+                        .map_err(file_err("create", &tmp))?,
+                );
+                mvcc.import_from(&mut stream, &extra, |r| match (r, copy.as_mut()) {
+                    (Some(r), Some(w)) => w.record(r).map_err(file_err("write", &tmp)),
+                    // The whole stream is in: make the copy durable before the commit.
+                    (None, Some(_)) => match copy.take() {
+                        Some(w) => w
+                            .finish()
+                            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
+                            .and_then(|f| f.sync_all())
+                            .map_err(file_err("write", &tmp)),
+                        None => Ok(()),
+                    },
+                    (_, None) => Ok(()),
+                })?;
+                snapshots.keep(&tmp, &id)
+            })();
+            if installed.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            installed
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
+        .map_err(fail)?;
+        self.snapshots.set_current(StoredSnapshot {
             meta: meta.clone(),
-            data,
+            path: stored,
         });
         Ok(())
     }
@@ -210,62 +297,164 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, RaftStorageError> {
-        Ok(self
-            .snapshot
+        let current = self
+            .snapshots
+            .current
             .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .map(|s| Snapshot {
-                meta: s.meta,
-                snapshot: Box::new(Cursor::new(s.data)),
-            }))
+            .unwrap_or_else(|p| p.into_inner());
+        let Some(s) = current.as_ref() else {
+            return Ok(None);
+        };
+        // Opened under the lock: a newer snapshot replaces the file only after this.
+        let file = fs::File::open(&s.path).map_err(|e| {
+            StorageIOError::read_snapshot(Some(s.meta.signature()), AnyError::new(&e))
+        })?;
+        Ok(Some(Snapshot {
+            meta: s.meta.clone(),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        }))
     }
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
-    /// Syncs the state file first, so the log is never purged past what is on disk, then copies
-    /// the store in one read transaction.
+    /// Syncs the state file first, so the log is never purged past what is on disk, then
+    /// streams the store as of one read transaction into a new snapshot file.
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
-        let mvcc = self.mvcc.clone();
-        let export = tokio::task::spawn_blocking(move || {
+        let (mvcc, snapshots) = (self.mvcc.clone(), self.snapshots.clone());
+        let stored = tokio::task::spawn_blocking(move || {
             mvcc.write(Durability::Immediate, |_| Ok(()))?;
-            mvcc.export()
+            let tmp = snapshots.temp("building");
+            let built = (|| -> Result<StoredSnapshot, StoreError> {
+                let out = fs::File::create(&tmp)
+                    .map(BufWriter::new)
+                    .map_err(file_err("create", &tmp))?;
+                let (out, meta) = mvcc.export_to(out)?;
+                out.into_inner()
+                    .map_err(|e| e.into_error())
+                    .and_then(|f| f.sync_all())
+                    .map_err(file_err("write", &tmp))?;
+                let last_log_id: Option<LogId<NodeId>> = match meta.get(APPLIED) {
+                    Some(b) => dec(b)?,
+                    None => None,
+                };
+                let last_membership: StoredMembership<NodeId, Node> = match meta.get(MEMBERSHIP) {
+                    Some(b) => dec(b)?,
+                    None => StoredMembership::default(),
+                };
+                let n = snapshots.seq.fetch_add(1, Ordering::Relaxed);
+                let snapshot_id = match last_log_id {
+                    Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
+                    None => format!("empty-{n}"),
+                };
+                let path = snapshots.keep(&tmp, &snapshot_id)?;
+                Ok(StoredSnapshot {
+                    meta: SnapshotMeta {
+                        last_log_id,
+                        last_membership,
+                        snapshot_id,
+                    },
+                    path,
+                })
+            })();
+            if built.is_err() {
+                let _ = fs::remove_file(&tmp);
+            }
+            built
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
         .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
-        let last_log_id: Option<LogId<NodeId>> = match export.meta.get(APPLIED) {
-            Some(b) => dec(b).map_err(sm_err)?,
-            None => None,
-        };
-        let last_membership: StoredMembership<NodeId, Node> = match export.meta.get(MEMBERSHIP) {
-            Some(b) => dec(b).map_err(sm_err)?,
-            None => StoredMembership::default(),
-        };
-        let n = {
-            let mut n = self
-                .snapshots_built
-                .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            *n += 1;
-            *n
-        };
-        let snapshot_id = match last_log_id {
-            Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
-            None => format!("empty-{n}"),
-        };
-        let meta = SnapshotMeta {
-            last_log_id,
-            last_membership,
-            snapshot_id,
-        };
-        *self.snapshot.lock().unwrap_or_else(|p| p.into_inner()) = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data: export.bytes.clone(),
-        });
+        let file = fs::File::open(&stored.path).map_err(|e| {
+            StorageIOError::read_snapshot(Some(stored.meta.signature()), AnyError::new(&e))
+        })?;
+        let meta = stored.meta.clone();
+        self.snapshots.set_current(stored);
         Ok(Snapshot {
             meta,
-            snapshot: Box::new(Cursor::new(export.bytes)),
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
         })
     }
+}
+
+impl Snapshots {
+    /// A new temporary file name in the directory.
+    fn temp(&self, what: &str) -> PathBuf {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{what}-{n}.tmp"))
+    }
+
+    /// Moves a finished, synced temporary file to the name of snapshot `id` (hex, so an id
+    /// from a peer cannot name another path) and syncs the directory.
+    fn keep(&self, tmp: &Path, id: &str) -> Result<PathBuf, StoreError> {
+        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
+        let path = self.dir.join(format!("{hex}.snap"));
+        fs::rename(tmp, &path).map_err(file_err("rename", &path))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(file_err("sync", &self.dir))?;
+        Ok(path)
+    }
+
+    /// Makes `new` current unless the current one is newer; the file that loses is removed
+    /// (readers that opened it keep reading it).
+    fn set_current(&self, new: StoredSnapshot) {
+        let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        let stale = match current.as_ref() {
+            Some(c) if c.meta.last_log_id > new.meta.last_log_id => Some(new.path.clone()),
+            _ => current.replace(new).map(|old| old.path),
+        };
+        if let Some(old) = stale.filter(|old| current.as_ref().is_none_or(|c| c.path != *old))
+            && let Err(e) = fs::remove_file(&old)
+        {
+            tracing::warn!(path = %old.display(), error = %e, "removing a superseded snapshot");
+        }
+    }
+}
+
+/// What a snapshot file holds, from the meta records at its head.
+fn read_head(path: &Path) -> Result<StoredSnapshot, StoreError> {
+    let corrupt = |detail: String| StoreError::Corrupt {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let file = fs::File::open(path).map_err(file_err("open", path))?;
+    let mut stream = SnapshotReader::new(BufReader::new(file), path.display().to_string())
+        .map_err(|e| corrupt(e.to_string()))?;
+    let (mut applied, mut membership) = (None, StoredMembership::default());
+    while let Some(Record::Meta(k, v)) = stream.next_record().map_err(|e| corrupt(e.to_string()))? {
+        match k.as_str() {
+            APPLIED => applied = dec(&v).map_err(|e| corrupt(e.to_string()))?,
+            MEMBERSHIP => membership = dec(&v).map_err(|e| corrupt(e.to_string()))?,
+            _ => {}
+        }
+    }
+    let id = path
+        .file_stem()
+        .and_then(|s| s.to_str())
+        .and_then(unhex)
+        .ok_or_else(|| corrupt("file name is not a hex-encoded snapshot id".into()))?;
+    Ok(StoredSnapshot {
+        meta: SnapshotMeta {
+            last_log_id: applied,
+            last_membership: membership,
+            snapshot_id: id,
+        },
+        path: path.to_path_buf(),
+    })
+}
+
+fn unhex(s: &str) -> Option<String> {
+    if !s.len().is_multiple_of(2) {
+        return None;
+    }
+    let bytes = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
+        .collect::<Option<Vec<u8>>>()?;
+    String::from_utf8(bytes).ok()
+}
+
+fn file_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+    let path = path.to_path_buf();
+    move |source| StoreError::Io { op, path, source }
 }
