@@ -21,6 +21,7 @@ const PACKAGES: &[(&str, &str)] = &[
     ),
     ("iperf3", "bulk throughput in the data-path benchmark"),
     ("curl", "the NodePort request `cargo xtask up` suggests"),
+    ("make", "builds jemalloc, skiff-control's allocator"),
     ("etcd-server", "etcd peer in the store benchmark"),
     (
         "protobuf-compiler",

@@ -13,6 +13,13 @@ use clap::{Parser, ValueEnum};
 use skiff_apiserver::{ApiServer, ServerConfig};
 use skiff_store::{NodeConfig, StoreNode};
 
+/// jemalloc instead of the C library's allocator: the store allocates and frees small buffers
+/// on every request (HTTP bodies, log entries, redb pages); glibc's malloc was about a tenth of
+/// the members' CPU under write load (measured in docs/benchmarks.md, chosen in
+/// docs/dependencies.md).
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "skiff-control", version, about, long_about = None)]
 struct Cli {
