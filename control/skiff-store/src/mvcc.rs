@@ -815,15 +815,18 @@ impl<'txn> Writer<'txn> {
 
 impl Mvcc {
     /// Writes every table as of one read transaction to `out` as a snapshot stream
-    /// ([`crate::snapshot`]), record by record. Returns `out` and the meta entries (including
-    /// the Raft layer's), decoded for the caller.
+    /// ([`crate::snapshot`]), record by record; `io` turns a write error into the caller's.
+    /// Everything the copy holds is on disk in the state file first (an fsync after the read
+    /// transaction began), so a snapshot never claims more than a restart would find. Returns
+    /// `out` and the meta entries (including the Raft layer's), decoded for the caller.
     pub fn export_to<W: std::io::Write>(
         &self,
         out: W,
+        io: impl Fn(std::io::Error) -> StoreError,
     ) -> Result<(W, std::collections::BTreeMap<String, Vec<u8>>), StoreError> {
-        let io = |e: std::io::Error| StoreError::Unavailable(format!("writing snapshot: {e}"));
         let rtx = self.inner.db.begin_read().op("begin read")?;
-        let mut w = SnapshotWriter::new(out).map_err(io)?;
+        self.write(Durability::Immediate, |_| Ok(()))?;
+        let mut w = SnapshotWriter::new(out).map_err(&io)?;
         let mut meta = std::collections::BTreeMap::new();
         for e in rtx
             .open_table(META)
@@ -833,7 +836,7 @@ impl Mvcc {
         {
             let (k, v) = e.op("scan meta")?;
             let r = Record::Meta(k.value().to_string(), v.value().to_vec());
-            w.record(&r).map_err(io)?;
+            w.record(&r).map_err(&io)?;
             if let Record::Meta(k, v) = r {
                 meta.insert(k, v);
             }
@@ -846,7 +849,7 @@ impl Mvcc {
         {
             let (k, v) = e.op("scan current")?;
             w.record(&Record::Current(k.value().to_vec(), v.value().to_vec()))
-                .map_err(io)?;
+                .map_err(&io)?;
         }
         for e in rtx
             .open_table(HISTORY)
@@ -857,7 +860,7 @@ impl Mvcc {
             let (k, v) = e.op("scan history")?;
             let (key, rev) = k.value();
             w.record(&Record::History(key.to_vec(), rev, v.value().to_vec()))
-                .map_err(io)?;
+                .map_err(&io)?;
         }
         for e in rtx
             .open_table(EVENTS)
@@ -868,9 +871,9 @@ impl Mvcc {
             let (k, v) = e.op("scan events")?;
             let (rev, sub) = k.value();
             w.record(&Record::Event(rev, sub, v.value().to_vec()))
-                .map_err(io)?;
+                .map_err(&io)?;
         }
-        Ok((w.finish().map_err(io)?, meta))
+        Ok((w.finish().map_err(&io)?, meta))
     }
 
     /// Replaces the whole store with a snapshot stream, then writes `extra` meta entries, all in

@@ -32,9 +32,16 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
+use std::io::Seek;
+
 use openraft::{
-    BasicNode, LogId, Raft,
-    error::{CheckIsLeaderError, ClientWriteError, InitializeError, RPCError, RaftError},
+    BasicNode, LogId, Raft, Snapshot,
+    error::{
+        CheckIsLeaderError, ClientWriteError, InitializeError, InstallSnapshotError, RPCError,
+        RaftError,
+    },
+    network::snapshot_transport::{Chunked, SnapshotTransport, Streaming},
+    raft::{InstallSnapshotRequest, InstallSnapshotResponse},
 };
 use serde::{Deserialize, Serialize};
 
@@ -434,6 +441,7 @@ impl StoreNode {
         let mvcc = Mvcc::open(&cfg.data_dir.join("state.redb"))?;
         let log = LogStore::open(&cfg.data_dir.join("raft-log.redb"))?;
         let sm = StateMachine::open(mvcc.clone(), &cfg.data_dir.join("snapshots"))?;
+        log.purge_after(sm.durably_applied());
         let log_file = log.liveness();
         let listener = tokio::net::TcpListener::bind(cfg.peer_listen)
             .await
@@ -481,6 +489,7 @@ impl StoreNode {
         let router = peer_router(PeerState {
             raft: raft.clone(),
             proposals: proposals.clone(),
+            receiving: Arc::new(tokio::sync::Mutex::new(None)),
         });
         let server = match &cfg.peer_tls {
             None => tokio::spawn(async move {
@@ -881,6 +890,8 @@ async fn compactor(node: StoreNode, history: Duration, every: Duration) {
 struct PeerState {
     raft: Raft<TypeConfig>,
     proposals: Proposals,
+    /// The snapshot being received in chunks, if any.
+    receiving: Arc<tokio::sync::Mutex<Option<Streaming<TypeConfig>>>>,
 }
 
 fn peer_router(state: PeerState) -> Router {
@@ -928,11 +939,78 @@ async fn vote(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) -> R
     }
 }
 
-async fn snapshot(State(PeerState { raft, .. }): State<PeerState>, body: Bytes) -> Response {
-    match decode(&body) {
-        Ok(req) => encode(&raft.install_snapshot(req).await),
-        Err(r) => r.into_response(),
+async fn snapshot(State(state): State<PeerState>, body: Bytes) -> Response {
+    let req: InstallSnapshotRequest<TypeConfig> = match decode(&body) {
+        Ok(req) => req,
+        Err(r) => return r.into_response(),
+    };
+    match receive_snapshot(&state, req).await {
+        Ok(answer) => encode(&answer),
+        // Not an answer openraft knows: the leader sees a failed request and sends again.
+        Err(damaged) => (StatusCode::UNPROCESSABLE_ENTITY, damaged.to_string()).into_response(),
     }
+}
+
+/// openraft's `Raft::install_snapshot` (a chunk at a time, installed when the last arrives)
+/// with one step added: the finished stream is read through (layout, record count, checksum)
+/// before the state machine gets it. A damaged transfer is refused to the leader, which sends
+/// the snapshot again; handed to the state machine, its failure would stop this member.
+async fn receive_snapshot(
+    state: &PeerState,
+    req: InstallSnapshotRequest<TypeConfig>,
+) -> Result<
+    Result<InstallSnapshotResponse<NodeId>, RaftError<NodeId, InstallSnapshotError>>,
+    StoreError,
+> {
+    let vote = req.vote;
+    let mine = match state.raft.with_raft_state(|s| *s.vote_ref()).await {
+        Ok(v) => v,
+        Err(e) => return Ok(Err(e.into())),
+    };
+    // A stale leader's chunks are not even stored (votes of different leaders in one term are
+    // incomparable: also stale).
+    if !matches!(
+        vote.partial_cmp(&mine),
+        Some(std::cmp::Ordering::Greater | std::cmp::Ordering::Equal)
+    ) {
+        return Ok(Ok(InstallSnapshotResponse { vote: mine }));
+    }
+    let finished = {
+        let mut receiving = state.receiving.lock().await;
+        match Chunked::receive_snapshot(&mut receiving, &state.raft, req).await {
+            Ok(f) => f,
+            Err(e) => return Ok(Err(e)),
+        }
+    };
+    let Some(Snapshot { meta, snapshot }) = finished else {
+        return Ok(Ok(InstallSnapshotResponse { vote: mine }));
+    };
+    let id = meta.snapshot_id.clone();
+    let file = snapshot.into_std().await;
+    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, StoreError> {
+        let mut file = file;
+        let rewind = |f: &mut std::fs::File| {
+            f.seek(std::io::SeekFrom::Start(0)).map_err(|e| {
+                StoreError::Unavailable(format!("reading the received snapshot {id}: {e}"))
+            })
+        };
+        rewind(&mut file)?;
+        crate::snapshot::check(std::io::BufReader::new(&mut file), &id)?;
+        rewind(&mut file)?;
+        Ok(file)
+    })
+    .await
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
+    let snapshot = Snapshot {
+        meta,
+        snapshot: Box::new(tokio::fs::File::from_std(file)),
+    };
+    Ok(state
+        .raft
+        .install_full_snapshot(vote, snapshot)
+        .await
+        .map(Into::into)
+        .map_err(Into::into))
 }
 
 /// Writes forwarded by another member, proposed together (in order, so they share entries)

@@ -198,6 +198,17 @@ impl<R: Read> SnapshotReader<R> {
     }
 }
 
+/// Reads a whole stream through, checking its layout, count and checksum; returns the number
+/// of records.
+pub fn check<R: Read>(input: R, what: &str) -> Result<u64, StoreError> {
+    let mut stream = SnapshotReader::new(input, what)?;
+    let mut n = 0;
+    while stream.next_record()?.is_some() {
+        n += 1;
+    }
+    Ok(n)
+}
+
 fn bad(what: &str, detail: String) -> StoreError {
     StoreError::Invalid(format!("snapshot {what}: {detail}"))
 }

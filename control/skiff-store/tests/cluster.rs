@@ -236,7 +236,8 @@ async fn members_can_be_added_promoted_and_removed() {
 }
 
 /// A member that was down while the leader snapshotted and purged its log catches up by
-/// installing the snapshot, then follows the log again.
+/// installing the snapshot (several MiB: sent in more than one chunk), then follows the log
+/// again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -256,10 +257,14 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     gone.shutdown().await;
     drop(gone);
 
-    // Enough writes for several snapshots; the log before them is purged.
+    // Enough writes for several snapshots; the log before them is purged. 12 KiB values: the
+    // last snapshot is over 9 MiB, more than three of openraft's 3 MiB chunks.
     let mut acked = BTreeMap::new();
     for i in 0..400 {
-        let (k, v) = (format!("/c/{i:03}"), format!("s{i}"));
+        let (k, v) = (
+            format!("/c/{i:03}"),
+            format!("s{i}{}", "x".repeat(12 << 10)),
+        );
         nodes[i % 2]
             .txn(Txn::put(k.clone(), v.clone()))
             .await
@@ -277,10 +282,89 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     assert_eq!(all_keys(&back).await, acked, "caught up through a snapshot");
     let snap = back.raft().metrics().borrow().snapshot;
     assert!(snap.is_some(), "the returning member installed a snapshot");
+    let kept: Vec<_> = std::fs::read_dir(dir.path().join(format!("m{down_id}/snapshots")))
+        .expect("snapshot directory")
+        .map(|e| e.expect("entry").path())
+        .collect();
+    assert!(
+        kept.len() == 1
+            && kept[0].extension().is_some_and(|e| e == "snap")
+            && std::fs::metadata(&kept[0]).expect("stat").len() > 9 << 20,
+        "the member keeps its own copy of the snapshot: {kept:?}"
+    );
     back.txn(Txn::put("/c/zzz", "after"))
         .await
         .expect("write after catch-up");
     assert_eq!(all_keys(&back).await.len(), acked.len() + 1);
     back.shutdown().await;
     stop_all(nodes).await;
+}
+
+/// A snapshot that arrives damaged is refused to the sender (which sends it again) instead of
+/// being handed to the state machine, whose failure would stop the member.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
+    use openraft::{SnapshotMeta, raft::InstallSnapshotRequest};
+    use skiff_store::raft::TypeConfig;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let addrs = free_ports(1);
+    let mut cfg = NodeConfig::single(dir.path().join("m1"));
+    cfg.peer_listen = addrs[0];
+    let node = StoreNode::start(cfg).await.expect("start");
+    wait_leader(&[&node]).await;
+    node.txn(Txn::put("/c/kept", "yes")).await.expect("write");
+
+    // A stream with the right layout whose end record does not add up.
+    let mut data = b"SKIFFSNP".to_vec();
+    data.extend_from_slice(&1u32.to_le_bytes());
+    data.extend_from_slice(&[200, 0, 0, 0]);
+    data.extend_from_slice(&[7; 20]);
+    let vote = node.raft().metrics().borrow().vote;
+    let http = reqwest::Client::new();
+    let mut statuses = Vec::new();
+    for (offset, chunk, done) in [(0, &data[..10], false), (10, &data[10..], true)] {
+        let req = InstallSnapshotRequest::<TypeConfig> {
+            vote,
+            meta: SnapshotMeta {
+                last_log_id: Some(openraft::LogId::new(
+                    openraft::CommittedLeaderId::new(vote.leader_id().term, 1),
+                    1_000_000,
+                )),
+                last_membership: Default::default(),
+                snapshot_id: "damaged".into(),
+            },
+            offset,
+            data: chunk.to_vec(),
+            done,
+        };
+        let resp = http
+            .post(format!("http://{}/raft/snapshot", addrs[0]))
+            .body(postcard::to_allocvec(&req).expect("encode"))
+            .send()
+            .await
+            .expect("send");
+        statuses.push((
+            resp.status().as_u16(),
+            resp.text().await.unwrap_or_default(),
+        ));
+    }
+    assert_eq!(statuses[0].0, 200, "a chunk is taken: {statuses:?}");
+    assert_eq!(
+        statuses[1].0, 422,
+        "the finished stream is refused: {statuses:?}"
+    );
+    assert!(statuses[1].1.contains("snapshot damaged"), "{statuses:?}");
+
+    // Still up, still the same data, still taking writes.
+    let kvs = node
+        .range(RangeRequest::prefix("/c/"))
+        .await
+        .expect("read")
+        .kvs;
+    assert_eq!(kvs.len(), 1);
+    node.txn(Txn::put("/c/after", "yes"))
+        .await
+        .expect("write after the refused snapshot");
+    node.shutdown().await;
 }

@@ -8,7 +8,7 @@ use skiff_store::{
     Command, Mvcc, RangeRequest, StoreError, Txn,
     raft::{StateMachine, TypeConfig},
 };
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
 fn open(dir: &std::path::Path) -> StateMachine {
     let mvcc = Mvcc::open(&dir.join("state.redb")).expect("open state");
@@ -79,20 +79,35 @@ async fn a_snapshot_is_a_file_that_outlives_a_restart_and_installs_elsewhere() {
         .expect("a snapshot after restart");
     assert_eq!(current.meta, built.meta);
 
-    // A follower receives it in chunks, as openraft sends it, and installs it.
+    // A follower receives it in chunks, the way openraft's chunked transport writes them: at
+    // their offsets, the first ones twice (a transfer that restarted from offset 0), then a
+    // shutdown.
     let follower_dir = tempfile::tempdir().expect("tempdir");
     let mut follower = open(follower_dir.path());
     let mut receiving = follower.begin_receiving_snapshot().await.expect("begin");
     let mut sending = current.snapshot;
-    let mut chunk = vec![0u8; 64 << 10];
-    loop {
-        let n = sending.read(&mut chunk).await.expect("read chunk");
-        if n == 0 {
-            break;
+    let end = sending.seek(std::io::SeekFrom::End(0)).await.expect("size");
+    let chunk = 256 << 10;
+    let mut send = async |from: u64, to: u64| {
+        let mut offset = from;
+        while offset < to {
+            let mut buf = vec![0u8; chunk.min((to - offset) as usize)];
+            sending
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            sending.read_exact(&mut buf).await.expect("read chunk");
+            receiving
+                .seek(std::io::SeekFrom::Start(offset))
+                .await
+                .expect("seek");
+            receiving.write_all(&buf).await.expect("write chunk");
+            offset += buf.len() as u64;
         }
-        receiving.write_all(&chunk[..n]).await.expect("write chunk");
-    }
-    receiving.flush().await.expect("flush");
+    };
+    send(0, end / 2).await;
+    send(0, end).await;
+    receiving.shutdown().await.expect("shutdown");
     follower
         .install_snapshot(&current.meta, receiving)
         .await
@@ -155,25 +170,50 @@ async fn a_cut_or_damaged_snapshot_installs_nothing() {
             "{what}: the store is as before"
         );
     }
+    assert_eq!(
+        files(follower_dir.path()),
+        Vec::<String>::new(),
+        "nothing kept, nothing temporary left"
+    );
     assert!(
-        files(follower_dir.path())
-            .iter()
-            .all(|f| f.ends_with(".snap")),
-        "no temporary files left: {:?}",
-        files(follower_dir.path())
+        follower
+            .get_current_snapshot()
+            .await
+            .expect("current")
+            .is_none(),
+        "no snapshot became current"
     );
 }
 
-#[test]
-fn a_snapshot_file_with_a_damaged_head_is_reported_with_its_path() {
+#[tokio::test]
+async fn a_damaged_snapshot_file_is_reported_with_its_path_at_start() {
     let dir = tempfile::tempdir().expect("tempdir");
-    drop(open(dir.path()));
-    let bad = dir.path().join("snapshots").join("31.snap");
-    std::fs::write(&bad, b"not a snapshot at all").expect("write");
-    let mvcc = Mvcc::open(&dir.path().join("state.redb")).expect("open state");
-    match StateMachine::open(mvcc, &dir.path().join("snapshots")) {
-        Err(StoreError::Corrupt { path, .. }) => assert_eq!(path, bad),
-        other => panic!("expected a corrupt-file error, got {other:?}"),
+    let mut sm = open(dir.path());
+    sm.apply((1..=50).map(|i| put(i, &format!("/k/{i}"), vec![9; 1000])))
+        .await
+        .expect("apply");
+    sm.build_snapshot().await.expect("build");
+    drop(sm);
+    let snap = dir
+        .path()
+        .join("snapshots")
+        .join(files(dir.path()).pop().expect("a snapshot file"));
+    let whole = std::fs::read(&snap).expect("read");
+
+    // A changed byte in the middle of a value, then a file that is not a snapshot at all.
+    let mut flipped = whole.clone();
+    let at = flipped.len() / 2;
+    flipped[at] ^= 0x01;
+    for bytes in [flipped, b"not a snapshot at all".to_vec()] {
+        std::fs::write(&snap, &bytes).expect("write");
+        let mvcc = Mvcc::open(&dir.path().join("state.redb")).expect("open state");
+        match StateMachine::open(mvcc, &dir.path().join("snapshots")) {
+            Err(StoreError::Corrupt { path, .. }) => assert_eq!(path, snap),
+            other => panic!("expected a corrupt-file error, got {other:?}"),
+        }
+        assert!(snap.exists(), "the damaged file is left for the operator");
     }
-    assert!(bad.exists(), "the damaged file is left for the operator");
+    std::fs::write(&snap, &whole).expect("write");
+    let mvcc = Mvcc::open(&dir.path().join("state.redb")).expect("open state");
+    StateMachine::open(mvcc, &dir.path().join("snapshots")).expect("the intact file opens");
 }

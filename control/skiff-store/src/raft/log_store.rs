@@ -18,7 +18,7 @@ use openraft::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{NodeId, RaftStorageError, TypeConfig};
+use super::{DurablyApplied, NodeId, RaftStorageError, TypeConfig};
 use crate::{StoreError, error::RedbContext};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -76,6 +76,8 @@ struct Shared {
     /// The latest committed log id (encoded) not yet written: it rides along with the next
     /// transaction instead of costing an fsync of its own.
     committed: Mutex<Option<Vec<u8>>>,
+    /// How far the state machine is durable; purges wait for it (see [`LogStore::purge_after`]).
+    durable: std::sync::OnceLock<DurablyApplied>,
 }
 
 /// Most entries kept in memory once durable.
@@ -279,6 +281,7 @@ impl LogStore {
             recent: Mutex::new(Recent::default()),
             next_seq: AtomicU64::new(0),
             committed: Mutex::new(None),
+            durable: std::sync::OnceLock::new(),
         });
         let (wdb, wshared) = (db.clone(), shared.clone());
         let thread = std::thread::Builder::new()
@@ -297,6 +300,14 @@ impl LogStore {
                 thread: Mutex::new(Some(thread)),
             }),
         })
+    }
+
+    /// Makes every purge wait until the state machine holds the purged entries durably, so
+    /// the log never starts after what the state file holds (openraft 0.9 purges the log when
+    /// it hands a received snapshot to the state machine, before the install is done). A
+    /// purge fails if the state machine fails first. Set once, before Raft starts.
+    pub fn purge_after(&self, durable: DurablyApplied) {
+        let _ = self.shared.durable.set(durable);
     }
 
     /// Dead once nothing (store clone, writer thread, blocking read) holds the file open.
@@ -584,7 +595,15 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     /// Removes entries up to and including `log_id` (they are in a snapshot).
+    /// Waits for the state machine to hold the entries durably (see [`LogStore::purge_after`]),
+    /// then deletes them and records the purge, in order with appends.
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), RaftStorageError> {
+        if let Some(durable) = self.shared.durable.get() {
+            durable
+                .reached(log_id.index)
+                .await
+                .map_err(|e| io_err(StorageIOError::write_logs, e))?;
+        }
         let purged = enc(&log_id).map_err(|e| io_err(StorageIOError::write_logs, e))?;
         self.shared
             .recent
@@ -611,6 +630,48 @@ mod tests {
     use openraft::testing::{blank_ent, log_id};
 
     use super::*;
+
+    #[tokio::test]
+    async fn a_purge_waits_until_the_state_machine_holds_the_entries_durably() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut log = LogStore::open(&dir.path().join("raft-log.redb")).expect("open");
+        append(&log, 1, 1..=20).await;
+        let durable = DurablyApplied::new(Some(log_id(1, 1, 5)));
+        log.purge_after(durable.clone());
+
+        // Up to what the state file holds: at once.
+        log.purge(log_id(1, 1, 4)).await.expect("purge");
+        // Past it (a snapshot handed over, not yet installed): waits, and records nothing.
+        let mut waiting = log.clone();
+        let purge = tokio::spawn(async move { waiting.purge(log_id(1, 1, 15)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert!(!purge.is_finished(), "the purge waits for the install");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 4)));
+        assert_eq!(
+            read(&mut log, 5..=5).await.len(),
+            1,
+            "entry 5 is still there"
+        );
+
+        durable.advance(Some(log_id(1, 1, 15)));
+        purge.await.expect("join").expect("purge after the install");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 15)));
+
+        // A failed state machine fails a waiting purge instead of holding Raft forever.
+        let mut waiting = log.clone();
+        let purge = tokio::spawn(async move { waiting.purge(log_id(1, 1, 18)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        durable.fail();
+        let e = purge
+            .await
+            .expect("join")
+            .expect_err("fails with the state machine");
+        assert!(e.to_string().contains("state machine stopped"), "{e}");
+        let state = log.get_log_state().await.expect("state");
+        assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 15)));
+    }
 
     /// Appends blank entries `indexes` in `term` and waits until they are durable.
     async fn append(log: &LogStore, term: u64, indexes: std::ops::RangeInclusive<u64>) {

@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 pub use log_store::LogStore;
 pub use state_machine::StateMachine;
 
-use crate::{Command, CommandResponse};
+use crate::{Command, CommandResponse, StoreError};
 
 /// Node ids are small integers given on the command line.
 pub type NodeId = u64;
@@ -51,3 +51,71 @@ openraft::declare_raft_types!(
 
 /// openraft's storage error for this config.
 pub type RaftStorageError = openraft::StorageError<NodeId>;
+
+/// What the state file holds durably: the last applied log id an fsync has covered. The state
+/// machine advances it; the log store's purges wait for it, because openraft 0.9 purges the
+/// log as soon as it hands a received snapshot to the state machine, before the install is
+/// durable: a crash in between must not leave a log that starts after the state ends. Clones
+/// share one value.
+#[derive(Clone, Debug)]
+pub struct DurablyApplied {
+    tx: std::sync::Arc<tokio::sync::watch::Sender<Durable>>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Durable {
+    Applied(Option<openraft::LogId<NodeId>>),
+    /// The state machine failed (its worker stops): nothing will become durable any more.
+    Failed,
+}
+
+impl DurablyApplied {
+    /// Starts at `applied`, which must be on disk.
+    pub fn new(applied: Option<openraft::LogId<NodeId>>) -> DurablyApplied {
+        DurablyApplied {
+            tx: std::sync::Arc::new(tokio::sync::watch::channel(Durable::Applied(applied)).0),
+        }
+    }
+
+    /// The state file now holds `applied` durably (never moves back).
+    pub fn advance(&self, applied: Option<openraft::LogId<NodeId>>) {
+        self.tx.send_if_modified(|d| match d {
+            Durable::Applied(old) if *old < applied => {
+                *d = Durable::Applied(applied);
+                true
+            }
+            _ => false,
+        });
+    }
+
+    /// The state machine has failed.
+    pub fn fail(&self) {
+        self.tx.send_replace(Durable::Failed);
+    }
+
+    /// The last applied log id on disk, `None` once failed.
+    pub fn get(&self) -> Option<Option<openraft::LogId<NodeId>>> {
+        match *self.tx.borrow() {
+            Durable::Applied(a) => Some(a),
+            Durable::Failed => None,
+        }
+    }
+
+    /// Waits until entry `index` is applied durably; an error if the state machine fails first.
+    pub async fn reached(&self, index: u64) -> Result<(), StoreError> {
+        let mut rx = self.tx.subscribe();
+        let outcome = rx
+            .wait_for(|d| match d {
+                Durable::Applied(a) => a.is_some_and(|a| a.index >= index),
+                Durable::Failed => true,
+            })
+            .await
+            .map(|d| *d);
+        match outcome {
+            Ok(Durable::Applied(_)) => Ok(()),
+            _ => Err(StoreError::Unavailable(format!(
+                "the state machine stopped before entry {index} was durable"
+            ))),
+        }
+    }
+}

@@ -16,7 +16,7 @@ use openraft::{
 };
 use redb::Durability;
 
-use super::{Applied, NodeId, RaftStorageError, TypeConfig};
+use super::{Applied, DurablyApplied, NodeId, RaftStorageError, TypeConfig};
 use crate::{
     Command, CommandResponse, Mvcc, StoreError,
     snapshot::{Record, SnapshotReader, SnapshotWriter},
@@ -56,6 +56,7 @@ pub struct StateMachine {
     mvcc: Mvcc,
     snapshots: Arc<Snapshots>,
     unsynced: Arc<Mutex<u64>>,
+    durable: DurablyApplied,
 }
 
 fn enc<T: serde::Serialize>(v: &T) -> Result<Vec<u8>, StoreError> {
@@ -94,7 +95,7 @@ impl StateMachine {
             let path = entry.map_err(io("list", snapshot_dir))?.path();
             match path.extension().and_then(|e| e.to_str()) {
                 Some("tmp") => fs::remove_file(&path).map_err(io("remove", &path))?,
-                Some("snap") => found.push(read_head(&path)?),
+                Some("snap") => found.push(check_file(&path)?),
                 _ => {}
             }
         }
@@ -103,7 +104,7 @@ impl StateMachine {
         for old in found {
             fs::remove_file(&old.path).map_err(io("remove", &old.path))?;
         }
-        Ok(StateMachine {
+        let mut sm = StateMachine {
             mvcc,
             snapshots: Arc::new(Snapshots {
                 dir: snapshot_dir.to_path_buf(),
@@ -111,7 +112,17 @@ impl StateMachine {
                 seq: AtomicU64::new(0),
             }),
             unsynced: Arc::new(Mutex::new(0)),
-        })
+            durable: DurablyApplied::new(None),
+        };
+        // What the file holds as it is opened is what survived: on disk.
+        sm.durable = DurablyApplied::new(sm.read_applied()?.0);
+        Ok(sm)
+    }
+
+    /// How far the state file is durable; the log store waits for it before purging
+    /// ([`super::LogStore::purge_after`]).
+    pub fn durably_applied(&self) -> DurablyApplied {
+        self.durable.clone()
     }
 
     /// The store this state machine applies to (for reads and watches).
@@ -185,7 +196,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             }
         };
         let mvcc = self.mvcc.clone();
-        tokio::task::spawn_blocking(move || {
+        let last = entries.last().map(|e| e.log_id);
+        let applied = tokio::task::spawn_blocking(move || {
             mvcc.write(durability, |w| {
                 let mut out = Vec::with_capacity(entries.len());
                 let mut last = None;
@@ -210,8 +222,20 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             })
         })
         .await
-        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(sm_err)
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        match applied {
+            Ok(out) => {
+                if matches!(durability, Durability::Immediate) {
+                    self.durable.advance(last);
+                }
+                Ok(out)
+            }
+            Err(e) => {
+                // openraft stops the state machine on this error.
+                self.durable.fail();
+                Err(sm_err(e))
+            }
+        }
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
@@ -227,7 +251,10 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .create_new(true)
             .open(&path)
             .and_then(|f| fs::remove_file(&path).map(|()| f))
-            .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+            .map_err(|e| {
+                let e = file_err("create", &path)(e);
+                StorageIOError::write_snapshot(None, AnyError::new(&e))
+            })?;
         Ok(Box::new(tokio::fs::File::from_std(file)))
     }
 
@@ -255,8 +282,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             let tmp = snapshots.temp("installing");
             let installed = (|| -> Result<PathBuf, StoreError> {
                 let mut file = file;
-                file.seek(SeekFrom::Start(0))
-                    .map_err(|e| StoreError::Invalid(format!("snapshot {id}: {e}")))?;
+                file.seek(SeekFrom::Start(0)).map_err(|e| {
+                    StoreError::Unavailable(format!("reading the received snapshot {id}: {e}"))
+                })?;
                 let mut stream = SnapshotReader::new(BufReader::new(file), id.clone())?;
                 let mut copy = Some(
                     fs::File::create(&tmp)
@@ -286,7 +314,12 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(fail)?;
+        .map_err(|e| {
+            // openraft stops the state machine on this error.
+            self.durable.fail();
+            fail(e)
+        })?;
+        self.durable.advance(meta.last_log_id);
         self.snapshots.set_current(StoredSnapshot {
             meta: meta.clone(),
             path: stored,
@@ -307,6 +340,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         // Opened under the lock: a newer snapshot replaces the file only after this.
         let file = fs::File::open(&s.path).map_err(|e| {
+            let e = file_err("open", &s.path)(e);
             StorageIOError::read_snapshot(Some(s.meta.signature()), AnyError::new(&e))
         })?;
         Ok(Some(Snapshot {
@@ -322,13 +356,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let (mvcc, snapshots) = (self.mvcc.clone(), self.snapshots.clone());
         let stored = tokio::task::spawn_blocking(move || {
-            mvcc.write(Durability::Immediate, |_| Ok(()))?;
             let tmp = snapshots.temp("building");
             let built = (|| -> Result<StoredSnapshot, StoreError> {
                 let out = fs::File::create(&tmp)
                     .map(BufWriter::new)
                     .map_err(file_err("create", &tmp))?;
-                let (out, meta) = mvcc.export_to(out)?;
+                let (out, meta) = mvcc.export_to(out, file_err("write", &tmp))?;
                 out.into_inner()
                     .map_err(|e| e.into_error())
                     .and_then(|f| f.sync_all())
@@ -363,8 +396,11 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
-        .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)))?;
+        .map_err(|e| StorageIOError::write_snapshot(None, AnyError::new(&e)))?;
+        // Everything the snapshot holds was synced to the state file before it was copied.
+        self.durable.advance(stored.meta.last_log_id);
         let file = fs::File::open(&stored.path).map_err(|e| {
+            let e = file_err("open", &stored.path)(e);
             StorageIOError::read_snapshot(Some(stored.meta.signature()), AnyError::new(&e))
         })?;
         let meta = stored.meta.clone();
@@ -411,8 +447,9 @@ impl Snapshots {
     }
 }
 
-/// What a snapshot file holds, from the meta records at its head.
-fn read_head(path: &Path) -> Result<StoredSnapshot, StoreError> {
+/// What a snapshot file holds (from the meta records at its head), once the whole stream has
+/// been read through and found whole (count and checksum).
+fn check_file(path: &Path) -> Result<StoredSnapshot, StoreError> {
     let corrupt = |detail: String| StoreError::Corrupt {
         path: path.to_path_buf(),
         detail,
@@ -421,11 +458,13 @@ fn read_head(path: &Path) -> Result<StoredSnapshot, StoreError> {
     let mut stream = SnapshotReader::new(BufReader::new(file), path.display().to_string())
         .map_err(|e| corrupt(e.to_string()))?;
     let (mut applied, mut membership) = (None, StoredMembership::default());
-    while let Some(Record::Meta(k, v)) = stream.next_record().map_err(|e| corrupt(e.to_string()))? {
-        match k.as_str() {
-            APPLIED => applied = dec(&v).map_err(|e| corrupt(e.to_string()))?,
-            MEMBERSHIP => membership = dec(&v).map_err(|e| corrupt(e.to_string()))?,
-            _ => {}
+    while let Some(r) = stream.next_record().map_err(|e| corrupt(e.to_string()))? {
+        if let Record::Meta(k, v) = r {
+            match k.as_str() {
+                APPLIED => applied = dec(&v).map_err(|e| corrupt(e.to_string()))?,
+                MEMBERSHIP => membership = dec(&v).map_err(|e| corrupt(e.to_string()))?,
+                _ => {}
+            }
         }
     }
     let id = path
@@ -454,7 +493,11 @@ fn unhex(s: &str) -> Option<String> {
     String::from_utf8(bytes).ok()
 }
 
-fn file_err(op: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> StoreError {
+fn file_err(op: &'static str, path: &Path) -> impl Fn(std::io::Error) -> StoreError + use<> {
     let path = path.to_path_buf();
-    move |source| StoreError::Io { op, path, source }
+    move |source| StoreError::Io {
+        op,
+        path: path.clone(),
+        source,
+    }
 }
