@@ -464,7 +464,8 @@ impl StoreNode {
             heartbeat_interval: 100,
             election_timeout_min: 400,
             election_timeout_max: 800,
-            install_snapshot_timeout: 2000,
+            // Per snapshot chunk; the last one waits for the check and the install.
+            install_snapshot_timeout: 30_000,
             snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(cfg.snapshot_every),
             max_in_snapshot_log_to_keep: cfg.snapshot_every.min(1000),
             max_payload_entries: 1000,
@@ -490,6 +491,7 @@ impl StoreNode {
             raft: raft.clone(),
             proposals: proposals.clone(),
             receiving: Arc::new(tokio::sync::Mutex::new(None)),
+            refused: Arc::new(Mutex::new(None)),
         });
         let server = match &cfg.peer_tls {
             None => tokio::spawn(async move {
@@ -892,6 +894,8 @@ struct PeerState {
     proposals: Proposals,
     /// The snapshot being received in chunks, if any.
     receiving: Arc<tokio::sync::Mutex<Option<Streaming<TypeConfig>>>>,
+    /// The last snapshot that arrived damaged, and when.
+    refused: Arc<Mutex<Option<(String, Instant)>>>,
 }
 
 fn peer_router(state: PeerState) -> Router {
@@ -946,15 +950,23 @@ async fn snapshot(State(state): State<PeerState>, body: Bytes) -> Response {
     };
     match receive_snapshot(&state, req).await {
         Ok(answer) => encode(&answer),
-        // Not an answer openraft knows: the leader sees a failed request and sends again.
-        Err(damaged) => (StatusCode::UNPROCESSABLE_ENTITY, damaged.to_string()).into_response(),
+        // The leader's transport takes 503 as unreachable: it retries each chunk a few times,
+        // with backoff, then gives up this transfer and backs off before the next.
+        Err(refused) => (StatusCode::SERVICE_UNAVAILABLE, refused.to_string()).into_response(),
     }
 }
 
+/// How long chunks of a snapshot that arrived damaged are refused at once (its sender is
+/// given up on for that long; a new snapshot is taken as usual).
+const REFUSE_DAMAGED_FOR: Duration = Duration::from_secs(60);
+
 /// openraft's `Raft::install_snapshot` (a chunk at a time, installed when the last arrives)
 /// with one step added: the finished stream is read through (layout, record count, checksum)
-/// before the state machine gets it. A damaged transfer is refused to the leader, which sends
-/// the snapshot again; handed to the state machine, its failure would stop this member.
+/// before the state machine gets it. A damaged transfer is refused (handed to the state
+/// machine, its failure would stop this member), and so are that snapshot's chunks for
+/// [`REFUSE_DAMAGED_FOR`], so a leader whose snapshot is damaged backs off instead of sending
+/// it again and again. The check and the install run in their own task: a leader that gives up
+/// waiting does not cancel an install under way.
 async fn receive_snapshot(
     state: &PeerState,
     req: InstallSnapshotRequest<TypeConfig>,
@@ -975,6 +987,16 @@ async fn receive_snapshot(
     ) {
         return Ok(Ok(InstallSnapshotResponse { vote: mine }));
     }
+    let id = req.meta.snapshot_id.clone();
+    if let Some((damaged, since)) = &*state.refused.lock().unwrap_or_else(|p| p.into_inner())
+        && *damaged == id
+        && since.elapsed() < REFUSE_DAMAGED_FOR
+    {
+        return Err(StoreError::Unavailable(format!(
+            "snapshot {id} arrived damaged {}s ago; refused",
+            since.elapsed().as_secs()
+        )));
+    }
     let finished = {
         let mut receiving = state.receiving.lock().await;
         match Chunked::receive_snapshot(&mut receiving, &state.raft, req).await {
@@ -985,32 +1007,44 @@ async fn receive_snapshot(
     let Some(Snapshot { meta, snapshot }) = finished else {
         return Ok(Ok(InstallSnapshotResponse { vote: mine }));
     };
-    let id = meta.snapshot_id.clone();
-    let file = snapshot.into_std().await;
-    let file = tokio::task::spawn_blocking(move || -> Result<std::fs::File, StoreError> {
-        let mut file = file;
-        let rewind = |f: &mut std::fs::File| {
-            f.seek(std::io::SeekFrom::Start(0)).map_err(|e| {
-                StoreError::Unavailable(format!("reading the received snapshot {id}: {e}"))
-            })
+    let (raft, refused) = (state.raft.clone(), state.refused.clone());
+    tokio::spawn(async move {
+        let file = snapshot.into_std().await;
+        let what = id.clone();
+        let checked = tokio::task::spawn_blocking(move || -> Result<std::fs::File, StoreError> {
+            let mut file = file;
+            let rewind = |f: &mut std::fs::File| {
+                f.seek(std::io::SeekFrom::Start(0)).map_err(|e| {
+                    StoreError::Unavailable(format!("reading the received snapshot {what}: {e}"))
+                })
+            };
+            rewind(&mut file)?;
+            crate::snapshot::check(std::io::BufReader::new(&mut file), &what)?;
+            rewind(&mut file)?;
+            Ok(file)
+        })
+        .await
+        .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()));
+        let file = match checked {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(snapshot = %id, error = %e, "refusing a damaged snapshot");
+                *refused.lock().unwrap_or_else(|p| p.into_inner()) = Some((id, Instant::now()));
+                return Err(e);
+            }
         };
-        rewind(&mut file)?;
-        crate::snapshot::check(std::io::BufReader::new(&mut file), &id)?;
-        rewind(&mut file)?;
-        Ok(file)
+        let snapshot = Snapshot {
+            meta,
+            snapshot: Box::new(tokio::fs::File::from_std(file)),
+        };
+        Ok(raft
+            .install_full_snapshot(vote, snapshot)
+            .await
+            .map(Into::into)
+            .map_err(Into::into))
     })
     .await
-    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))?;
-    let snapshot = Snapshot {
-        meta,
-        snapshot: Box::new(tokio::fs::File::from_std(file)),
-    };
-    Ok(state
-        .raft
-        .install_full_snapshot(vote, snapshot)
-        .await
-        .map(Into::into)
-        .map_err(Into::into))
+    .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
 }
 
 /// Writes forwarded by another member, proposed together (in order, so they share entries)

@@ -258,7 +258,8 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     drop(gone);
 
     // Enough writes for several snapshots; the log before them is purged. 12 KiB values: the
-    // last snapshot is over 9 MiB, more than three of openraft's 3 MiB chunks.
+    // snapshot sent is over 6 MiB (at least 350 of the 400 writes, each in `current` and
+    // `history`): more than two of openraft's 3 MiB chunks.
     let mut acked = BTreeMap::new();
     for i in 0..400 {
         let (k, v) = (
@@ -289,7 +290,7 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     assert!(
         kept.len() == 1
             && kept[0].extension().is_some_and(|e| e == "snap")
-            && std::fs::metadata(&kept[0]).expect("stat").len() > 9 << 20,
+            && std::fs::metadata(&kept[0]).expect("stat").len() > 6 << 20,
         "the member keeps its own copy of the snapshot: {kept:?}"
     );
     back.txn(Txn::put("/c/zzz", "after"))
@@ -300,8 +301,9 @@ async fn a_member_behind_the_purged_log_catches_up_by_snapshot() {
     stop_all(nodes).await;
 }
 
-/// A snapshot that arrives damaged is refused to the sender (which sends it again) instead of
-/// being handed to the state machine, whose failure would stop the member.
+/// A snapshot that arrives damaged is refused to the sender (503: its transport backs off)
+/// instead of being handed to the state machine, whose failure would stop the member; its
+/// chunks are refused at once for a while after.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
     use openraft::{SnapshotMeta, raft::InstallSnapshotRequest};
@@ -315,7 +317,7 @@ async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
     wait_leader(&[&node]).await;
     node.txn(Txn::put("/c/kept", "yes")).await.expect("write");
 
-    // A stream with the right layout whose end record does not add up.
+    // A stream with the right layout, cut short inside its first record.
     let mut data = b"SKIFFSNP".to_vec();
     data.extend_from_slice(&1u32.to_le_bytes());
     data.extend_from_slice(&[200, 0, 0, 0]);
@@ -323,7 +325,12 @@ async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
     let vote = node.raft().metrics().borrow().vote;
     let http = reqwest::Client::new();
     let mut statuses = Vec::new();
-    for (offset, chunk, done) in [(0, &data[..10], false), (10, &data[10..], true)] {
+    for (offset, chunk, done) in [
+        (0, &data[..10], false),
+        (10, &data[10..], true),
+        // The sender tries again from the start.
+        (0, &data[..10], false),
+    ] {
         let req = InstallSnapshotRequest::<TypeConfig> {
             vote,
             meta: SnapshotMeta {
@@ -332,7 +339,7 @@ async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
                     1_000_000,
                 )),
                 last_membership: Default::default(),
-                snapshot_id: "damaged".into(),
+                snapshot_id: "snap-7".into(),
             },
             offset,
             data: chunk.to_vec(),
@@ -351,10 +358,18 @@ async fn a_damaged_snapshot_transfer_is_refused_and_the_member_keeps_running() {
     }
     assert_eq!(statuses[0].0, 200, "a chunk is taken: {statuses:?}");
     assert_eq!(
-        statuses[1].0, 422,
+        statuses[1].0, 503,
         "the finished stream is refused: {statuses:?}"
     );
-    assert!(statuses[1].1.contains("snapshot damaged"), "{statuses:?}");
+    assert!(
+        statuses[1].1.contains("snapshot snap-7: cut short"),
+        "{statuses:?}"
+    );
+    assert_eq!(
+        statuses[2].0, 503,
+        "its chunks are refused at once: {statuses:?}"
+    );
+    assert!(statuses[2].1.contains("arrived damaged"), "{statuses:?}");
 
     // Still up, still the same data, still taking writes.
     let kvs = node

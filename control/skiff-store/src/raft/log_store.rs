@@ -18,7 +18,7 @@ use openraft::{
 };
 use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
 
-use super::{DurablyApplied, NodeId, RaftStorageError, TypeConfig};
+use super::{DurableWatch, NodeId, RaftStorageError, TypeConfig};
 use crate::{StoreError, error::RedbContext};
 
 const LOG: TableDefinition<u64, &[u8]> = TableDefinition::new("log");
@@ -77,7 +77,7 @@ struct Shared {
     /// transaction instead of costing an fsync of its own.
     committed: Mutex<Option<Vec<u8>>>,
     /// How far the state machine is durable; purges wait for it (see [`LogStore::purge_after`]).
-    durable: std::sync::OnceLock<DurablyApplied>,
+    durable: std::sync::OnceLock<DurableWatch>,
 }
 
 /// Most entries kept in memory once durable.
@@ -306,7 +306,7 @@ impl LogStore {
     /// the log never starts after what the state file holds (openraft 0.9 purges the log when
     /// it hands a received snapshot to the state machine, before the install is done). A
     /// purge fails if the state machine fails first. Set once, before Raft starts.
-    pub fn purge_after(&self, durable: DurablyApplied) {
+    pub fn purge_after(&self, durable: DurableWatch) {
         let _ = self.shared.durable.set(durable);
     }
 
@@ -636,8 +636,8 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let mut log = LogStore::open(&dir.path().join("raft-log.redb")).expect("open");
         append(&log, 1, 1..=20).await;
-        let durable = DurablyApplied::new(Some(log_id(1, 1, 5)));
-        log.purge_after(durable.clone());
+        let durable = super::super::DurablyApplied::new(Some(log_id(1, 1, 5)));
+        log.purge_after(durable.watch());
 
         // Up to what the state file holds: at once.
         log.purge(log_id(1, 1, 4)).await.expect("purge");
@@ -671,6 +671,25 @@ mod tests {
         assert!(e.to_string().contains("state machine stopped"), "{e}");
         let state = log.get_log_state().await.expect("state");
         assert_eq!(state.last_purged_log_id, Some(log_id(1, 1, 15)));
+    }
+
+    #[tokio::test]
+    async fn a_purge_fails_when_the_state_machine_is_gone() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let log = LogStore::open(&dir.path().join("raft-log.redb")).expect("open");
+        append(&log, 1, 1..=20).await;
+        let durable = super::super::DurablyApplied::new(Some(log_id(1, 1, 5)));
+        log.purge_after(durable.watch());
+        let mut waiting = log.clone();
+        let purge = tokio::spawn(async move { waiting.purge(log_id(1, 1, 15)).await });
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        // The state machine's worker stopped without saying so (a panic, an error elsewhere).
+        drop(durable);
+        let e = purge
+            .await
+            .expect("join")
+            .expect_err("fails without a state machine");
+        assert!(e.to_string().contains("state machine stopped"), "{e}");
     }
 
     /// Appends blank entries `indexes` in `term` and waits until they are durable.

@@ -53,13 +53,20 @@ openraft::declare_raft_types!(
 pub type RaftStorageError = openraft::StorageError<NodeId>;
 
 /// What the state file holds durably: the last applied log id an fsync has covered. The state
-/// machine advances it; the log store's purges wait for it, because openraft 0.9 purges the
-/// log as soon as it hands a received snapshot to the state machine, before the install is
-/// durable: a crash in between must not leave a log that starts after the state ends. Clones
-/// share one value.
+/// machine advances it; the log store's purges wait for it ([`DurableWatch`]), because
+/// openraft 0.9 purges the log as soon as it hands a received snapshot to the state machine,
+/// before the install is durable: a crash in between must not leave a log that starts after
+/// the state ends. Clones (the state machine's) share one value; once the last is dropped (the
+/// state machine's worker stopped, however), waiting purges fail.
 #[derive(Clone, Debug)]
 pub struct DurablyApplied {
     tx: std::sync::Arc<tokio::sync::watch::Sender<Durable>>,
+}
+
+/// Watches a [`DurablyApplied`] without keeping it alive.
+#[derive(Clone, Debug)]
+pub struct DurableWatch {
+    rx: tokio::sync::watch::Receiver<Durable>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -93,17 +100,19 @@ impl DurablyApplied {
         self.tx.send_replace(Durable::Failed);
     }
 
-    /// The last applied log id on disk, `None` once failed.
-    pub fn get(&self) -> Option<Option<openraft::LogId<NodeId>>> {
-        match *self.tx.borrow() {
-            Durable::Applied(a) => Some(a),
-            Durable::Failed => None,
+    /// A watcher for the log store.
+    pub fn watch(&self) -> DurableWatch {
+        DurableWatch {
+            rx: self.tx.subscribe(),
         }
     }
+}
 
-    /// Waits until entry `index` is applied durably; an error if the state machine fails first.
+impl DurableWatch {
+    /// Waits until entry `index` is applied durably; an error if the state machine fails or
+    /// stops first.
     pub async fn reached(&self, index: u64) -> Result<(), StoreError> {
-        let mut rx = self.tx.subscribe();
+        let mut rx = self.rx.clone();
         let outcome = rx
             .wait_for(|d| match d {
                 Durable::Applied(a) => a.is_some_and(|a| a.index >= index),

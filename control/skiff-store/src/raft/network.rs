@@ -1,6 +1,6 @@
 //! Peer transport: Raft RPCs as HTTP POSTs with postcard bodies, on the peer listener (separate
-//! from the client API). Connection failures and timeouts map to `Unreachable`, so openraft
-//! backs off instead of hammering a dead peer.
+//! from the client API). Connection failures, timeouts and 503 answers map to `Unreachable`, so
+//! openraft backs off instead of hammering a dead or refusing peer.
 
 use openraft::{
     BasicNode, RaftNetwork, RaftNetworkFactory,
@@ -108,6 +108,14 @@ where
             RPCError::Network(NetworkError::new(&e))
         }
     })?;
+    if resp.status() == reqwest::StatusCode::SERVICE_UNAVAILABLE {
+        // The peer cannot take this now (a snapshot it refused): back off, as from a peer
+        // that is down.
+        let text = resp.text().await.unwrap_or_default();
+        return Err(RPCError::Unreachable(Unreachable::new(
+            &std::io::Error::other(format!("peer {addr} is unavailable: {text}")),
+        )));
+    }
     if !resp.status().is_success() {
         let status = resp.status();
         let text = resp.text().await.unwrap_or_default();

@@ -119,10 +119,10 @@ impl StateMachine {
         Ok(sm)
     }
 
-    /// How far the state file is durable; the log store waits for it before purging
+    /// Watches how far the state file is durable; the log store waits for it before purging
     /// ([`super::LogStore::purge_after`]).
-    pub fn durably_applied(&self) -> DurablyApplied {
-        self.durable.clone()
+    pub fn durably_applied(&self) -> super::DurableWatch {
+        self.durable.watch()
     }
 
     /// The store this state machine applies to (for reads and watches).
