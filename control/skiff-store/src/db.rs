@@ -84,19 +84,11 @@ fn create_new(
     format: u64,
     init: impl FnOnce(&WriteTransaction) -> Result<(), StoreError>,
 ) -> Result<Database, StoreError> {
-    let io = |op: &'static str, p: &Path| {
-        let p = p.to_path_buf();
-        move |source| StoreError::Io {
-            op,
-            path: p,
-            source,
-        }
-    };
     let dir = path
         .parent()
         .filter(|d| !d.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
-    fs::create_dir_all(dir).map_err(io("create directory", dir))?;
+    fs::create_dir_all(dir).map_err(StoreError::io("create directory", dir))?;
     let tmp = path.with_extension("creating");
     let _ = fs::remove_file(&tmp);
     {
@@ -110,10 +102,10 @@ fn create_new(
         init(&wtx)?;
         wtx.commit().op("commit")?;
     }
-    fs::rename(&tmp, path).map_err(io("rename into place", path))?;
+    fs::rename(&tmp, path).map_err(StoreError::io("rename into place", path))?;
     // Make the rename itself durable.
     fs::File::open(dir)
         .and_then(|d| d.sync_all())
-        .map_err(io("sync directory", dir))?;
+        .map_err(StoreError::io("sync directory", dir))?;
     Database::open(path).op("open")
 }

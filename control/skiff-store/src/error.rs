@@ -85,6 +85,19 @@ pub enum StoreError {
 }
 
 impl StoreError {
+    /// Wraps an OS error with the operation that failed and the file it was on.
+    pub(crate) fn io(
+        op: &'static str,
+        path: &std::path::Path,
+    ) -> impl Fn(std::io::Error) -> StoreError + use<> {
+        let path = path.to_path_buf();
+        move |source| StoreError::Io {
+            op,
+            path: path.clone(),
+            source,
+        }
+    }
+
     /// Wraps a redb error with the operation that failed.
     pub(crate) fn storage(op: &'static str) -> impl FnOnce(redb::Error) -> StoreError {
         move |e| StoreError::Storage {

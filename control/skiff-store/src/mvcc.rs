@@ -835,11 +835,9 @@ impl Mvcc {
             .op("scan meta")?
         {
             let (k, v) = e.op("scan meta")?;
-            let r = Record::Meta(k.value().to_string(), v.value().to_vec());
-            w.record(&r).map_err(&io)?;
-            if let Record::Meta(k, v) = r {
-                meta.insert(k, v);
-            }
+            let (k, v) = (k.value().to_string(), v.value().to_vec());
+            w.record(&Record::Meta(k.clone(), v.clone())).map_err(&io)?;
+            meta.insert(k, v);
         }
         for e in rtx
             .open_table(CURRENT)
@@ -877,8 +875,8 @@ impl Mvcc {
     }
 
     /// Replaces the whole store with a snapshot stream, then writes `extra` meta entries, all in
-    /// one durable transaction: a stream that is cut short, damaged or of another format
-    /// changes nothing. `seen` is shown each record as it is read (to keep a copy), then `None`
+    /// one durable transaction: a stream that is cut short, damaged or of another state format
+    /// (checked once the whole stream is read) changes nothing. `seen` is shown each record as it is read (to keep a copy), then `None`
     /// once the whole stream has been read and checked, just before the commit; an error from
     /// it abandons the import. Watchers behind the new history get [`StoreError::Compacted`]
     /// and re-list.
@@ -904,28 +902,12 @@ impl Mvcc {
             current.retain(|_, _| false).op("clear current")?;
             history.retain(|_, _| false).op("clear history")?;
             events.retain(|_, _| false).op("clear events")?;
-            // The meta records come first; the format is checked before any data is taken.
             let mut format = None;
-            let check = |format: Option<u64>| match format {
-                Some(FORMAT) => Ok(()),
-                other => Err(StoreError::Invalid(format!(
-                    "snapshot has format {other:?}, this build reads {FORMAT}"
-                ))),
-            };
-            let mut in_meta = true;
-            while let Some(r) = stream.next_record()? {
+            for r in stream {
+                let r = r?;
                 seen(Some(&r))?;
-                if in_meta && !matches!(r, Record::Meta(..)) {
-                    check(format)?;
-                    in_meta = false;
-                }
                 match r {
                     Record::Meta(k, v) => {
-                        if !in_meta {
-                            return Err(StoreError::Invalid(
-                                "snapshot: meta record after the data".into(),
-                            ));
-                        }
                         if k == META_FORMAT {
                             format = decode_u64(&v);
                         }
@@ -953,8 +935,10 @@ impl Mvcc {
                     }
                 }
             }
-            if in_meta {
-                check(format)?;
+            if format != Some(FORMAT) {
+                return Err(StoreError::Invalid(format!(
+                    "snapshot has format {format:?}, this build reads {FORMAT}"
+                )));
             }
             for (k, v) in extra {
                 meta.insert(*k, v.as_slice()).op("write meta")?;

@@ -18,6 +18,7 @@
 
 use std::{
     collections::{BTreeMap, VecDeque},
+    io::Seek,
     net::SocketAddr,
     path::PathBuf,
     sync::{Arc, Mutex},
@@ -32,8 +33,6 @@ use axum::{
     response::{IntoResponse, Response},
     routing::post,
 };
-use std::io::Seek;
-
 use openraft::{
     BasicNode, LogId, Raft, Snapshot,
     error::{

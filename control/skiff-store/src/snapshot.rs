@@ -147,7 +147,7 @@ impl<R: Read> SnapshotReader<R> {
 
     /// The next record, or `None` after a well-formed end. A stream that stops before its end
     /// record, or whose end does not count the records read, is an error.
-    pub fn next_record(&mut self) -> Result<Option<Record>, StoreError> {
+    fn next_record(&mut self) -> Result<Option<Record>, StoreError> {
         if self.ended {
             return Ok(None);
         }
@@ -198,15 +198,18 @@ impl<R: Read> SnapshotReader<R> {
     }
 }
 
-/// Reads a whole stream through, checking its layout, count and checksum; returns the number
-/// of records.
-pub fn check<R: Read>(input: R, what: &str) -> Result<u64, StoreError> {
-    let mut stream = SnapshotReader::new(input, what)?;
-    let mut n = 0;
-    while stream.next_record()?.is_some() {
-        n += 1;
+/// The records, then `None` after a well-formed end (see [`SnapshotReader::next_record`]).
+impl<R: Read> Iterator for SnapshotReader<R> {
+    type Item = Result<Record, StoreError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        self.next_record().transpose()
     }
-    Ok(n)
+}
+
+/// Reads a whole stream through, checking its layout, count and checksum.
+pub fn check<R: Read>(input: R, what: &str) -> Result<(), StoreError> {
+    SnapshotReader::new(input, what)?.try_for_each(|r| r.map(drop))
 }
 
 fn bad(what: &str, detail: String) -> StoreError {
@@ -226,12 +229,15 @@ mod tests {
     }
 
     fn read_all(bytes: &[u8]) -> Result<Vec<Record>, StoreError> {
-        let mut r = SnapshotReader::new(bytes, "test")?;
-        let mut out = Vec::new();
-        while let Some(rec) = r.next_record()? {
-            out.push(rec);
-        }
-        Ok(out)
+        SnapshotReader::new(bytes, "test")?.collect()
+    }
+
+    /// A small stream: one meta record, one data record.
+    fn two_records() -> Vec<u8> {
+        stream(&[
+            Record::Meta("revision".into(), vec![0; 8]),
+            Record::Current(b"/k".to_vec(), vec![3; 40]),
+        ])
     }
 
     #[test]
@@ -248,10 +254,7 @@ mod tests {
 
     #[test]
     fn a_stream_cut_anywhere_is_refused() {
-        let full = stream(&[
-            Record::Meta("revision".into(), vec![0; 8]),
-            Record::Current(b"/k".to_vec(), vec![3; 40]),
-        ]);
+        let full = two_records();
         for cut in 0..full.len() {
             let e = read_all(&full[..cut]).expect_err("a cut stream must not read as whole");
             assert!(e.to_string().contains("snapshot test"), "{e}");
@@ -260,10 +263,7 @@ mod tests {
 
     #[test]
     fn a_changed_byte_anywhere_is_refused() {
-        let full = stream(&[
-            Record::Meta("revision".into(), vec![0; 8]),
-            Record::Current(b"/k".to_vec(), vec![3; 40]),
-        ]);
+        let full = two_records();
         for at in 0..full.len() {
             let mut bad = full.clone();
             bad[at] ^= 0x10;

@@ -2,7 +2,8 @@
 //! whole or not at all.
 
 use openraft::{
-    CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, storage::RaftStateMachine,
+    CommittedLeaderId, Entry, EntryPayload, LogId, RaftSnapshotBuilder, Snapshot,
+    storage::RaftStateMachine,
 };
 use skiff_store::{
     Command, Mvcc, RangeRequest, StoreError, Txn,
@@ -31,6 +32,17 @@ fn contents(sm: &StateMachine) -> Vec<(Vec<u8>, Vec<u8>)> {
         .into_iter()
         .map(|kv| (kv.key, kv.value))
         .collect()
+}
+
+/// Reopens the state machine in `dir` (a restart) and returns it with its current snapshot.
+async fn reopened(dir: &std::path::Path) -> (StateMachine, Snapshot<TypeConfig>) {
+    let mut sm = open(dir);
+    let current = sm
+        .get_current_snapshot()
+        .await
+        .expect("current")
+        .expect("a snapshot after restart");
+    (sm, current)
 }
 
 fn files(dir: &std::path::Path) -> Vec<String> {
@@ -71,12 +83,7 @@ async fn a_snapshot_is_a_file_that_outlives_a_restart_and_installs_elsewhere() {
     drop(leader);
 
     // After a restart the same snapshot is current, and it can be sent.
-    let mut leader = open(leader_dir.path());
-    let current = leader
-        .get_current_snapshot()
-        .await
-        .expect("current")
-        .expect("a snapshot after restart");
+    let (_leader, current) = reopened(leader_dir.path()).await;
     assert_eq!(current.meta, built.meta);
 
     // A follower receives it in chunks, the way openraft's chunked transport writes them: at
@@ -118,12 +125,7 @@ async fn a_snapshot_is_a_file_that_outlives_a_restart_and_installs_elsewhere() {
     // The follower keeps its own copy, current across its restart too.
     assert_eq!(files(follower_dir.path()).len(), 1);
     drop(follower);
-    let mut follower = open(follower_dir.path());
-    let kept = follower
-        .get_current_snapshot()
-        .await
-        .expect("current")
-        .expect("kept");
+    let (_follower, kept) = reopened(follower_dir.path()).await;
     assert_eq!(kept.meta, built.meta);
 }
 

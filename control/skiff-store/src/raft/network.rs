@@ -79,7 +79,11 @@ impl RaftNetworkFactory<TypeConfig> for Network {
     }
 }
 
-/// Sends `req` to `<scheme>://<addr>/<path>` and decodes a postcard `Result<Resp, Err>`.
+/// Sends `req` to `<scheme>://<addr>/<path>` and decodes a postcard `Result<Resp, Err>`. A 503
+/// answer is `Unreachable`, like a refused connection: on the peer listener it means the peer
+/// did not act on the request (only the snapshot handler answers it, for a transfer it refused
+/// before installing anything), which is what the forwarder's retry of unreachable writes
+/// relies on.
 pub(crate) async fn post<Req, Resp, E>(
     http: &PeerHttp,
     addr: &str,

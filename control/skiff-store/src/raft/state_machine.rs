@@ -88,7 +88,7 @@ impl StateMachine {
     /// current one; unfinished files of an earlier run are removed. A snapshot file whose head
     /// cannot be read is an error naming it.
     pub fn open(mvcc: Mvcc, snapshot_dir: &Path) -> Result<StateMachine, StoreError> {
-        let io = file_err;
+        let io = StoreError::io;
         fs::create_dir_all(snapshot_dir).map_err(io("create directory", snapshot_dir))?;
         let mut found: Vec<StoredSnapshot> = Vec::new();
         for entry in fs::read_dir(snapshot_dir).map_err(io("list", snapshot_dir))? {
@@ -104,7 +104,9 @@ impl StateMachine {
         for old in found {
             fs::remove_file(&old.path).map_err(io("remove", &old.path))?;
         }
-        let mut sm = StateMachine {
+        // What the file holds as it is opened is what survived: on disk.
+        let (applied, _) = read_applied(&mvcc)?;
+        Ok(StateMachine {
             mvcc,
             snapshots: Arc::new(Snapshots {
                 dir: snapshot_dir.to_path_buf(),
@@ -112,11 +114,8 @@ impl StateMachine {
                 seq: AtomicU64::new(0),
             }),
             unsynced: Arc::new(Mutex::new(0)),
-            durable: DurablyApplied::new(None),
-        };
-        // What the file holds as it is opened is what survived: on disk.
-        sm.durable = DurablyApplied::new(sm.read_applied()?.0);
-        Ok(sm)
+            durable: DurablyApplied::new(applied),
+        })
     }
 
     /// Watches how far the state file is durable; the log store waits for it before purging
@@ -129,18 +128,25 @@ impl StateMachine {
     pub fn mvcc(&self) -> &Mvcc {
         &self.mvcc
     }
+}
 
-    fn read_applied(&self) -> Result<AppliedState, StoreError> {
-        let applied = match self.mvcc.meta(APPLIED)? {
-            Some(b) => dec(&b)?,
-            None => None,
-        };
-        let membership = match self.mvcc.meta(MEMBERSHIP)? {
-            Some(b) => dec(&b)?,
-            None => StoredMembership::default(),
-        };
-        Ok((applied, membership))
-    }
+/// The applied log id and membership from their meta entries (absent: none yet).
+fn decode_applied(
+    applied: Option<&[u8]>,
+    membership: Option<&[u8]>,
+) -> Result<AppliedState, StoreError> {
+    Ok((
+        applied.map(dec).transpose()?.flatten(),
+        membership.map(dec).transpose()?.unwrap_or_default(),
+    ))
+}
+
+/// The applied log id and membership the state file holds.
+fn read_applied(mvcc: &Mvcc) -> Result<AppliedState, StoreError> {
+    decode_applied(
+        mvcc.meta(APPLIED)?.as_deref(),
+        mvcc.meta(MEMBERSHIP)?.as_deref(),
+    )
 }
 
 /// Applies one command; client-caused refusals become [`Applied::Rejected`], storage failures
@@ -169,7 +175,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> Result<AppliedState, RaftStorageError> {
-        self.read_applied()
+        read_applied(&self.mvcc)
             .map_err(|e| StorageIOError::read_state_machine(AnyError::new(&e)).into())
     }
 
@@ -252,7 +258,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             .open(&path)
             .and_then(|f| fs::remove_file(&path).map(|()| f))
             .map_err(|e| {
-                let e = file_err("create", &path)(e);
+                let e = StoreError::io("create", &path)(e);
                 StorageIOError::write_snapshot(None, AnyError::new(&e))
             })?;
         Ok(Box::new(tokio::fs::File::from_std(file)))
@@ -279,38 +285,30 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
             meta.snapshot_id.clone(),
         );
         let stored = tokio::task::spawn_blocking(move || {
-            let tmp = snapshots.temp("installing");
-            let installed = (|| -> Result<PathBuf, StoreError> {
+            snapshots.in_temp("installing", |tmp| {
                 let mut file = file;
                 file.seek(SeekFrom::Start(0)).map_err(|e| {
                     StoreError::Unavailable(format!("reading the received snapshot {id}: {e}"))
                 })?;
                 let mut stream = SnapshotReader::new(BufReader::new(file), id.clone())?;
+                let written = StoreError::io("write", tmp);
                 let mut copy = Some(
-                    fs::File::create(&tmp)
+                    fs::File::create(tmp)
                         .map(BufWriter::new)
                         .and_then(SnapshotWriter::new)
-                        .map_err(file_err("create", &tmp))?,
+                        .map_err(&written)?,
                 );
-                mvcc.import_from(&mut stream, &extra, |r| match (r, copy.as_mut()) {
-                    (Some(r), Some(w)) => w.record(r).map_err(file_err("write", &tmp)),
-                    // The whole stream is in: make the copy durable before the commit.
-                    (None, Some(_)) => match copy.take() {
-                        Some(w) => w
-                            .finish()
-                            .and_then(|w| w.into_inner().map_err(|e| e.into_error()))
-                            .and_then(|f| f.sync_all())
-                            .map_err(file_err("write", &tmp)),
-                        None => Ok(()),
-                    },
-                    (_, None) => Ok(()),
+                mvcc.import_from(&mut stream, &extra, |r| {
+                    match (r, copy.as_mut()) {
+                        (Some(r), Some(w)) => w.record(r),
+                        // The whole stream is in: make the copy durable before the commit.
+                        (None, Some(_)) => copy.take().map_or(Ok(()), |w| synced(w.finish()?)),
+                        (_, None) => Ok(()),
+                    }
+                    .map_err(&written)
                 })?;
-                snapshots.keep(&tmp, &id)
-            })();
-            if installed.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            installed
+                snapshots.keep(tmp, &id)
+            })
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -340,7 +338,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         };
         // Opened under the lock: a newer snapshot replaces the file only after this.
         let file = fs::File::open(&s.path).map_err(|e| {
-            let e = file_err("open", &s.path)(e);
+            let e = StoreError::io("open", &s.path)(e);
             StorageIOError::read_snapshot(Some(s.meta.signature()), AnyError::new(&e))
         })?;
         Ok(Some(Snapshot {
@@ -356,30 +354,23 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, RaftStorageError> {
         let (mvcc, snapshots) = (self.mvcc.clone(), self.snapshots.clone());
         let stored = tokio::task::spawn_blocking(move || {
-            let tmp = snapshots.temp("building");
-            let built = (|| -> Result<StoredSnapshot, StoreError> {
-                let out = fs::File::create(&tmp)
+            snapshots.in_temp("building", |tmp| {
+                let written = StoreError::io("write", tmp);
+                let out = fs::File::create(tmp)
                     .map(BufWriter::new)
-                    .map_err(file_err("create", &tmp))?;
-                let (out, meta) = mvcc.export_to(out, file_err("write", &tmp))?;
-                out.into_inner()
-                    .map_err(|e| e.into_error())
-                    .and_then(|f| f.sync_all())
-                    .map_err(file_err("write", &tmp))?;
-                let last_log_id: Option<LogId<NodeId>> = match meta.get(APPLIED) {
-                    Some(b) => dec(b)?,
-                    None => None,
-                };
-                let last_membership: StoredMembership<NodeId, Node> = match meta.get(MEMBERSHIP) {
-                    Some(b) => dec(b)?,
-                    None => StoredMembership::default(),
-                };
+                    .map_err(&written)?;
+                let (out, meta) = mvcc.export_to(out, &written)?;
+                synced(out).map_err(&written)?;
+                let (last_log_id, last_membership) = decode_applied(
+                    meta.get(APPLIED).map(Vec::as_slice),
+                    meta.get(MEMBERSHIP).map(Vec::as_slice),
+                )?;
                 let n = snapshots.seq.fetch_add(1, Ordering::Relaxed);
                 let snapshot_id = match last_log_id {
                     Some(l) => format!("{}-{}-{n}", l.leader_id, l.index),
                     None => format!("empty-{n}"),
                 };
-                let path = snapshots.keep(&tmp, &snapshot_id)?;
+                let path = snapshots.keep(tmp, &snapshot_id)?;
                 Ok(StoredSnapshot {
                     meta: SnapshotMeta {
                         last_log_id,
@@ -388,11 +379,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                     },
                     path,
                 })
-            })();
-            if built.is_err() {
-                let _ = fs::remove_file(&tmp);
-            }
-            built
+            })
         })
         .await
         .unwrap_or_else(|e| std::panic::resume_unwind(e.into_panic()))
@@ -400,7 +387,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
         // Everything the snapshot holds was synced to the state file before it was copied.
         self.durable.advance(stored.meta.last_log_id);
         let file = fs::File::open(&stored.path).map_err(|e| {
-            let e = file_err("open", &stored.path)(e);
+            let e = StoreError::io("open", &stored.path)(e);
             StorageIOError::read_snapshot(Some(stored.meta.signature()), AnyError::new(&e))
         })?;
         let meta = stored.meta.clone();
@@ -419,15 +406,29 @@ impl Snapshots {
         self.dir.join(format!("{what}-{n}.tmp"))
     }
 
+    /// Runs `f` with a new temporary file name; the file is removed if `f` fails (on success
+    /// `f` has moved it into place with [`Snapshots::keep`]).
+    fn in_temp<T>(
+        &self,
+        what: &str,
+        f: impl FnOnce(&Path) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
+        let tmp = self.temp(what);
+        let done = f(&tmp);
+        if done.is_err() {
+            let _ = fs::remove_file(&tmp);
+        }
+        done
+    }
+
     /// Moves a finished, synced temporary file to the name of snapshot `id` (hex, so an id
     /// from a peer cannot name another path) and syncs the directory.
     fn keep(&self, tmp: &Path, id: &str) -> Result<PathBuf, StoreError> {
-        let hex: String = id.bytes().map(|b| format!("{b:02x}")).collect();
-        let path = self.dir.join(format!("{hex}.snap"));
-        fs::rename(tmp, &path).map_err(file_err("rename", &path))?;
+        let path = self.dir.join(format!("{}.snap", hex::encode(id)));
+        fs::rename(tmp, &path).map_err(StoreError::io("rename", &path))?;
         fs::File::open(&self.dir)
             .and_then(|d| d.sync_all())
-            .map_err(file_err("sync", &self.dir))?;
+            .map_err(StoreError::io("sync", &self.dir))?;
         Ok(path)
     }
 
@@ -454,50 +455,36 @@ fn check_file(path: &Path) -> Result<StoredSnapshot, StoreError> {
         path: path.to_path_buf(),
         detail,
     };
-    let file = fs::File::open(path).map_err(file_err("open", path))?;
-    let mut stream = SnapshotReader::new(BufReader::new(file), path.display().to_string())
+    let file = fs::File::open(path).map_err(StoreError::io("open", path))?;
+    let stream = SnapshotReader::new(BufReader::new(file), path.display().to_string())
         .map_err(|e| corrupt(e.to_string()))?;
-    let (mut applied, mut membership) = (None, StoredMembership::default());
-    while let Some(r) = stream.next_record().map_err(|e| corrupt(e.to_string()))? {
-        if let Record::Meta(k, v) = r {
-            match k.as_str() {
-                APPLIED => applied = dec(&v).map_err(|e| corrupt(e.to_string()))?,
-                MEMBERSHIP => membership = dec(&v).map_err(|e| corrupt(e.to_string()))?,
-                _ => {}
-            }
+    let (mut applied, mut membership) = (None, None);
+    for r in stream {
+        match r.map_err(|e| corrupt(e.to_string()))? {
+            Record::Meta(k, v) if k == APPLIED => applied = Some(v),
+            Record::Meta(k, v) if k == MEMBERSHIP => membership = Some(v),
+            _ => {}
         }
     }
+    let (last_log_id, last_membership) = decode_applied(applied.as_deref(), membership.as_deref())
+        .map_err(|e| corrupt(e.to_string()))?;
     let id = path
         .file_stem()
         .and_then(|s| s.to_str())
-        .and_then(unhex)
+        .and_then(|s| hex::decode(s).ok())
+        .and_then(|b| String::from_utf8(b).ok())
         .ok_or_else(|| corrupt("file name is not a hex-encoded snapshot id".into()))?;
     Ok(StoredSnapshot {
         meta: SnapshotMeta {
-            last_log_id: applied,
-            last_membership: membership,
+            last_log_id,
+            last_membership,
             snapshot_id: id,
         },
         path: path.to_path_buf(),
     })
 }
 
-fn unhex(s: &str) -> Option<String> {
-    if !s.len().is_multiple_of(2) {
-        return None;
-    }
-    let bytes = (0..s.len())
-        .step_by(2)
-        .map(|i| u8::from_str_radix(s.get(i..i + 2)?, 16).ok())
-        .collect::<Option<Vec<u8>>>()?;
-    String::from_utf8(bytes).ok()
-}
-
-fn file_err(op: &'static str, path: &Path) -> impl Fn(std::io::Error) -> StoreError + use<> {
-    let path = path.to_path_buf();
-    move |source| StoreError::Io {
-        op,
-        path: path.clone(),
-        source,
-    }
+/// Flushes a snapshot file's buffer and syncs the file.
+fn synced(out: BufWriter<fs::File>) -> std::io::Result<()> {
+    out.into_inner().map_err(|e| e.into_error())?.sync_all()
 }
