@@ -17,7 +17,6 @@ use crate::{error::Cause, resources::ResourceDef};
 pub const SERVICE_CIDR: (Ipv4Addr, u8) = (Ipv4Addr::new(10, 96, 0, 0), 12);
 /// The `kubernetes` Service's ClusterIP (the first address of the range).
 pub const KUBERNETES_SERVICE_IP: Ipv4Addr = Ipv4Addr::new(10, 96, 0, 1);
-pub use skiff_apimachinery::cluster::CLUSTER_DNS_IP;
 /// NodePort range.
 pub const NODE_PORTS: std::ops::RangeInclusive<u16> = 30000..=32767;
 /// Addresses below this offset are only handed out on request (static band, KEP-3070), so

@@ -13,12 +13,12 @@ use axum::{
     routing::get,
 };
 use serde_json::{Value, json};
-use skiff_apimachinery::cluster::{DNS_SERVICE_NAME, DNS_SERVICE_NAMESPACE};
+use skiff_apimachinery::cluster::{CLUSTER_DNS_IP, DNS_SERVICE_NAME, DNS_SERVICE_NAMESPACE};
 use skiff_store::StoreNode;
 use tokio::net::TcpListener;
 
 use crate::{
-    alloc::{CLUSTER_DNS_IP, KUBERNETES_SERVICE_IP},
+    alloc::KUBERNETES_SERVICE_IP,
     api::{self, Api},
     discovery,
     error::ApiError,

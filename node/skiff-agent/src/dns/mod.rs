@@ -37,9 +37,8 @@ pub use hickory_server::proto::rr::RecordType;
 use zone::Lookup;
 pub use zone::Zone;
 
-pub use skiff_apimachinery::cluster::{
-    CLUSTER_DNS_IP, DNS_SERVICE_NAME as SERVICE_NAME, DNS_SERVICE_NAMESPACE as SERVICE_NAMESPACE,
-};
+pub use skiff_apimachinery::cluster::CLUSTER_DNS_IP;
+use skiff_apimachinery::cluster::{DNS_SERVICE_NAME, DNS_SERVICE_NAMESPACE};
 /// How long one upstream resolver gets to answer before the next is tried.
 const UPSTREAM_TIMEOUT: Duration = Duration::from_secs(2);
 /// How long a TCP client may stay idle between queries.
@@ -375,10 +374,10 @@ pub fn endpoint_slice(node: &Node, addr: SocketAddr) -> Result<EndpointSlice> {
     Ok(serde_json::from_value(json!({
         "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
         "metadata": {
-            "name": format!("{SERVICE_NAME}-{name}"),
-            "namespace": SERVICE_NAMESPACE,
+            "name": format!("{DNS_SERVICE_NAME}-{name}"),
+            "namespace": DNS_SERVICE_NAMESPACE,
             "labels": {
-                "kubernetes.io/service-name": SERVICE_NAME,
+                "kubernetes.io/service-name": DNS_SERVICE_NAME,
                 "endpointslice.kubernetes.io/managed-by": "skiff-node",
             },
             "ownerReferences": [{"apiVersion": "v1", "kind": "Node", "name": name, "uid": uid}],
@@ -403,7 +402,7 @@ pub async fn publish(client: &Client, node_name: &str, addr: SocketAddr) -> Resu
         .await
         .with_context(|| format!("read Node {node_name}"))?;
     let want = endpoint_slice(&node, addr)?;
-    let api = Api::<EndpointSlice>::namespaced(client.clone(), SERVICE_NAMESPACE);
+    let api = Api::<EndpointSlice>::namespaced(client.clone(), DNS_SERVICE_NAMESPACE);
     let name = want.metadata.name.clone().unwrap_or_default();
     match api.get_opt(&name).await? {
         None => {
